@@ -1,0 +1,194 @@
+"""fit(): validate everything → pick the backend → launch the workers → gather a Result."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import TrainConfig
+from .data import CLASSIFICATION, TrainData, prepare
+from .errors import ConfigError, DataError, expected
+from .history import write_jsonl
+from .launch import CAPABILITIES
+from .launch import torchrun as torchrun_backend
+from .replica import Job, build_optimizer
+
+
+@dataclass
+class Result:
+    """What fit() returns: the merged model, the per-round history and how the run went."""
+
+    model: nn.Module
+    history: list[dict[str, Any]]
+    config: TrainConfig
+    workers: int
+    startup_s: float   # fit() called -> first training step
+    wall_s: float      # fit() called -> fit() returned
+    data_name: str = "data"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def final(self) -> dict[str, Any]:
+        return self.history[-1] if self.history else {}
+
+    def summary(self) -> str:
+        """A table of the rounds (at most 12 rows shown) and a headline."""
+        cfg = self.config
+        lines = [f"unison: {cfg.strategy.spec()} on {self.data_name}, {self.workers} worker(s), "
+                 f"backend={cfg.backend}, partition={cfg.partition.spec()}, "
+                 f"{cfg.epochs} epoch(s), batch {cfg.batch_size}, {cfg.optimizer} lr={cfg.lr:g}"]
+        columns = [("epoch", "{:>7.2f}"), ("step", "{:>6d}"), ("wall_s", "{:>7.2f}"),
+                   ("train_loss", "{:>10.4f}"), ("val_loss", "{:>9.4f}"), ("val_acc", "{:>8.2%}"),
+                   ("divergence", "{:>10.4f}"), ("comm_bytes", "{:>11,d}")]
+        columns = [(name, fmt) for name, fmt in columns if any(name in r for r in self.history)]
+        widths = [len(fmt.format(0 if "d}" in fmt else 0.0)) for _, fmt in columns]
+        lines.append("  ".join(name.rjust(w) for (name, _), w in zip(columns, widths)))
+        rows = self.history if len(self.history) <= 12 else self.history[:5] + [None] + self.history[-6:]
+        for record in rows:
+            if record is None:
+                lines.append("  ".join("...".rjust(w) for w in widths))
+                continue
+            lines.append("  ".join(fmt.format(record[name]) if name in record else "-".rjust(w)
+                                   for (name, fmt), w in zip(columns, widths)))
+        final = self.final
+        headline = f"done in {self.wall_s:.2f} s (start-up {self.startup_s:.2f} s)"
+        if "val_acc" in final:
+            headline += f"; final validation accuracy {final['val_acc']:.2%}"
+        elif "val_loss" in final:
+            headline += f"; final validation loss {final['val_loss']:.4g}"
+        lines.append(headline)
+        return "\n".join(lines)
+
+    def save_model(self, path: str | Path) -> None:
+        """The merged model's state_dict as safetensors (no pickle)."""
+        save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, str(path))
+
+
+def fit(model: nn.Module | Callable[[], nn.Module], data: Any, val: Any = None, *,
+        strategy: Any = "periodic", workers: int | None = None, backend: str = "processes",
+        partition: Any = "shard", epochs: int = 5, batch_size: int = 64,
+        optimizer: str | Callable = "sgd", lr: float = 0.01, momentum: float = 0.0,
+        weight_decay: float = 0.0, loss: str | Callable | None = None, seed: int = 0,
+        progress: bool = True, log_dir: str | Path | None = None, timeout: float = 300.0) -> Result:
+    """Train ``workers`` replicas of ``model`` on ``data`` with ``strategy`` and merge them.
+
+    ``model``: an nn.Module (its weights are every replica's start) or a zero-argument factory
+    (called under ``torch.manual_seed(seed)``). ``data``/``val``: (X, y) arrays or tensors, a
+    torch Dataset, or a built-in name; ``val`` may also be a fraction to hold out.
+    ``workers``: 2 by default, torchrun's WORLD_SIZE on backend="torchrun".
+    Everything is checked before any worker starts; problems raise unison.errors exceptions.
+    """
+    started = time.time()
+    torchrun_size = torchrun_backend.world_size()
+    if backend == "torchrun":
+        if torchrun_size is None:
+            raise ConfigError("backend='torchrun' needs torchrun's environment (RANK, WORLD_SIZE, "
+                              "MASTER_ADDR, MASTER_PORT); start with `torchrun --nproc-per-node N ...` "
+                              "or use backend='processes' or 'threads'")
+        if workers not in (None, torchrun_size):
+            raise ConfigError(expected("workers", workers, f"{torchrun_size} (torchrun's WORLD_SIZE) or None"))
+        workers = torchrun_size
+    config = TrainConfig(
+        strategy=strategy, workers=2 if workers is None else workers, backend=backend,
+        partition=partition, epochs=epochs, batch_size=batch_size,
+        optimizer="custom" if callable(optimizer) else optimizer, lr=lr, momentum=momentum,
+        weight_decay=weight_decay, loss="custom" if callable(loss) else loss, seed=seed, timeout=timeout)
+    missing = config.strategy.needs - CAPABILITIES[backend]
+    if missing:
+        raise ConfigError(f"strategy {config.strategy.spec()!r} needs {', '.join(sorted(missing))}, "
+                          f"which backend {backend!r} lacks; use backend='threads' or 'processes'")
+    world_size = config.strategy.world_size(config.workers)
+    if backend == "torchrun" and world_size != torchrun_size:
+        raise ConfigError(f"strategy {config.strategy.spec()!r} runs {world_size} worker(s) but torchrun "
+                          f"started {torchrun_size}; use --nproc-per-node {world_size}")
+
+    train = prepare(data, val, seed=seed, loss=loss if isinstance(loss, str) else None)
+    if world_size > len(train.x):
+        raise ConfigError(expected("workers", world_size, f"at most the {len(train.x)} training samples"))
+    config.partition.check(len(train.x), world_size)
+    start_model = _start_model(model, seed)
+    _check_model(start_model, train, loss)
+    # A custom optimizer factory is tried once here, so that its errors come before any worker.
+    build_optimizer(copy.deepcopy(start_model).parameters(), config,
+                    optimizer if callable(optimizer) else None)
+
+    log_path = Path(log_dir) if log_dir is not None else None
+    if log_path is not None:
+        log_path.mkdir(parents=True, exist_ok=True)
+        (log_path / "history.jsonl").write_text("")
+    job = Job(config=config, data=train, model=start_model,
+              optimizer=optimizer if callable(optimizer) else None, loss=loss if callable(loss) else None,
+              started=started, progress=progress, history_path=str(log_path / "history.jsonl") if log_path else None)
+    outcome = _launcher(backend)(job, world_size)
+
+    merged = copy.deepcopy(start_model)
+    merged.load_state_dict(outcome.state)
+    result = Result(model=merged, history=outcome.history, config=config, workers=world_size,
+                    startup_s=outcome.startup_s, wall_s=time.time() - started, data_name=train.name)
+    if log_path is not None and _is_rank0():
+        write_jsonl(log_path / "history.jsonl", result.history)
+        result.save_model(log_path / "model.safetensors")
+    return result
+
+
+def _launcher(backend: str):
+    if backend == "threads":
+        from .launch.threads import launch
+    elif backend == "processes":
+        from .launch.processes import launch
+    else:
+        launch = torchrun_backend.launch
+    return launch
+
+
+def _is_rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _start_model(model: Any, seed: int) -> nn.Module:
+    """The replicas' common start, on CPU; the caller's module is never modified."""
+    if isinstance(model, nn.Module):
+        return copy.deepcopy(model).cpu()
+    if callable(model):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            built = model()
+        if not isinstance(built, nn.Module):
+            raise ConfigError(expected("model", f"a factory returning {type(built).__name__}",
+                                       "an nn.Module or a zero-argument callable returning one"))
+        return built.cpu()
+    raise ConfigError(expected("model", type(model).__name__, "an nn.Module or a zero-argument callable returning one"))
+
+
+def _check_model(model: nn.Module, data: TrainData, loss: Any) -> None:
+    """Run the model on two samples: its output must fit the targets."""
+    if not any(True for _ in model.parameters()):
+        raise ConfigError("model has no parameters to train")
+    probe = copy.deepcopy(model).eval()
+    try:
+        with torch.no_grad():
+            out = probe(data.x[:2])
+    except Exception as exc:  # noqa: BLE001 - any failure here is a mismatch with the data
+        raise DataError(f"model cannot run on the data (input shape {tuple(data.x.shape[1:])}): "
+                        f"{type(exc).__name__}: {exc}") from None
+    if callable(loss):
+        return
+    if not isinstance(out, torch.Tensor):
+        raise ConfigError(f"model returns {type(out).__name__}; expected a tensor of outputs")
+    if data.task == CLASSIFICATION:
+        if out.dim() != 2 or out.shape[1] < data.num_classes:
+            raise ConfigError(expected("model output shape", tuple(out.shape[1:]),
+                                       f"({data.num_classes},) or wider: one logit per class for "
+                                       f"{data.num_classes} classes"))
+    elif out[0].numel() != max(1, math.prod(data.y.shape[1:])):
+        raise ConfigError(expected("model output shape", tuple(out.shape[1:]), f"{tuple(data.y.shape[1:]) or (1,)} "
+                                   "to match the regression targets"))

@@ -1,0 +1,98 @@
+"""The communicator: the only way replicas talk to each other.
+
+Strategies see this narrow interface and nothing else, so the same strategy runs on threads,
+processes, torchrun or (later) stacked replicas. ``bytes_sent`` counts what a ring algorithm
+sends per worker: all-reduce 2(N-1)/N·B, all-gather (N-1)·B, broadcast B on the source.
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from typing import TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+class Communicator(ABC):
+    """Collectives among ``world_size`` workers; every rank must make the same calls in order."""
+
+    def __init__(self, rank: int, world_size: int):
+        self.rank = rank
+        self.world_size = world_size
+        self.bytes_sent = 0
+
+    @abstractmethod
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Replace ``tensor`` in place by the element-wise sum over ranks; return it."""
+
+    @abstractmethod
+    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's ``tensor`` (same shape everywhere), in rank order."""
+
+    @abstractmethod
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Overwrite ``tensor`` in place with rank ``src``'s; return it."""
+
+    @abstractmethod
+    def broadcast_object(self, obj: T, src: int = 0) -> T:
+        """Rank ``src``'s picklable object, on every rank."""
+
+    @abstractmethod
+    def barrier(self) -> None:
+        """Return once every rank has arrived."""
+
+    def all_reduce_mean(self, tensor: torch.Tensor, weight: float | torch.Tensor = 1.0) -> torch.Tensor:
+        """Replace ``tensor`` by sum_r(w_r·x_r) / sum_r(w_r), in one collective; return it.
+
+        The weight rides along as one extra element, so uneven shares cost no second
+        collective. If every weight is zero the result is zero rather than NaN.
+        """
+        if self.world_size == 1:
+            return tensor
+        flat = tensor.reshape(-1)
+        buffer = torch.empty(flat.numel() + 1, dtype=flat.dtype, device=flat.device)
+        torch.mul(flat, weight, out=buffer[:-1])
+        buffer[-1] = weight
+        self.all_reduce_sum(buffer)
+        total = buffer[-1].clamp_min(torch.finfo(buffer.dtype).tiny)
+        flat.copy_(buffer[:-1] / total)
+        return tensor
+
+    def _count(self, kind: str, nbytes: int, src: int = 0) -> None:
+        n = self.world_size
+        if kind == "all_reduce":
+            self.bytes_sent += 2 * (n - 1) * nbytes // n
+        elif kind == "all_gather":
+            self.bytes_sent += (n - 1) * nbytes
+        elif kind == "broadcast" and self.rank == src:
+            self.bytes_sent += nbytes
+
+
+class Solo(Communicator):
+    """One worker: every collective is the identity and sends nothing."""
+
+    def __init__(self) -> None:
+        super().__init__(rank=0, world_size=1)
+
+    def all_reduce_sum(self, tensor):
+        return tensor
+
+    def all_gather(self, tensor):
+        return [tensor.clone()]
+
+    def broadcast(self, tensor, src=0):
+        return tensor
+
+    def broadcast_object(self, obj, src=0):
+        return copy.deepcopy(obj)
+
+    def barrier(self):
+        return None
+
+
+def nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+

@@ -1,0 +1,93 @@
+"""Collectives among threads of one process, deterministic: rank 0 reduces in rank order.
+
+Every rank deposits its tensor, rank 0 combines them, everyone copies the one result, so all
+replicas receive bit-identical values and the outcome does not depend on thread timing.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+from ..errors import WorkerError
+from .base import Communicator, nbytes
+
+
+class PeerFailed(WorkerError):
+    """Raised in a worker whose peer failed or did not arrive in time; not the root cause."""
+
+
+class ThreadGroup:
+    """State shared by the ThreadComms of one run."""
+
+    def __init__(self, world_size: int, timeout: float):
+        self.world_size = world_size
+        self.timeout = timeout
+        self.barrier = threading.Barrier(world_size)
+        self.slots: list[object] = [None] * world_size
+        self.result: object = None
+
+    def abort(self) -> None:
+        """Wake every waiting worker with PeerFailed (called when one worker fails)."""
+        self.barrier.abort()
+
+
+class ThreadComm(Communicator):
+    def __init__(self, group: ThreadGroup, rank: int):
+        super().__init__(rank=rank, world_size=group.world_size)
+        self.group = group
+
+    def _wait(self) -> None:
+        try:
+            self.group.barrier.wait(self.group.timeout)
+        except threading.BrokenBarrierError:
+            raise PeerFailed("another worker failed or a collective timed out "
+                             f"after {self.group.timeout:g} s", rank=self.rank) from None
+
+    def _exchange(self, value: object, combine) -> object:
+        """Deposit ``value``; rank 0 turns all deposits into one result; everyone gets it."""
+        group = self.group
+        group.slots[self.rank] = value
+        self._wait()
+        if self.rank == 0:
+            group.result = combine(list(group.slots))
+        self._wait()
+        return group.result
+
+    def _done(self) -> None:
+        """Nobody may deposit for the next collective until everyone has read this one."""
+        self._wait()
+
+    def all_reduce_sum(self, tensor):
+        def total(parts):
+            out = parts[0].clone()
+            for part in parts[1:]:
+                out += part
+            return out
+
+        self._count("all_reduce", nbytes(tensor))
+        tensor.copy_(self._exchange(tensor, total))
+        self._done()
+        return tensor
+
+    def all_gather(self, tensor):
+        self._count("all_gather", nbytes(tensor))
+        parts = self._exchange(tensor, lambda parts: parts)
+        parts = [p.clone() for p in parts]
+        self._done()
+        return parts
+
+    def broadcast(self, tensor, src=0):
+        self._count("broadcast", nbytes(tensor), src)
+        tensor.copy_(self._exchange(tensor, lambda parts: parts[src]))
+        self._done()
+        return tensor
+
+    def broadcast_object(self, obj, src=0):
+        result = copy.deepcopy(self._exchange(obj, lambda parts: parts[src]))
+        self._done()
+        return result
+
+    def barrier(self):
+        self._wait()
+

@@ -1,0 +1,212 @@
+"""Run settings as frozen, keyword-only dataclasses, validated on creation; TOML in and out.
+
+A run file has three tables, one per dataclass::
+
+    [data]   dataset = "digits"   val_fraction = 0.2
+    [model]  hidden = [64]        activation = "relu"
+    [train]  strategy = "periodic(every=epoch)"   workers = 4   epochs = 60   lr = 0.05
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import tomli_w
+
+from .errors import ConfigError, expected
+
+BACKENDS = ("threads", "processes", "torchrun")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+LOSSES = ("cross_entropy", "mse")
+ACTIVATIONS = ("relu", "tanh", "gelu", "sigmoid", "leaky_relu", "silu")
+
+
+def check_int(field_name: str, value: Any, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(expected(field_name, value, f"an integer >= {minimum}"))
+
+
+def check_float(field_name: str, value: Any, *, low: float, high: float = math.inf,
+                low_open: bool = False, high_open: bool = True) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        left, right = ("(" if low_open else "["), (")" if high_open else "]")
+        raise ConfigError(expected(field_name, value, f"a finite number in {left}{low}, {high}{right}"))
+
+
+def check_choice(field_name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(expected(field_name, value, choices))
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Which data set to train on and how much of it to hold out for validation."""
+
+    dataset: str = "digits"
+    val_fraction: float = 0.2
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dataset, str) or not self.dataset:
+            raise ConfigError(expected("data.dataset", self.dataset, "a built-in name or a file path"))
+        check_float("data.val_fraction", self.val_fraction, low=0.0, high=1.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """An MLP (see unison.models.mlp); inputs and outputs are taken from the data."""
+
+    hidden: tuple[int, ...] = (64,)
+    activation: str = "relu"
+    dropout: float = 0.0
+    batchnorm: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.hidden, list):
+            object.__setattr__(self, "hidden", tuple(self.hidden))
+        if not isinstance(self.hidden, tuple):
+            raise ConfigError(expected("model.hidden", self.hidden, "a list of layer widths"))
+        for width in self.hidden:
+            check_int("model.hidden", width, minimum=1)
+        check_choice("model.activation", self.activation, ACTIVATIONS)
+        check_float("model.dropout", self.dropout, low=0.0, high=1.0)
+        if not isinstance(self.batchnorm, bool):
+            raise ConfigError(expected("model.batchnorm", self.batchnorm, "true or false"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """How to train: the arguments of unison.fit() that are plain values.
+
+    ``strategy`` and ``partition`` are given as spec strings such as ``"periodic(every=16)"``
+    or as objects; either way they are stored as objects and written to TOML as their spec.
+    """
+
+    strategy: Any = "periodic"
+    workers: int = 2
+    backend: str = "processes"
+    partition: Any = "shard"
+    epochs: int = 5
+    batch_size: int = 64
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    loss: str | None = None
+    seed: int = 0
+    timeout: float = 300.0
+
+    def __post_init__(self) -> None:
+        from . import partitions, strategies  # late: both import nothing from here
+
+        check_int("workers", self.workers, minimum=1)
+        check_choice("backend", self.backend, BACKENDS)
+        check_int("epochs", self.epochs, minimum=1)
+        check_int("batch_size", self.batch_size, minimum=1)
+        if self.optimizer != "custom":
+            check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_float("lr", self.lr, low=0.0, low_open=True)
+        check_float("momentum", self.momentum, low=0.0, high=1.0)
+        if self.momentum and self.optimizer in ("adam", "adamw"):
+            raise ConfigError(f"momentum={self.momentum} applies to optimizer='sgd' only; "
+                              f"{self.optimizer!r} keeps its own moment estimates")
+        check_float("weight_decay", self.weight_decay, low=0.0)
+        if self.loss is not None and self.loss != "custom":
+            check_choice("loss", self.loss, LOSSES)
+        check_int("seed", self.seed, minimum=0)
+        check_float("timeout", self.timeout, low=0.0, low_open=True)
+        # parse() raises ConfigError naming the accepted names and options.
+        object.__setattr__(self, "strategy", strategies.parse(self.strategy))
+        object.__setattr__(self, "partition", partitions.parse(self.partition))
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """A whole run file: data, model and training settings."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for section in fields(self):
+            table = getattr(self, section.name)
+            values = {f.name: getattr(table, f.name) for f in fields(table)}
+            # TOML has no null: an unset optional value is simply left out.
+            out[section.name] = {k: _plain(v) for k, v in values.items() if v is not None}
+        return out
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    if hasattr(value, "spec"):  # a Strategy or Partition object
+        return value.spec()
+    return value
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+
+
+def _parse_value(text: str) -> Any:
+    """A --set value: a TOML literal (3, 0.1, true, [64, 64]) or else a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def from_dict(raw: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """Build a RunConfig from nested tables plus ``{"train.lr": 0.1}``-style overrides."""
+    tables: dict[str, dict[str, Any]] = {}
+    for name, table in raw.items():
+        if name not in SECTIONS:
+            raise ConfigError(expected("table", name, tuple(SECTIONS)))
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"[{name}] must be a table of settings, got {table!r}")
+        tables[name] = dict(table)
+    for key, value in (overrides or {}).items():
+        section, _, name = key.partition(".")
+        if section not in SECTIONS or not name:
+            raise ConfigError(expected("--set key", key, "data.<name>, model.<name> or train.<name>"))
+        tables.setdefault(section, {})[name] = value
+    built = {}
+    for name, cls in SECTIONS.items():
+        table = tables.get(name, {})
+        known = tuple(f.name for f in fields(cls))
+        for key in table:
+            if key not in known:
+                raise ConfigError(f"unknown setting {name}.{key}; accepted: {', '.join(known)}")
+        try:
+            built[name] = cls(**table)
+        except TypeError as exc:  # pragma: no cover - guarded by the key check above
+            raise ConfigError(f"[{name}]: {exc}") from None
+    return RunConfig(**built)
+
+
+def load(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a run file and apply ``--set key=value`` strings on top."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"run file {str(path)!r} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"run file {str(path)!r} is not valid TOML: {exc}") from None
+    overrides = {}
+    for item in sets:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(expected("--set", item, "key=value, e.g. train.lr=0.1"))
+        overrides[key.strip()] = _parse_value(value.strip())
+    return from_dict(raw, overrides)

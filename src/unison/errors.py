@@ -1,0 +1,37 @@
+"""Every error unison raises on purpose. Catch ``UnisonError`` to catch them all."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+
+class UnisonError(Exception):
+    """Base class: a problem unison found and can explain in one line."""
+
+
+class ConfigError(UnisonError, ValueError):
+    """A run setting is missing, unknown or out of range."""
+
+
+class DataError(UnisonError, ValueError):
+    """The training or validation data cannot be used as given."""
+
+
+class WorkerError(UnisonError, RuntimeError):
+    """A worker failed or died while training; names the rank and the cause."""
+
+    def __init__(self, message: str, *, rank: int | None = None, cause: str | None = None):
+        super().__init__(message)
+        self.rank = rank
+        self.cause = cause
+
+
+class CheckpointError(UnisonError, OSError):
+    """A checkpoint or model file is missing, corrupt or of the wrong shape."""
+
+
+def expected(field: str, got: object, accepted: str | Iterable[str]) -> str:
+    """One-line message naming the field, the bad value and what is accepted."""
+    if not isinstance(accepted, str):
+        accepted = ", ".join(repr(a) for a in accepted)
+    return f"{field}={got!r} is not accepted; expected {accepted}"

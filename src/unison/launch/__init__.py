@@ -1,0 +1,25 @@
+"""Start the workers of a run and bring back rank 0's outcome. One module per backend."""
+
+from __future__ import annotations
+
+import os
+
+# What each backend offers; a strategy's ``needs`` must be a subset (checked in fit()).
+CAPABILITIES = {
+    "threads": frozenset({"shared_memory"}),
+    "processes": frozenset({"shared_memory"}),
+    "torchrun": frozenset(),
+}
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on (respects taskset/cgroup affinity)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def threads_per_worker(workers: int) -> int:
+    """Intra-op threads per worker so that workers × threads ≤ cores (no oversubscription)."""
+    return max(1, cpu_cores() // workers)

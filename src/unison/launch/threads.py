@@ -1,0 +1,59 @@
+"""Backend "threads": N threads in this process, collectives through shared memory."""
+
+from __future__ import annotations
+
+import threading
+import traceback
+
+import torch
+
+from ..comm.base import Solo
+from ..comm.threads import PeerFailed, ThreadComm, ThreadGroup
+from ..errors import UnisonError, WorkerError
+from ..replica import Job, Outcome, run
+from . import threads_per_worker
+
+
+def launch(job: Job, world_size: int) -> Outcome:
+    """Run ``world_size`` replicas as threads; re-raise the first worker's failure."""
+    # intra-op threads are process-wide: split the cores among the workers for the run.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads_per_worker(world_size))
+    try:
+        with torch.random.fork_rng(devices=[]):  # leave the caller's RNG as it was
+            # One global generator serves all threads, so dropout draws are not reproducible
+            # across runs when several threads draw from it at once.
+            torch.manual_seed(job.config.seed)
+            if world_size == 1:
+                return run(job, Solo())
+            return _launch_threads(job, world_size)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _launch_threads(job: Job, world_size: int) -> Outcome:
+    group = ThreadGroup(world_size, job.config.timeout)
+    outcomes: list[Outcome | None] = [None] * world_size
+    failures: list[tuple[int, BaseException, str]] = []
+
+    def work(rank: int) -> None:
+        try:
+            outcomes[rank] = run(job, ThreadComm(group, rank))
+        except BaseException as exc:  # noqa: BLE001 - reported to the caller below
+            failures.append((rank, exc, traceback.format_exc()))
+            group.abort()  # wake the others instead of leaving them waiting for this one
+
+    workers = [threading.Thread(target=work, args=(rank,), name=f"unison-worker-{rank}", daemon=True)
+               for rank in range(world_size)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    if failures:
+        # Report the worker that failed first, not the peers it woke up.
+        rank, exc, trace = next((f for f in failures if not isinstance(f[1], PeerFailed)), failures[0])
+        if isinstance(exc, UnisonError) and not isinstance(exc, PeerFailed):
+            raise exc
+        raise WorkerError(f"worker {rank} failed: {type(exc).__name__}: {exc}", rank=rank,
+                          cause=trace) from exc
+    return outcomes[0]

@@ -1,0 +1,235 @@
+"""One replica and its training loop: the same loop runs under every backend, for 1..N workers.
+
+Per step: take this replica's next batch, forward, loss, backward, let the strategy handle the
+gradients (sync averages them), optimizer step; then ask the strategy whether a round ends,
+and if so merge, sum the round's statistics over replicas and (rank 0) evaluate and record.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .comm.base import Communicator
+from .config import TrainConfig
+from .data import CLASSIFICATION, TrainData
+from .errors import ConfigError
+from .history import History
+
+
+def _flatten(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    if not tensors:
+        return torch.empty(0, device=device)
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+@torch.no_grad()
+def _unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error; a (n, 1) output meets a (n,) target without broadcasting to (n, n)."""
+    if output.shape != target.shape and output.numel() == target.numel():
+        output = output.reshape(target.shape)
+    return F.mse_loss(output, target)
+
+
+def resolve_loss(loss: str | Callable | None, task: str) -> Callable:
+    if callable(loss):
+        return loss
+    name = loss or ("cross_entropy" if task == CLASSIFICATION else "mse")
+    return F.cross_entropy if name == "cross_entropy" else mse
+
+
+def build_optimizer(params, config: TrainConfig, custom: Callable | None) -> torch.optim.Optimizer:
+    params = list(params)
+    if custom is not None:
+        optimizer = custom(params)
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ConfigError(f"optimizer callable returned {type(optimizer).__name__}; "
+                              "expected a torch.optim.Optimizer")
+        return optimizer
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
+                               weight_decay=config.weight_decay)
+    cls = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
+    return cls(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable, task: str,
+             batch: int = 8192) -> dict[str, float]:
+    """Mean loss (and accuracy for classification) of ``model`` on (x, y), in eval mode."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    for start in range(0, len(x), batch):
+        xb, yb = x[start:start + batch].to(device), y[start:start + batch].to(device)
+        out = model(xb)
+        total += loss_fn(out, yb).double() * len(xb)
+        if task == CLASSIFICATION:
+            correct += (out.argmax(dim=1) == yb).sum()
+    model.train(was_training)
+    metrics = {"val_loss": total.item() / len(x)}
+    if task == CLASSIFICATION:
+        metrics["val_acc"] = correct.item() / len(x)
+    return metrics
+
+
+class Replica:
+    """A worker's copy of the model with its own optimizer, and flat views for exchanging it."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable,
+                 device: torch.device):
+        self.model, self.optimizer, self.loss_fn, self.device = model, optimizer, loss_fn, device
+        self.parameters = list(model.parameters())
+        self.float_buffers = [b for b in model.buffers() if b.is_floating_point()]
+        self.num_parameters = sum(p.numel() for p in self.parameters)
+        self.step = 0                  # optimizer steps taken, counted across epochs
+        self.samples_since_merge = 0   # the replica's weight in the next merge
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss_fn(self.model(x), y)
+        loss.backward()
+        return loss.detach()
+
+    def state_vector(self, parameters: bool = True) -> torch.Tensor:
+        """Parameters (unless ``parameters=False``) then floating buffers, as one flat copy."""
+        return _flatten((self.parameters if parameters else []) + self.float_buffers, self.device)
+
+    def load_state_vector(self, flat: torch.Tensor, parameters: bool = True) -> None:
+        _unflatten_into(flat, (self.parameters if parameters else []) + self.float_buffers)
+
+    def grad_vector(self) -> torch.Tensor:
+        """All gradients as one flat copy; a parameter without a gradient counts as zeros."""
+        return _flatten([p.grad if p.grad is not None else torch.zeros_like(p)
+                         for p in self.parameters], self.device)
+
+    def load_grad_vector(self, flat: torch.Tensor) -> None:
+        for p in self.parameters:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        _unflatten_into(flat, [p.grad for p in self.parameters])
+
+    def _moments(self) -> list[torch.Tensor]:
+        """Optimizer state shaped like its parameter (momentum, Adam's moments), in a fixed order."""
+        return [value for p in self.parameters for _, value in sorted(self.optimizer.state[p].items())
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and value.shape == p.shape]
+
+    def optimizer_vector(self) -> torch.Tensor:
+        return _flatten(self._moments(), self.device)
+
+    def load_optimizer_vector(self, flat: torch.Tensor) -> None:
+        _unflatten_into(flat, self._moments())
+
+
+@dataclass
+class Job:
+    """Everything a worker needs; picklable, so the processes backend can send it."""
+
+    config: TrainConfig
+    data: TrainData
+    model: nn.Module                  # the start: rank 0's weights are broadcast to all
+    optimizer: Callable | None = None
+    loss: Callable | None = None
+    started: float = 0.0              # time.time() when fit() was called
+    progress: bool = False
+    history_path: str | None = None   # rank 0 appends one JSON line per round
+
+
+@dataclass
+class Outcome:
+    state: dict[str, torch.Tensor]    # the merged model, on CPU
+    history: list[dict[str, Any]]     # complete on rank 0
+    startup_s: float                  # fit() called -> first training step (rank 0)
+
+
+def run(job: Job, comm: Communicator, device: torch.device | None = None) -> Outcome:
+    """Train one replica to the end; every rank of a run calls this with its communicator."""
+    device = device or torch.device("cpu")
+    config, data, strategy, partition = job.config, job.data, job.config.strategy, job.config.partition
+    rank, world_size, batch_size = comm.rank, comm.world_size, config.batch_size
+    model = copy.deepcopy(job.model).to(device)  # threads share job.model: never train it in place
+    with torch.no_grad():  # identical starts by construction, whatever each rank built
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            comm.broadcast(tensor, src=0)
+    loss_fn = resolve_loss(job.loss, data.task)
+    replica = Replica(model, build_optimizer(model.parameters(), config, job.optimizer), loss_fn, device)
+    x, y = (data.x, data.y) if device.type == "cpu" else (data.x.to(device), data.y.to(device))
+    n = len(x)
+    steps_per_epoch = max(math.ceil(size / batch_size) for size in partition.sizes(n, world_size))
+    history = History(job.history_path if rank == 0 else None)
+    progress = _progress_bar(job, strategy, rank)
+
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    round_samples = samples_seen = last_round_step = 0
+
+    def end_round() -> None:
+        nonlocal round_samples, samples_seen, last_round_step
+        distance = strategy.merge(replica, comm)
+        stats = torch.stack([loss_sum, torch.tensor(float(round_samples), dtype=torch.float64, device=device),
+                             distance.to(torch.float64)])
+        loss_total, samples, distance_total = comm.all_reduce_sum(stats).tolist()
+        samples_seen += int(samples)
+        record = {"epoch": round(replica.step / steps_per_epoch, 4), "step": replica.step,
+                  "wall_s": time.time() - job.started, "samples": samples_seen,
+                  "train_loss": loss_total / max(samples, 1.0), "divergence": distance_total / world_size,
+                  "comm_bytes": comm.bytes_sent}
+        if rank == 0 and data.x_val is not None:
+            record.update(evaluate(replica.model, data.x_val, data.y_val, loss_fn, data.task))
+        history.append(record)
+        if progress is not None:
+            progress.set_postfix({k: f"{record[k]:.4g}" for k in ("train_loss", "val_acc") if k in record})
+        loss_sum.zero_()
+        round_samples = replica.samples_since_merge = 0
+        last_round_step = replica.step
+
+    startup_s = time.time() - job.started
+    for epoch in range(config.epochs):
+        order = partition.indices(n, world_size, rank, epoch, config.seed).to(device)
+        for i in range(steps_per_epoch):
+            batch = order[i * batch_size:(i + 1) * batch_size]
+            count = len(batch)
+            if count:
+                loss_sum += replica.forward_backward(x[batch], y[batch]) * count
+            else:  # this replica's share is used up; it may still take a shared step
+                replica.optimizer.zero_grad(set_to_none=True)
+            replica.step += 1
+            if strategy.on_gradients(replica, comm, replica.step, count) or count:
+                replica.optimizer.step()
+            replica.samples_since_merge += count
+            round_samples += count
+            if strategy.round_ends(replica.step, epoch_end=False):
+                end_round()
+        if strategy.round_ends(replica.step, epoch_end=True):
+            end_round()
+        if progress is not None:
+            progress.update(1)
+    if last_round_step != replica.step:  # a last merge, unless one just happened
+        end_round()
+    if progress is not None:
+        progress.close()
+    state = {k: v.detach().to("cpu", copy=True) for k, v in replica.model.state_dict().items()}
+    return Outcome(state=state, history=history.records, startup_s=startup_s)
+
+
+def _progress_bar(job: Job, strategy: Any, rank: int):
+    if not job.progress or rank != 0:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=job.config.epochs, unit="epoch", desc=strategy.spec(), leave=False)

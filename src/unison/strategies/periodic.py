@@ -1,0 +1,55 @@
+"""periodic: local SGD with parameter averaging every H steps or every epoch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import ConfigError, expected
+from .base import OPTIMIZER_STATES, Strategy, all_reduce_gradients, average
+
+
+@dataclass(frozen=True)
+class Periodic(Strategy):
+    """Replicas train alone and are averaged (parameters and floating buffers) after every
+    ``every``-th optimizer step, counted across epochs, or at each epoch end with
+    ``every="epoch"`` (the "simultaneous epochs" idea); a last merge ends training.
+
+    The first ``warmup`` steps run as ``sync``: post-local SGD (Lin et al. 2020, "Don't Use
+    Large Mini-Batches, Use Local SGD"). Local SGD itself: Stich 2019, "Local SGD Converges
+    Fast and Communicates Little". With ``every=1`` and plain SGD it equals ``sync``.
+    ``optimizer_state`` after a merge: "keep" (torch's model averaging does this), "reset",
+    or "average".
+    """
+
+    name = "periodic"
+    every: int | str = "epoch"
+    warmup: int = 0
+    optimizer_state: str = "keep"
+
+    def __post_init__(self) -> None:
+        if self.every != "epoch" and (isinstance(self.every, bool) or not isinstance(self.every, int)
+                                      or self.every < 1):
+            raise ConfigError(expected("periodic.every", self.every, "an integer >= 1 or 'epoch'"))
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ConfigError(expected("periodic.warmup", self.warmup, "an integer >= 0 (steps)"))
+        if self.optimizer_state not in OPTIMIZER_STATES:
+            raise ConfigError(expected("periodic.optimizer_state", self.optimizer_state, OPTIMIZER_STATES))
+
+    def in_warmup(self, step: int) -> bool:
+        return step <= self.warmup
+
+    def on_gradients(self, replica, comm, step, weight):
+        if self.in_warmup(step):
+            all_reduce_gradients(replica, comm, weight)
+            return True
+        return False
+
+    def round_ends(self, step, epoch_end):
+        if self.in_warmup(step) or self.every == "epoch":
+            return epoch_end
+        return not epoch_end and (step - self.warmup) % self.every == 0
+
+    def merge(self, replica, comm):
+        if self.in_warmup(replica.step):  # still synchronous: parameters are already equal
+            return average(replica, comm, parameters=False)
+        return average(replica, comm, optimizer_state=self.optimizer_state)
