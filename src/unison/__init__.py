@@ -1,6 +1,6 @@
 """unison: train many replicas of a network at once and merge them into one model."""
 
-from . import merges, models, partitions, strategies
+from . import history, merges, models, partitions, strategies
 from .api import Result, fit
 from .errors import CheckpointError, ConfigError, DataError, UnisonError, WorkerError
 

@@ -18,7 +18,7 @@ from .errors import ConfigError, UnisonError
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, like every other unison error
-        self.exit(2, f"unison: error: {message} (see `unison {self.prog.split()[-1]} --help`)\n")
+        self.exit(2, f"unison: error: {message} (see `{self.prog} --help`)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,8 +71,10 @@ def _train(args: argparse.Namespace) -> int:
 
     t = cfg.train
     data = prepare(cfg.data.dataset, seed=t.seed, val_fraction=cfg.data.val_fraction, loss=t.loss)
-    model = mlp(data.features, list(cfg.model.hidden), data.outputs, activation=cfg.model.activation,
-                dropout=cfg.model.dropout, batchnorm=cfg.model.batchnorm)
+    def model():  # a factory: fit() builds it under the run's seed, so runs repeat
+        return mlp(data.features, list(cfg.model.hidden), data.outputs, activation=cfg.model.activation,
+                   dropout=cfg.model.dropout, batchnorm=cfg.model.batchnorm)
+
     # Train into a scratch directory; the run directory appears (or is replaced) only on success.
     scratch = out.parent / f".{out.name}.partial-{os.getpid()}"
     try:

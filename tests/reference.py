@@ -1,0 +1,131 @@
+"""Plain sequential computations of what each strategy is defined to do.
+
+They share nothing with unison's code: data orders come from torch's DistributedSampler, and
+the merge is a stack-and-mean written out here. Parallel results must equal these.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DistributedSampler
+
+
+def sampler_order(n: int, world_size: int, rank: int, epoch: int, seed: int) -> torch.Tensor:
+    sampler = DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=True,
+                                 seed=seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    return torch.tensor(list(sampler), dtype=torch.int64)
+
+
+def large_batch_sgd(model, x, y, *, world_size, batch_size, epochs, lr, momentum=0.0,
+                    weight_decay=0.0, seed=0):
+    """One model, SGD with batch world_size·batch_size over the epoch's permutation."""
+    model = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    n = len(x)
+    per_replica = n // world_size
+    big = world_size * batch_size
+    for epoch in range(epochs):
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+        perm = perm[: per_replica * world_size]
+        for start in range(0, len(perm), big):
+            idx = perm[start:start + big]
+            opt.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    return model
+
+
+def _average(models, weights=None):
+    weights = torch.ones(len(models)) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
+    with torch.no_grad():
+        states = [dict(m.named_parameters()) | dict(m.named_buffers()) for m in models]
+        for name, tensor in states[0].items():
+            if not tensor.is_floating_point():
+                continue
+            stacked = torch.stack([s[name] for s in states])
+            mean = (stacked * weights.reshape(-1, *[1] * tensor.dim())).sum(0) / weights.sum()
+            for s in states:
+                s[name].copy_(mean)
+
+
+def _average_optimizer_state(models, optimizers):
+    with torch.no_grad():
+        for params in zip(*[list(m.parameters()) for m in models]):
+            states = [opt.state[p] for opt, p in zip(optimizers, params)]
+            for key, value in states[0].items():
+                if isinstance(value, torch.Tensor) and value.shape == params[0].shape:
+                    mean = torch.stack([s[key] for s in states]).mean(0)
+                    for s in states:
+                        s[key].copy_(mean)
+
+
+def local_sgd(model, x, y, *, world_size, batch_size, epochs, lr, momentum=0.0, seed=0,
+              every=None, warmup=0, optimizer_state="keep", orders=None):
+    """N replicas trained one after another, averaged every ``every`` steps (an int),
+    at epoch ends (``"epoch"``) or only at the end (None); the first ``warmup`` steps average
+    gradients instead. ``orders(rank, epoch)`` gives a replica's indices (default: sampler).
+    Replicas are weighted by the samples they trained on since the last average."""
+    orders = orders or (lambda rank, epoch: sampler_order(len(x), world_size, rank, epoch, seed))
+    replicas = [copy.deepcopy(model) for _ in range(world_size)]
+    opts = [torch.optim.SGD(m.parameters(), lr=lr, momentum=momentum) for m in replicas]
+    samples = [0] * world_size
+    step = last_merge = 0
+
+    def merge():
+        nonlocal last_merge, samples
+        _average(replicas, samples)
+        if optimizer_state == "reset":
+            for opt in opts:
+                opt.state.clear()
+        elif optimizer_state == "average":
+            _average_optimizer_state(replicas, opts)
+        samples = [0] * world_size
+        last_merge = step
+
+    for epoch in range(epochs):
+        epoch_orders = [orders(r, epoch) for r in range(world_size)]
+        steps = max(math.ceil(len(o) / batch_size) for o in epoch_orders)
+        for i in range(steps):
+            step += 1
+            batches = [o[i * batch_size:(i + 1) * batch_size] for o in epoch_orders]
+            for m, opt, idx in zip(replicas, opts, batches):
+                opt.zero_grad()
+                if len(idx):
+                    F.cross_entropy(m(x[idx]), y[idx]).backward()
+            if step <= warmup:  # synchronous phase: one averaged gradient for all
+                sizes = torch.tensor([float(len(b)) for b in batches])
+                with torch.no_grad():
+                    for params in zip(*[list(m.parameters()) for m in replicas]):
+                        grads = torch.stack([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
+                        mean = (grads * sizes.reshape(-1, *[1] * params[0].dim())).sum(0) / sizes.sum()
+                        for p in params:
+                            p.grad = mean.clone()
+                for opt in opts:
+                    opt.step()
+            else:
+                for opt, idx in zip(opts, batches):
+                    if len(idx):
+                        opt.step()
+            for r, idx in enumerate(batches):
+                samples[r] += len(idx)
+            if every not in (None, "epoch") and step > warmup and (step - warmup) % every == 0:
+                merge()
+        if every == "epoch" and step > warmup:
+            merge()
+        elif step <= warmup:  # sync rounds average the (BatchNorm) buffers at epoch ends
+            _average(replicas, samples)
+            samples, last_merge = [0] * world_size, step
+    if last_merge != step:
+        merge()
+    return replicas
+
+
+def max_abs_diff(a, b) -> float:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    return max(float((sa[k].double() - sb[k].double()).abs().max()) for k in sa)

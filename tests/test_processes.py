@@ -1,0 +1,103 @@
+"""The processes backend: same results as threads and as the sequential definitions; failures
+are reported, never hung on."""
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import unison
+from unison.errors import WorkerError
+from unison.strategies import Periodic
+
+from reference import large_batch_sgd, max_abs_diff
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(180)]
+
+
+def fit(model, data, **kwargs):
+    kwargs = {"backend": "processes", "epochs": 2, "batch_size": 8, "lr": 0.1, "progress": False} | kwargs
+    return unison.fit(model, data, **kwargs)
+
+
+@pytest.mark.parametrize("workers", [2, 4])
+def test_sync_equals_large_batch_sgd(blobs, small_model, workers):
+    x, y = blobs
+    result = fit(small_model, blobs, strategy="sync", workers=workers, momentum=0.9)
+    expected = large_batch_sgd(small_model, x, y, world_size=workers, batch_size=8, epochs=2, lr=0.1,
+                               momentum=0.9)
+    assert max_abs_diff(result.model, expected) <= 1e-5
+
+
+def test_processes_and_threads_give_the_same_model(blobs):
+    torch.manual_seed(0)
+    model = unison.models.mlp(8, [16], 3, batchnorm=True)
+    kwargs = dict(strategy=Periodic(every=3, optimizer_state="average"), workers=2, momentum=0.9,
+                  val=(blobs[0][:16], blobs[1][:16]))
+    in_processes = fit(model, blobs, **kwargs)
+    in_threads = fit(model, blobs, backend="threads", **kwargs)
+    assert max_abs_diff(in_processes.model, in_threads.model) <= 1e-5
+    assert [r["step"] for r in in_processes.history] == [r["step"] for r in in_threads.history]
+    for a, b in zip(in_processes.history, in_threads.history):
+        assert a["val_acc"] == b["val_acc"] and a["comm_bytes"] == b["comm_bytes"]
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+
+
+class DiesOnRank1(nn.Module):
+    """A linear model that, in the worker of rank 1, ends its own process at the 4th forward."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.linear = nn.Linear(8, 3)
+        self.how = how
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if dist.is_initialized() and dist.get_rank() == 1 and self.calls == 4:
+            if self.how == "sigkill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if self.how == "exit":
+                os._exit(3)
+            raise RuntimeError("boom in the forward pass")
+        return self.linear(x)
+
+
+@pytest.mark.parametrize("how, cause", [("sigkill", "SIGKILL"), ("exit", "code 3"),
+                                        ("raise", "RuntimeError: boom")])
+def test_a_dying_worker_stops_the_run_with_its_rank_and_cause(blobs, how, cause):
+    started = time.monotonic()
+    with pytest.raises(WorkerError) as info:
+        fit(DiesOnRank1(how), blobs, strategy="sync", workers=2, epochs=3)
+    assert time.monotonic() - started < 30
+    assert info.value.rank == 1
+    assert "worker 1" in str(info.value) and cause in str(info.value)
+    if how == "raise":
+        assert "Traceback" in info.value.cause and "forward" in info.value.cause
+    for child in __import__("multiprocessing").active_children():  # nobody left behind
+        assert not child.name.startswith("unison-worker"), child
+
+
+def test_unpicklable_model_is_refused_before_training(blobs):
+    class Local(nn.Module):  # defined in a function: spawn cannot import it
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.linear(x)
+
+    with pytest.raises(unison.ConfigError, match="backend='threads'"):
+        fit(Local(), blobs, strategy="sync", workers=2)
+
+
+@pytest.mark.slow
+def test_digits_periodic_every_epoch_4_workers_reaches_93_percent():
+    result = unison.fit(lambda: unison.models.mlp(64, [64], 10), "digits",
+                        strategy=Periodic(every="epoch"), workers=4, backend="processes",
+                        epochs=60, batch_size=16, lr=0.05, momentum=0.9, progress=False)
+    assert result.final["val_acc"] >= 0.93, result.summary()

@@ -1,0 +1,181 @@
+"""Each strategy on the threads backend equals its sequential definition (tests/reference.py)."""
+
+import pytest
+import torch
+
+import unison
+from unison.partitions import Explicit
+from unison.strategies import Oneshot, Periodic
+
+from reference import large_batch_sgd, local_sgd, max_abs_diff
+
+TOL = 1e-5
+
+
+def fit(model, data, **kwargs):
+    kwargs = {"backend": "threads", "epochs": 2, "batch_size": 8, "lr": 0.1, "progress": False,
+              "val": None} | kwargs
+    return unison.fit(model, data, **kwargs)
+
+
+@pytest.mark.parametrize("workers", [2, 4])
+def test_sync_equals_large_batch_sgd(blobs, small_model, workers):
+    x, y = blobs
+    result = fit(small_model, blobs, strategy="sync", workers=workers, momentum=0.9, weight_decay=1e-3)
+    expected = large_batch_sgd(small_model, x, y, world_size=workers, batch_size=8, epochs=2, lr=0.1,
+                               momentum=0.9, weight_decay=1e-3)
+    assert max_abs_diff(result.model, expected) <= TOL
+    assert max_abs_diff(result.model, small_model) > 1e-2  # it did train
+
+
+def test_single_is_one_worker_plain_sgd(blobs, small_model):
+    x, y = blobs
+    result = fit(small_model, blobs, strategy="single", workers=4, momentum=0.5)
+    assert result.workers == 1
+    expected = large_batch_sgd(small_model, x, y, world_size=1, batch_size=8, epochs=2, lr=0.1, momentum=0.5)
+    assert max_abs_diff(result.model, expected) <= TOL
+
+
+def test_periodic_every_step_equals_sync(blobs, small_model):
+    periodic = fit(small_model, blobs, strategy=Periodic(every=1), workers=2)
+    sync = fit(small_model, blobs, strategy="sync", workers=2)
+    assert max_abs_diff(periodic.model, sync.model) <= TOL
+
+
+@pytest.mark.parametrize("every, warmup, state, momentum", [
+    (3, 0, "keep", 0.0),
+    (4, 0, "keep", 0.9),
+    (4, 0, "reset", 0.9),
+    (5, 0, "average", 0.9),
+    ("epoch", 0, "keep", 0.9),
+    (4, 5, "keep", 0.9),          # post-local SGD: 5 synchronous steps first
+    ("epoch", 20, "average", 0.9),  # warm-up longer than an epoch (12 steps)
+])
+def test_periodic_equals_sequential_simulation(blobs, small_model, every, warmup, state, momentum):
+    x, y = blobs
+    strategy = Periodic(every=every, warmup=warmup, optimizer_state=state)
+    result = fit(small_model, blobs, strategy=strategy, workers=2, momentum=momentum, epochs=3)
+    expected = local_sgd(small_model, x, y, world_size=2, batch_size=8, epochs=3, lr=0.1,
+                         momentum=momentum, every=every, warmup=warmup, optimizer_state=state)
+    assert max_abs_diff(result.model, expected[0]) <= TOL
+
+
+def test_periodic_merges_every_h_steps_counted_across_epochs(blobs, small_model):
+    # 96 samples, 2 workers, batch 8: 6 steps an epoch, so every=4 merges at 4, 8, 12, 16 ...
+    result = fit(small_model, blobs, strategy=Periodic(every=4), workers=2, epochs=3)
+    assert [r["step"] for r in result.history] == [4, 8, 12, 16, 18]  # 18: the closing merge
+
+
+@pytest.mark.parametrize("partition", ["shard", "full"])
+def test_oneshot_equals_independent_training_then_mean(blobs, small_model, partition):
+    x, y = blobs
+    result = fit(small_model, blobs, strategy=Oneshot(), workers=3, partition=partition, momentum=0.9)
+    part = unison.partitions.parse(partition)
+    expected = local_sgd(small_model, x, y, world_size=3, batch_size=8, epochs=2, lr=0.1, momentum=0.9,
+                         orders=lambda rank, epoch: part.indices(len(x), 3, rank, epoch, 0))
+    assert max_abs_diff(result.model, expected[0]) <= TOL
+    assert len(result.history) == 1 and result.history[0]["divergence"] > 0
+
+
+def test_uneven_shares_weight_the_merge_by_samples(blobs, small_model):
+    x, y = blobs
+    shares = [list(range(0, 60)), list(range(60, 80))]  # 60 and 20 samples
+    part = Explicit(shares)
+    result = fit(small_model, blobs, strategy=Periodic(every="epoch"), workers=2, partition=part)
+    expected = local_sgd(small_model, x, y, world_size=2, batch_size=8, epochs=2, lr=0.1, every="epoch",
+                         orders=lambda rank, epoch: part.indices(len(x), 2, rank, epoch, 0))
+    assert max_abs_diff(result.model, expected[0]) <= TOL
+    # and the plain (unweighted) mean would have been measurably different
+    plain = local_sgd(small_model, x, y, world_size=2, batch_size=8, epochs=1, lr=0.1, every=None,
+                      orders=lambda rank, epoch: part.indices(len(x), 2, rank, epoch, 0))
+    assert result.history[0]["samples"] == 80
+    assert max_abs_diff(plain[0], expected[0]) > 1e-3
+
+
+def test_sync_with_uneven_shares_is_sgd_on_the_union(blobs, small_model):
+    """A replica whose share ran out still takes the shared step; gradients weigh by batch size."""
+    x, y = blobs
+    part = Explicit([list(range(0, 24)), list(range(24, 32))])  # 3 batches vs 1
+    result = fit(small_model, blobs, strategy="sync", workers=2, partition=part, epochs=1)
+    ref = torch.optim.SGD((model := __import__("copy").deepcopy(small_model)).parameters(), lr=0.1)
+    orders = [part.indices(len(x), 2, r, 0, 0) for r in range(2)]
+    for i in range(3):
+        idx = torch.cat([o[i * 8:(i + 1) * 8] for o in orders])
+        ref.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        ref.step()
+    assert max_abs_diff(result.model, model) <= TOL
+
+
+class _CheckedPeriodic(Periodic):
+    """Periodic that, after each merge, gathers every replica's full state to compare them."""
+
+    seen: list = []
+
+    def merge(self, replica, comm):
+        distance = super().merge(replica, comm)
+        states = comm.all_gather(replica.state_vector())
+        if comm.rank == 0:
+            self.seen.append(max(float((s - states[0]).abs().max()) for s in states))
+        return distance
+
+
+def test_batchnorm_statistics_are_averaged_and_replicas_identical_after_merge(blobs):
+    x, y = blobs
+    torch.manual_seed(0)
+    model = unison.models.mlp(8, [16], 3, batchnorm=True)
+    strategy = _CheckedPeriodic(every=5)
+    _CheckedPeriodic.seen = []
+    result = fit(model, blobs, strategy=strategy, workers=2, momentum=0.9)
+    assert _CheckedPeriodic.seen and max(_CheckedPeriodic.seen) == 0.0
+    expected = local_sgd(model, x, y, world_size=2, batch_size=8, epochs=2, lr=0.1, momentum=0.9, every=5)
+    assert max_abs_diff(result.model, expected[0]) <= TOL
+    running_mean = result.model[1].running_mean
+    assert not torch.allclose(running_mean, torch.zeros_like(running_mean))  # the stats did move
+
+
+def test_sync_averages_batchnorm_statistics_at_epoch_end(blobs):
+    torch.manual_seed(0)
+    model = unison.models.mlp(8, [16], 3, batchnorm=True)
+    _CheckedPeriodic.seen = []
+    # warm-up covering all training makes Periodic behave as sync, with the merge check
+    fit(model, blobs, strategy=_CheckedPeriodic(every="epoch", warmup=10_000), workers=2)
+    assert len(_CheckedPeriodic.seen) == 2 and max(_CheckedPeriodic.seen) == 0.0
+
+
+def test_history_records_follow_the_schema(blobs, small_model):
+    x, y = blobs
+    result = fit(small_model, (x[:80], y[:80]), val=(x[80:], y[80:]), strategy="periodic", workers=2)
+    assert [r["epoch"] for r in result.history] == [1.0, 2.0]
+    for record in result.history:
+        assert {"epoch", "step", "wall_s", "samples", "train_loss", "val_loss", "val_acc",
+                "divergence", "comm_bytes"} <= record.keys()
+    assert [r["samples"] for r in result.history] == [80, 160]
+    assert result.history[0]["wall_s"] <= result.history[1]["wall_s"]
+    assert 0 < result.history[0]["comm_bytes"] < result.history[1]["comm_bytes"]
+    first = result.history[0]
+    assert first["divergence"] > 0
+    # val metrics are those of the returned (merged) model
+    with torch.no_grad():
+        out = result.model(x[80:])
+    assert first is not result.history[-1]
+    assert result.history[-1]["val_acc"] == pytest.approx(float((out.argmax(1) == y[80:]).float().mean()))
+    assert result.history[-1]["val_loss"] == pytest.approx(
+        float(torch.nn.functional.cross_entropy(out, y[80:])), rel=1e-5)
+
+
+def test_fit_leaves_the_callers_model_and_rng_alone(blobs, small_model):
+    before = {k: v.clone() for k, v in small_model.state_dict().items()}
+    torch.manual_seed(123)
+    expected_draw = torch.rand(3)
+    torch.manual_seed(123)
+    fit(small_model, blobs, strategy="periodic", workers=2)
+    assert torch.equal(torch.rand(3), expected_draw)
+    assert all(torch.equal(before[k], v) for k, v in small_model.state_dict().items())
+
+
+def test_factory_is_built_under_the_seed(blobs):
+    factory = lambda: unison.models.mlp(8, [16], 3)  # noqa: E731
+    a = fit(factory, blobs, strategy="single", epochs=1, seed=7)
+    b = fit(factory, blobs, strategy="single", epochs=1, seed=7)
+    assert max_abs_diff(a.model, b.model) == 0.0
