@@ -43,6 +43,12 @@ class Partition(ABC):
     def __repr__(self) -> str:
         return self.spec()
 
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.spec() == self.spec()
+
+    def __hash__(self) -> int:
+        return hash(self.spec())
+
 
 class Shard(Partition):
     """Disjoint shards, reshuffled every epoch.
@@ -108,6 +114,12 @@ class Explicit(Partition):
 
     def sizes(self, n, world_size):
         return [len(s) for s in self.shares]
+
+    def __eq__(self, other):
+        return (type(other) is Explicit and len(other.shares) == len(self.shares)
+                and all(torch.equal(a, b) for a, b in zip(self.shares, other.shares)))
+
+    __hash__ = Partition.__hash__
 
     def spec(self):
         return f"explicit({'/'.join(str(len(s)) for s in self.shares)})"
