@@ -65,11 +65,12 @@ def _average_optimizer_state(models, optimizers):
 
 
 def local_sgd(model, x, y, *, world_size, batch_size, epochs, lr, momentum=0.0, seed=0,
-              every=None, warmup=0, optimizer_state="keep", orders=None):
+              every=None, warmup=0, optimizer_state="keep", orders=None, divergences=None):
     """N replicas trained one after another, averaged every ``every`` steps (an int),
     at epoch ends (``"epoch"``) or only at the end (None); the first ``warmup`` steps average
     gradients instead. ``orders(rank, epoch)`` gives a replica's indices (default: sampler).
-    Replicas are weighted by the samples they trained on since the last average."""
+    Replicas are weighted by the samples they trained on since the last average. Before each
+    average, the mean distance of the replicas' parameters to it is appended to ``divergences``."""
     orders = orders or (lambda rank, epoch: sampler_order(len(x), world_size, rank, epoch, seed))
     replicas = [copy.deepcopy(model) for _ in range(world_size)]
     opts = [torch.optim.SGD(m.parameters(), lr=lr, momentum=momentum) for m in replicas]
@@ -78,6 +79,11 @@ def local_sgd(model, x, y, *, world_size, batch_size, epochs, lr, momentum=0.0, 
 
     def merge():
         nonlocal last_merge, samples
+        if divergences is not None:
+            flat = [torch.cat([p.detach().reshape(-1) for p in m.parameters()]) for m in replicas]
+            w = torch.tensor(samples, dtype=torch.float32)
+            mean = (torch.stack(flat) * w[:, None]).sum(0) / w.sum()
+            divergences.append(float(torch.stack([(f - mean).norm() for f in flat]).mean()))
         _average(replicas, samples)
         if optimizer_state == "reset":
             for opt in opts:

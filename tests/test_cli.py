@@ -62,12 +62,24 @@ def test_existing_run_directory_is_kept_unless_overwrite(run_file, tmp_path, cap
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
 
 
-def test_a_failed_run_leaves_the_old_directory_intact(run_file, tmp_path, capsys):
+def test_a_run_that_fails_in_its_workers_leaves_the_old_directory_intact(run_file, tmp_path, capsys,
+                                                                         monkeypatch):
     out = tmp_path / "out"
     assert main(["train", str(run_file), "--out", str(out)]) == 0
     before = (out / "model.safetensors").read_bytes()
-    # passes validation, fails in the workers: a model output width the data cannot use
-    assert main(["train", str(run_file), "--out", str(out), "--overwrite", "--set", "model.hidden=[0]"]) == 2
+    import unison.launch.threads as threads_backend
+
+    real_run = threads_backend.run
+
+    def fails_midway(job, comm, *args):
+        if comm.rank == 1:
+            raise RuntimeError("disk on fire")
+        return real_run(job, comm, *args)
+
+    monkeypatch.setattr(threads_backend, "run", fails_midway)
+    assert main(["train", str(run_file), "--out", str(out), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "worker 1 failed: RuntimeError: disk on fire" in err
     assert (out / "model.safetensors").read_bytes() == before
     assert not list(tmp_path.glob(".out.*"))
 

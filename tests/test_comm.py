@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from unison import merges
-from unison.comm.base import Solo
-from unison.comm.threads import PeerFailed, ThreadComm, ThreadGroup
+from unison.comm.base import PeerFailed, Solo
+from unison.comm.threads import ThreadComm, ThreadGroup
 
 
 def run_ranks(world_size, body, timeout=30.0):

@@ -1,13 +1,12 @@
 """The processes backend: same results as threads and as the sequential definitions; failures
 are reported, never hung on."""
 
-import os
-import signal
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 import unison
@@ -15,6 +14,7 @@ from unison.errors import WorkerError
 from unison.strategies import Periodic
 
 from reference import large_batch_sgd, max_abs_diff
+from toy_models import CountsThreads, DiesOnRank1
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(180)]
 
@@ -47,28 +47,8 @@ def test_processes_and_threads_give_the_same_model(blobs):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
 
 
-class DiesOnRank1(nn.Module):
-    """A linear model that, in the worker of rank 1, ends its own process at the 4th forward."""
-
-    def __init__(self, how: str):
-        super().__init__()
-        self.linear = nn.Linear(8, 3)
-        self.how = how
-        self.calls = 0
-
-    def forward(self, x):
-        self.calls += 1
-        if dist.is_initialized() and dist.get_rank() == 1 and self.calls == 4:
-            if self.how == "sigkill":
-                os.kill(os.getpid(), signal.SIGKILL)
-            if self.how == "exit":
-                os._exit(3)
-            raise RuntimeError("boom in the forward pass")
-        return self.linear(x)
-
-
 @pytest.mark.parametrize("how, cause", [("sigkill", "SIGKILL"), ("exit", "code 3"),
-                                        ("raise", "RuntimeError: boom")])
+                                        ("raise", "RuntimeError: boom"), ("odd", "OddError: 7: bad batch")])
 def test_a_dying_worker_stops_the_run_with_its_rank_and_cause(blobs, how, cause):
     started = time.monotonic()
     with pytest.raises(WorkerError) as info:
@@ -76,10 +56,56 @@ def test_a_dying_worker_stops_the_run_with_its_rank_and_cause(blobs, how, cause)
     assert time.monotonic() - started < 30
     assert info.value.rank == 1
     assert "worker 1" in str(info.value) and cause in str(info.value)
-    if how == "raise":
+    if how in ("raise", "odd"):
         assert "Traceback" in info.value.cause and "forward" in info.value.cause
     for child in __import__("multiprocessing").active_children():  # nobody left behind
         assert not child.name.startswith("unison-worker"), child
+
+
+def test_the_failing_worker_is_blamed_even_when_the_launcher_wakes_late(blobs, monkeypatch):
+    """Its peer fails too ("connection closed"); with both reports waiting, the cause wins."""
+    import unison.launch.processes as processes
+
+    real_wait = processes.wait
+
+    def late_wait(objects, *args, **kwargs):
+        real_wait(objects, *args, **kwargs)
+        time.sleep(1.0)  # as on a loaded machine: by now the peer has failed as well
+        return real_wait(objects, *args, **kwargs)
+
+    monkeypatch.setattr(processes, "wait", late_wait)
+    with pytest.raises(WorkerError) as info:
+        fit(DiesOnRank1("raise"), blobs, strategy="sync", workers=2, epochs=3)
+    assert info.value.rank == 1 and "boom" in str(info.value)
+
+
+def test_workers_split_the_cores(blobs):
+    workers = 2
+    expected = max(1, unison.launch.cpu_cores() // workers)
+    result = fit(CountsThreads(expected), blobs, strategy="periodic", workers=workers, epochs=1)
+    assert result.history  # a worker with the wrong thread count would have raised
+
+
+def test_a_class_defined_interactively_is_refused_before_any_worker_starts():
+    script = (
+        "import torch, unison\n"
+        "from torch import nn\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__(); self.l = nn.Linear(4, 2)\n"
+        "    def forward(self, x):\n"
+        "        return self.l(x)\n"
+        "x = torch.randn(32, 4); y = (x[:, 0] > 0).long()\n"
+        "try:\n"
+        "    unison.fit(Net(), (x, y), workers=2, backend='processes', progress=False)\n"
+        "except unison.ConfigError as e:\n"
+        "    print('refused:', e)\n")
+    as_command = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert "refused: Net is defined interactively" in as_command.stdout, as_command.stdout + as_command.stderr
+    from_stdin = subprocess.run([sys.executable, "-"], input=script, capture_output=True, text=True, timeout=60)
+    assert "refused: worker processes cannot be started from a program read from <stdin>" in from_stdin.stdout
+    for done in (as_command, from_stdin):
+        assert "backend='threads'" in done.stdout and "Traceback" not in done.stderr
 
 
 def test_unpicklable_model_is_refused_before_training(blobs):

@@ -5,9 +5,10 @@ import torch
 
 import unison
 from unison.partitions import Explicit
-from unison.strategies import Oneshot, Periodic
+from unison.strategies import Oneshot, Periodic, Sync
 
 from reference import large_batch_sgd, local_sgd, max_abs_diff
+from toy_models import CountsThreads
 
 TOL = 1e-5
 
@@ -71,10 +72,22 @@ def test_oneshot_equals_independent_training_then_mean(blobs, small_model, parti
     x, y = blobs
     result = fit(small_model, blobs, strategy=Oneshot(), workers=3, partition=partition, momentum=0.9)
     part = unison.partitions.parse(partition)
+    divergences = []
     expected = local_sgd(small_model, x, y, world_size=3, batch_size=8, epochs=2, lr=0.1, momentum=0.9,
-                         orders=lambda rank, epoch: part.indices(len(x), 3, rank, epoch, 0))
+                         orders=lambda rank, epoch: part.indices(len(x), 3, rank, epoch, 0),
+                         divergences=divergences)
     assert max_abs_diff(result.model, expected[0]) <= TOL
-    assert len(result.history) == 1 and result.history[0]["divergence"] > 0
+    assert len(result.history) == 1
+    assert result.history[0]["divergence"] == pytest.approx(divergences[0], rel=1e-4)
+
+
+def test_divergence_is_the_mean_distance_to_the_merge_at_every_round(blobs, small_model):
+    x, y = blobs
+    result = fit(small_model, blobs, strategy=Periodic(every=5), workers=4, momentum=0.9, epochs=3)
+    divergences = []
+    local_sgd(small_model, x, y, world_size=4, batch_size=8, epochs=3, lr=0.1, momentum=0.9, every=5,
+              divergences=divergences)
+    assert [r["divergence"] for r in result.history] == pytest.approx(divergences, rel=1e-4)
 
 
 def test_uneven_shares_weight_the_merge_by_samples(blobs, small_model):
@@ -96,7 +109,9 @@ def test_sync_with_uneven_shares_is_sgd_on_the_union(blobs, small_model):
     """A replica whose share ran out still takes the shared step; gradients weigh by batch size."""
     x, y = blobs
     part = Explicit([list(range(0, 24)), list(range(24, 32))])  # 3 batches vs 1
-    result = fit(small_model, blobs, strategy="sync", workers=2, partition=part, epochs=1)
+    _CheckedSync.seen = []
+    result = fit(small_model, blobs, strategy=_CheckedSync(), workers=2, partition=part, epochs=1)
+    assert _CheckedSync.seen == [0.0]  # the replica without batches kept in step
     ref = torch.optim.SGD((model := __import__("copy").deepcopy(small_model)).parameters(), lr=0.1)
     orders = [part.indices(len(x), 2, r, 0, 0) for r in range(2)]
     for i in range(3):
@@ -107,17 +122,28 @@ def test_sync_with_uneven_shares_is_sgd_on_the_union(blobs, small_model):
     assert max_abs_diff(result.model, model) <= TOL
 
 
-class _CheckedPeriodic(Periodic):
-    """Periodic that, after each merge, gathers every replica's full state to compare them."""
+class _ComparesReplicasAfterMerge:
+    """Mixin: after each merge, gather every replica's parameters and buffers, record the
+    largest difference between replicas (0.0 when they are identical)."""
 
     seen: list = []
 
     def merge(self, replica, comm):
         distance = super().merge(replica, comm)
-        states = comm.all_gather(replica.state_vector())
+        state = torch.cat([t.detach().reshape(-1) for t in replica.model.state_dict().values()
+                           if t.is_floating_point()])
+        states = comm.all_gather(state)
         if comm.rank == 0:
-            self.seen.append(max(float((s - states[0]).abs().max()) for s in states))
+            type(self).seen.append(max(float((s - states[0]).abs().max()) for s in states))
         return distance
+
+
+class _CheckedPeriodic(_ComparesReplicasAfterMerge, Periodic):
+    seen: list = []
+
+
+class _CheckedSync(_ComparesReplicasAfterMerge, Sync):
+    seen: list = []
 
 
 def test_batchnorm_statistics_are_averaged_and_replicas_identical_after_merge(blobs):
@@ -135,12 +161,16 @@ def test_batchnorm_statistics_are_averaged_and_replicas_identical_after_merge(bl
 
 
 def test_sync_averages_batchnorm_statistics_at_epoch_end(blobs):
+    x, y = blobs
     torch.manual_seed(0)
     model = unison.models.mlp(8, [16], 3, batchnorm=True)
-    _CheckedPeriodic.seen = []
-    # warm-up covering all training makes Periodic behave as sync, with the merge check
-    fit(model, blobs, strategy=_CheckedPeriodic(every="epoch", warmup=10_000), workers=2)
-    assert len(_CheckedPeriodic.seen) == 2 and max(_CheckedPeriodic.seen) == 0.0
+    _CheckedSync.seen = []
+    result = fit(model, blobs, strategy=_CheckedSync(), workers=2)
+    assert _CheckedSync.seen == [0.0, 0.0]
+    # the reference: post-local SGD whose warm-up covers all training is sync, buffers averaged
+    expected = local_sgd(model, x, y, world_size=2, batch_size=8, epochs=2, lr=0.1, every="epoch",
+                         warmup=10_000)
+    assert max_abs_diff(result.model, expected[0]) <= TOL
 
 
 def test_history_records_follow_the_schema(blobs, small_model):
@@ -162,6 +192,37 @@ def test_history_records_follow_the_schema(blobs, small_model):
     assert result.history[-1]["val_acc"] == pytest.approx(float((out.argmax(1) == y[80:]).float().mean()))
     assert result.history[-1]["val_loss"] == pytest.approx(
         float(torch.nn.functional.cross_entropy(out, y[80:])), rel=1e-5)
+
+
+def test_validation_runs_the_merged_model_in_eval_mode(blobs):
+    """BatchNorm must use its running statistics on validation data, and evaluating must not
+    update them."""
+    x, y = blobs
+    torch.manual_seed(0)
+    model = unison.models.mlp(8, [16], 3, batchnorm=True, dropout=0.3)
+    result = fit(model, (x[:80], y[:80]), val=(x[80:], y[80:]), strategy="periodic", workers=2)
+    returned = result.model.eval()
+    with torch.no_grad():
+        out = returned(x[80:])
+    assert result.final["val_loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(out, y[80:])),
+                                                     rel=1e-5)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_workers_split_the_cores_instead_of_oversubscribing(blobs, workers):
+    expected = max(1, unison.launch.cpu_cores() // workers)
+    result = fit(CountsThreads(expected), blobs, strategy="periodic", workers=workers, epochs=1)
+    assert result.history  # CountsThreads raises inside a worker if the thread count is wrong
+
+
+def test_frozen_parameters_stay_exactly_as_they_were(blobs):
+    torch.manual_seed(0)
+    model = unison.models.mlp(8, [16], 3)
+    model[0].requires_grad_(False)
+    for strategy in ("single", "sync", Periodic(every=2, warmup=3, optimizer_state="average")):
+        result = fit(model, blobs, strategy=strategy, workers=2, weight_decay=0.1, momentum=0.9)
+        assert torch.equal(result.model[0].weight, model[0].weight), strategy
+        assert not torch.equal(result.model[2].weight, model[2].weight), strategy
 
 
 def test_fit_leaves_the_callers_model_and_rng_alone(blobs, small_model):

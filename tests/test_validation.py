@@ -133,3 +133,11 @@ def test_regression_with_float_targets_trains(no_spawn):
                         epochs=30, batch_size=8, lr=0.05, progress=False)
     assert "val_acc" not in result.final
     assert result.final["val_loss"] < 0.01 * float(y.var())
+
+
+def test_a_batch_of_one_sample_for_batchnorm_is_refused_up_front(no_spawn):
+    x, y = torch.randn(18, 4), torch.arange(18) % 2
+    with pytest.raises(ConfigError) as info:  # shares of 9: batches of 8 and 1
+        unison.fit(unison.models.mlp(4, [4], 2, batchnorm=True), (x, y), strategy="sync", workers=2,
+                   batch_size=8, progress=False)
+    assert "batch_size=8" in str(info.value) and "BatchNorm" in str(info.value)

@@ -117,6 +117,7 @@ def fit(model: nn.Module | Callable[[], nn.Module], data: Any, val: Any = None, 
     config.partition.check(len(train.x), world_size)
     start_model = _start_model(model, seed)
     _check_model(start_model, train, loss)
+    _check_batchnorm(start_model, config.partition.sizes(len(train.x), world_size), batch_size)
     # A custom optimizer factory is tried once here, so that its errors come before any worker.
     build_optimizer(copy.deepcopy(start_model).parameters(), config,
                     optimizer if callable(optimizer) else None)
@@ -167,6 +168,17 @@ def _start_model(model: Any, seed: int) -> nn.Module:
                                        "an nn.Module or a zero-argument callable returning one"))
         return built.cpu()
     raise ConfigError(expected("model", type(model).__name__, "an nn.Module or a zero-argument callable returning one"))
+
+
+def _check_batchnorm(model: nn.Module, shares: list[int], batch_size: int) -> None:
+    """BatchNorm cannot train on a batch of one sample; find such a batch before starting."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return
+    for rank, share in enumerate(shares):
+        if batch_size == 1 or share % batch_size == 1:
+            raise ConfigError(f"batch_size={batch_size} leaves worker {rank} (share of {share} samples) "
+                              "a batch of 1 sample, which BatchNorm cannot train on; choose another "
+                              "batch_size or number of workers")
 
 
 def _check_model(model: nn.Module, data: TrainData, loss: Any) -> None:

@@ -172,7 +172,7 @@ def prepare(data: Any, val: Any = None, *, seed: int = 0, val_fraction: float = 
     x = x.float()
 
     x_val = y_val = None
-    if isinstance(val, float) and not isinstance(val, bool):
+    if isinstance(val, (int, float)) and not isinstance(val, bool):
         if not 0.0 <= val < 1.0:
             raise DataError(expected("val", val, "a fraction in [0, 1), (X, y) or a Dataset"))
         if val > 0:
@@ -202,7 +202,8 @@ def prepare(data: Any, val: Any = None, *, seed: int = 0, val_fraction: float = 
 
 
 def _holdout(x: torch.Tensor, y: torch.Tensor, fraction: float, seed: int, task: str):
-    """A reproducible split; stratified for classification (each class keeps its share).
+    """A reproducible split holding out round(fraction·n) samples, stratified for
+    classification: each class gives its share, rounded by largest remainder.
 
     Written with torch rather than scikit-learn's train_test_split to keep fit()'s start-up
     free of scikit-learn's import time (over a second).
@@ -210,11 +211,14 @@ def _holdout(x: torch.Tensor, y: torch.Tensor, fraction: float, seed: int, task:
     generator = torch.Generator().manual_seed(seed)
     groups = [torch.arange(len(x))] if task != CLASSIFICATION else \
         [(y == label).nonzero().flatten() for label in torch.unique(y)]
-    val_parts = []
-    for members in groups:
-        members = members[torch.randperm(len(members), generator=generator)]
-        val_parts.append(members[:round(fraction * len(members))])
-    val_idx = torch.cat(val_parts).sort().values
+    wanted = round(fraction * len(x))
+    exact = [fraction * len(g) for g in groups]
+    quotas = [int(e) for e in exact]
+    by_remainder = sorted(range(len(groups)), key=lambda i: quotas[i] - exact[i])  # largest first
+    for i in by_remainder[:wanted - sum(quotas)]:
+        quotas[i] += 1
+    val_idx = torch.cat([g[torch.randperm(len(g), generator=generator)][:q] for g, q in zip(groups, quotas)])
+    val_idx = val_idx.sort().values
     keep = torch.ones(len(x), dtype=torch.bool)
     keep[val_idx] = False
     if not keep.any() or len(val_idx) == 0:

@@ -96,8 +96,10 @@ class Replica:
                  device: torch.device):
         self.model, self.optimizer, self.loss_fn, self.device = model, optimizer, loss_fn, device
         self.parameters = list(model.parameters())
+        # Only these get gradients; frozen parameters are left exactly as they are.
+        self.trainable = [p for p in self.parameters if p.requires_grad]
         self.float_buffers = [b for b in model.buffers() if b.is_floating_point()]
-        self.num_parameters = sum(p.numel() for p in self.parameters)
+        self.num_parameters = sum(p.numel() for p in self.trainable)
         self.step = 0                  # optimizer steps taken, counted across epochs
         self.samples_since_merge = 0   # the replica's weight in the next merge
 
@@ -108,26 +110,29 @@ class Replica:
         return loss.detach()
 
     def state_vector(self, parameters: bool = True) -> torch.Tensor:
-        """Parameters (unless ``parameters=False``) then floating buffers, as one flat copy."""
-        return _flatten((self.parameters if parameters else []) + self.float_buffers, self.device)
+        """Trainable parameters (unless ``parameters=False``) then floating buffers, as one
+        flat copy: what a merge averages. Frozen parameters are equal everywhere already."""
+        return _flatten((self.trainable if parameters else []) + self.float_buffers, self.device)
 
     def load_state_vector(self, flat: torch.Tensor, parameters: bool = True) -> None:
-        _unflatten_into(flat, (self.parameters if parameters else []) + self.float_buffers)
+        _unflatten_into(flat, (self.trainable if parameters else []) + self.float_buffers)
 
     def grad_vector(self) -> torch.Tensor:
-        """All gradients as one flat copy; a parameter without a gradient counts as zeros."""
+        """The trainable parameters' gradients as one flat copy; a missing gradient (no batch
+        left, or a parameter this batch did not reach) counts as zeros. A trainable parameter
+        that no replica reached thus gets a zero gradient where torch would skip it."""
         return _flatten([p.grad if p.grad is not None else torch.zeros_like(p)
-                         for p in self.parameters], self.device)
+                         for p in self.trainable], self.device)
 
     def load_grad_vector(self, flat: torch.Tensor) -> None:
-        for p in self.parameters:
+        for p in self.trainable:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        _unflatten_into(flat, [p.grad for p in self.parameters])
+        _unflatten_into(flat, [p.grad for p in self.trainable])
 
     def _moments(self) -> list[torch.Tensor]:
         """Optimizer state shaped like its parameter (momentum, Adam's moments), in a fixed order."""
-        return [value for p in self.parameters for _, value in sorted(self.optimizer.state[p].items())
+        return [value for p in self.trainable for _, value in sorted(self.optimizer.state[p].items())
                 if isinstance(value, torch.Tensor) and value.is_floating_point() and value.shape == p.shape]
 
     def optimizer_vector(self) -> torch.Tensor:

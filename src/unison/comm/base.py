@@ -13,7 +13,14 @@ from typing import TypeVar
 
 import torch
 
+from ..errors import WorkerError
+
 T = TypeVar("T")
+
+
+class PeerFailed(WorkerError):
+    """Raised in a worker when a collective fails because a peer failed, vanished or did not
+    arrive in time. A symptom, not the root cause: launchers report the peer's failure first."""
 
 
 class Communicator(ABC):

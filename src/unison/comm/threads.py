@@ -9,12 +9,7 @@ from __future__ import annotations
 import copy
 import threading
 
-from ..errors import WorkerError
-from .base import Communicator, nbytes
-
-
-class PeerFailed(WorkerError):
-    """Raised in a worker whose peer failed or did not arrive in time; not the root cause."""
+from .base import Communicator, PeerFailed, nbytes
 
 
 class ThreadGroup:

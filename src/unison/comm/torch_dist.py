@@ -12,9 +12,17 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .base import Communicator, nbytes
+from .base import Communicator, PeerFailed, nbytes
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _collective(name: str, call, *args, **kwargs):
+    """Run a torch.distributed call; its failure means a peer is gone or late: PeerFailed."""
+    try:
+        return call(*args, **kwargs)
+    except RuntimeError as exc:  # DistBackendError and gloo's errors are RuntimeErrors
+        raise PeerFailed(f"{name} failed, a peer is gone or timed out: {exc}") from exc
 
 
 class TorchDistComm(Communicator):
@@ -25,27 +33,27 @@ class TorchDistComm(Communicator):
 
     def all_reduce_sum(self, tensor):
         self._count("all_reduce", nbytes(tensor))
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        _collective("all_reduce", dist.all_reduce, tensor, op=dist.ReduceOp.SUM)
         return tensor
 
     def all_gather(self, tensor):
         self._count("all_gather", nbytes(tensor))
         parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
-        dist.all_gather(parts, tensor.contiguous())
+        _collective("all_gather", dist.all_gather, parts, tensor.contiguous())
         return parts
 
     def broadcast(self, tensor, src=0):
         self._count("broadcast", nbytes(tensor), src)
-        dist.broadcast(tensor, src=src)
+        _collective("broadcast", dist.broadcast, tensor, src=src)
         return tensor
 
     def broadcast_object(self, obj, src=0):
         box = [obj]
-        dist.broadcast_object_list(box, src=src)
+        _collective("broadcast", dist.broadcast_object_list, box, src=src)
         return box[0]
 
     def barrier(self):
-        dist.barrier()
+        _collective("barrier", dist.barrier)
 
 
 def host_store(world_size: int, timeout: float) -> dist.TCPStore:

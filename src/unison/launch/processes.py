@@ -7,10 +7,10 @@ fit() raises WorkerError naming the rank and its exit code, signal or traceback.
 
 from __future__ import annotations
 
-import io
-import multiprocessing
+import os
 import pickle
 import signal
+import sys
 import traceback
 from multiprocessing.connection import wait
 
@@ -19,6 +19,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from ..comm import torch_dist
+from ..comm.base import PeerFailed
 from ..errors import ConfigError, UnisonError, WorkerError
 from ..replica import Job, Outcome, run
 from . import threads as threads_backend
@@ -30,6 +31,7 @@ GRACE_S = 3.0  # how long a worker may take to stop when asked before it is kill
 def launch(job: Job, world_size: int) -> Outcome:
     if world_size == 1:  # one worker needs no process of its own, nor its start-up time
         return threads_backend.launch(job, 1)
+    _check_importable(job)
     job.data.share_memory_()
     store = torch_dist.host_store(world_size, job.config.timeout)
     context = torch.multiprocessing.get_context("spawn")
@@ -53,37 +55,59 @@ def launch(job: Job, world_size: int) -> Outcome:
         del store
 
 
+def _check_importable(job: Job) -> None:
+    """Spawned workers re-import the classes they receive. Classes defined in an interactive
+    __main__ (a notebook, stdin, python -c) cannot be re-imported: refuse them before starting."""
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    if main_file and os.path.isfile(main_file):
+        return  # a script: spawn re-runs it (under __mp_main__) and finds its classes
+    if main_file:  # "<stdin>": spawn would try to re-run a file that does not exist
+        raise ConfigError(f"worker processes cannot be started from a program read from {main_file}; "
+                          "save it to a file and run that, or use backend='threads'")
+    suspects = [type(m) for m in job.model.modules()] + [job.loss, job.optimizer,
+                                                          type(job.config.strategy), type(job.config.partition)]
+    for obj in suspects:
+        if obj is not None and getattr(obj, "__module__", None) == "__main__":
+            raise ConfigError(f"{getattr(obj, '__qualname__', obj)!s} is defined interactively (in __main__), "
+                              "which worker processes cannot import; move it to a module, or use "
+                              "backend='threads'")
+
+
 def _supervise(workers, pipes) -> Outcome:
-    """Wait for rank 0's outcome and every clean exit; fail fast on the first failure."""
+    """Wait for rank 0's outcome and every worker's goodbye; fail fast on the first failure."""
     outcome: dict | None = None
-    running, closed = set(range(len(workers))), set()
+    running, closed, finished = set(range(len(workers))), set(), set()
     while running:
         ready = wait([pipes[r] for r in running - closed] + [workers[r].sentinel for r in running])
-        failures = []  # (rank, cause, exception, killed by a signal)
+        failures = []  # (rank, cause, exception, a mere symptom of another's failure, a signal)
         for rank in sorted(running):
             exited = workers[rank].sentinel in ready
-            if exited or pipes[rank] in ready:
-                while rank not in closed and (exited or pipes[rank].poll()):
-                    try:  # an exited worker's pipe is drained to EOF: its last words come first
-                        kind, *body = pipes[rank].recv()
-                    except EOFError:
-                        closed.add(rank)
-                        break
-                    if kind == "done":
-                        outcome = body[0]
-                    else:
-                        failures.append((rank, body[0], body[1], False))
-                    if not exited:
-                        break
+            while rank not in closed and (exited or (pipes[rank] in ready and pipes[rank].poll())):
+                try:  # an exited worker's pipe is drained to EOF: its last words come first
+                    kind, *body = pipes[rank].recv()
+                except EOFError:
+                    closed.add(rank)
+                    break
+                except Exception as exc:  # noqa: BLE001 - a message that cannot be read back
+                    kind, body = "error", [f"its error report could not be read: {exc!r}", None, False]
+                if kind == "done":
+                    outcome = body[0]
+                elif kind == "bye":
+                    finished.add(rank)
+                else:
+                    failures.append((rank, body[0], body[1], body[2], False))
+                if not exited:
+                    break
             if exited:
                 workers[rank].join()
                 code = workers[rank].exitcode
-                if code != 0 and not any(f[0] == rank for f in failures):
-                    failures.append((rank, _describe_exit(code), None, code < 0))
+                # A worker that said goodbye has finished its work; how its exit went no longer matters.
+                if code != 0 and rank not in finished and not any(f[0] == rank for f in failures):
+                    failures.append((rank, _describe_exit(code), None, False, code < 0))
                 running.discard(rank)
         if failures:
-            # Peers of a killed worker fail too ("connection closed"); blame the killed one.
-            rank, cause, exception, _ = sorted(failures, key=lambda f: not f[3])[0]
+            # Peers of a failed worker fail too, with "connection closed": blame the cause.
+            rank, cause, exception, _, _ = sorted(failures, key=lambda f: (f[3], not f[4]))[0]
             _fail(workers, rank, cause, exception)
     if outcome is None:
         raise WorkerError("worker 0 exited without sending the trained model", rank=0)
@@ -93,7 +117,7 @@ def _supervise(workers, pipes) -> Outcome:
 
 def _fail(workers, rank: int, cause: str, exception: BaseException | None):
     _stop(workers)
-    if isinstance(exception, UnisonError):
+    if isinstance(exception, UnisonError) and not isinstance(exception, PeerFailed):
         raise exception
     raise WorkerError(f"worker {rank} failed: {cause.strip().splitlines()[-1]}", rank=rank, cause=cause)
 
@@ -120,7 +144,8 @@ def _stop(workers) -> None:
 
 
 def _work(rank: int, world_size: int, port: int, job: Job, pipe) -> None:
-    """A worker process: join the group, train, send rank 0's outcome, leave."""
+    """A worker process: join the group, train, send rank 0's outcome, say goodbye, leave."""
+    code = 0
     try:
         torch.set_num_threads(threads_per_worker(world_size))
         torch.manual_seed(job.config.seed + rank)
@@ -133,19 +158,27 @@ def _work(rank: int, world_size: int, port: int, job: Job, pipe) -> None:
                                 "startup_s": outcome.startup_s}))
         comm.barrier()  # nobody leaves while rank 0 may still need the group
         torch_dist.leave()
+        pipe.send(("bye",))
     except BaseException as exc:  # noqa: BLE001 - everything goes back to the launcher
-        trace = traceback.format_exc()
+        code = 1
         try:
-            pipe.send(("error", trace, exc if _picklable(exc) else None))
-        finally:
-            raise SystemExit(1)
+            pipe.send(("error", traceback.format_exc(), exc if _round_trips(exc) else None,
+                       isinstance(exc, PeerFailed)))
+        except Exception:  # noqa: BLE001 - the launcher still sees the exit code
+            pass
     finally:
         pipe.close()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # gloo's threads can abort the interpreter's teardown ("terminate called without an
+        # active exception") after the work is done and reported: skip that teardown.
+        os._exit(code)
 
 
-def _picklable(exc: BaseException) -> bool:
+def _round_trips(exc: BaseException) -> bool:
+    """Whether the launcher can unpickle this exception (custom __init__s often break it)."""
     try:
-        pickle.dump(exc, io.BytesIO())
+        pickle.loads(pickle.dumps(exc))
         return True
     except Exception:  # noqa: BLE001
         return False

@@ -7,8 +7,8 @@ import traceback
 
 import torch
 
-from ..comm.base import Solo
-from ..comm.threads import PeerFailed, ThreadComm, ThreadGroup
+from ..comm.base import PeerFailed, Solo
+from ..comm.threads import ThreadComm, ThreadGroup
 from ..errors import UnisonError, WorkerError
 from ..replica import Job, Outcome, run
 from . import threads_per_worker
