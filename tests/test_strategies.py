@@ -240,3 +240,17 @@ def test_factory_is_built_under_the_seed(blobs):
     a = fit(factory, blobs, strategy="single", epochs=1, seed=7)
     b = fit(factory, blobs, strategy="single", epochs=1, seed=7)
     assert max_abs_diff(a.model, b.model) == 0.0
+
+
+def test_log_dir_gets_history_and_model_and_is_never_overwritten(blobs, small_model, tmp_path):
+    from safetensors.torch import load_file
+
+    log = tmp_path / "log"
+    result = fit(small_model, blobs, strategy="periodic", workers=2, log_dir=log)
+    assert unison.history.read_jsonl(log / "history.jsonl") == result.history
+    saved = load_file(log / "model.safetensors")
+    assert all(torch.equal(saved[k], v) for k, v in result.model.state_dict().items())
+    before = (log / "history.jsonl").read_text()
+    with pytest.raises(unison.ConfigError, match="already holds a run"):
+        fit(small_model, blobs, strategy="periodic", workers=2, log_dir=log)
+    assert (log / "history.jsonl").read_text() == before

@@ -23,6 +23,9 @@ from .launch import torchrun as torchrun_backend
 from .replica import Job, build_optimizer
 
 
+HISTORY_FILE, MODEL_FILE = "history.jsonl", "model.safetensors"
+
+
 @dataclass
 class Result:
     """What fit() returns: the merged model, the per-round history and how the run went."""
@@ -111,6 +114,12 @@ def fit(model: nn.Module | Callable[[], nn.Module], data: Any, val: Any = None, 
         raise ConfigError(f"strategy {config.strategy.spec()!r} runs {world_size} worker(s) but torchrun "
                           f"started {torchrun_size}; use --nproc-per-node {world_size}")
 
+    # Only rank 0 writes the log; an earlier run's files there are never overwritten.
+    log_path = Path(log_dir) if log_dir is not None and _is_rank0() else None
+    if log_path is not None and any((log_path / name).exists() for name in (HISTORY_FILE, MODEL_FILE)):
+        raise ConfigError(f"log_dir={str(log_path)!r} already holds a run ({HISTORY_FILE} or {MODEL_FILE}); "
+                          "choose another directory")
+
     train = prepare(data, val, seed=seed, loss=loss if isinstance(loss, str) else None)
     if world_size > len(train.x):
         raise ConfigError(expected("workers", world_size, f"at most the {len(train.x)} training samples"))
@@ -122,13 +131,12 @@ def fit(model: nn.Module | Callable[[], nn.Module], data: Any, val: Any = None, 
     build_optimizer(copy.deepcopy(start_model).parameters(), config,
                     optimizer if callable(optimizer) else None)
 
-    log_path = Path(log_dir) if log_dir is not None else None
     if log_path is not None:
         log_path.mkdir(parents=True, exist_ok=True)
-        (log_path / "history.jsonl").write_text("")
+        (log_path / HISTORY_FILE).touch()
     job = Job(config=config, data=train, model=start_model,
               optimizer=optimizer if callable(optimizer) else None, loss=loss if callable(loss) else None,
-              started=started, progress=progress, history_path=str(log_path / "history.jsonl") if log_path else None)
+              started=started, progress=progress, history_path=str(log_path / HISTORY_FILE) if log_path else None)
     outcome = _launcher(backend)(job, world_size)
 
     merged = copy.deepcopy(start_model)
@@ -136,8 +144,8 @@ def fit(model: nn.Module | Callable[[], nn.Module], data: Any, val: Any = None, 
     result = Result(model=merged, history=outcome.history, config=config, workers=world_size,
                     startup_s=outcome.startup_s, wall_s=time.time() - started, data_name=train.name)
     if log_path is not None and _is_rank0():
-        write_jsonl(log_path / "history.jsonl", result.history)
-        result.save_model(log_path / "model.safetensors")
+        write_jsonl(log_path / HISTORY_FILE, result.history)
+        result.save_model(log_path / MODEL_FILE)
     return result
 
 
