@@ -6,7 +6,7 @@ import copy
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,7 +37,6 @@ class Result:
     startup_s: float   # fit() called -> first training step
     wall_s: float      # fit() called -> fit() returned
     data_name: str = "data"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def final(self) -> dict[str, Any]:
@@ -115,7 +114,8 @@ def fit(model: nn.Module | Callable[[], nn.Module], data: Any, val: Any = None, 
                           f"started {torchrun_size}; use --nproc-per-node {world_size}")
 
     # Only rank 0 writes the log; an earlier run's files there are never overwritten.
-    log_path = Path(log_dir) if log_dir is not None and _is_rank0() else None
+    rank0 = backend != "torchrun" or os.environ["RANK"] == "0"
+    log_path = Path(log_dir) if log_dir is not None and rank0 else None
     if log_path is not None and any((log_path / name).exists() for name in (HISTORY_FILE, MODEL_FILE)):
         raise ConfigError(f"log_dir={str(log_path)!r} already holds a run ({HISTORY_FILE} or {MODEL_FILE}); "
                           "choose another directory")
@@ -143,7 +143,7 @@ def fit(model: nn.Module | Callable[[], nn.Module], data: Any, val: Any = None, 
     merged.load_state_dict(outcome.state)
     result = Result(model=merged, history=outcome.history, config=config, workers=world_size,
                     startup_s=outcome.startup_s, wall_s=time.time() - started, data_name=train.name)
-    if log_path is not None and _is_rank0():
+    if log_path is not None:
         write_jsonl(log_path / HISTORY_FILE, result.history)
         result.save_model(log_path / MODEL_FILE)
     return result
@@ -157,10 +157,6 @@ def _launcher(backend: str):
     else:
         launch = torchrun_backend.launch
     return launch
-
-
-def _is_rank0() -> bool:
-    return os.environ.get("RANK", "0") == "0"
 
 
 def _start_model(model: Any, seed: int) -> nn.Module:

@@ -181,12 +181,13 @@ def run(job: Job, comm: Communicator, device: torch.device | None = None) -> Out
     progress = _progress_bar(job, strategy, rank)
 
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    round_samples = samples_seen = last_round_step = 0
+    samples_seen = last_round_step = 0
 
     def end_round() -> None:
-        nonlocal round_samples, samples_seen, last_round_step
+        nonlocal samples_seen, last_round_step
+        round_samples = float(replica.samples_since_merge)  # the merge's weight is the round's samples
         distance = strategy.merge(replica, comm)
-        stats = torch.stack([loss_sum, torch.tensor(float(round_samples), dtype=torch.float64, device=device),
+        stats = torch.stack([loss_sum, torch.tensor(round_samples, dtype=torch.float64, device=device),
                              distance.to(torch.float64)])
         loss_total, samples, distance_total = comm.all_reduce_sum(stats).tolist()
         samples_seen += int(samples)
@@ -200,7 +201,7 @@ def run(job: Job, comm: Communicator, device: torch.device | None = None) -> Out
         if progress is not None:
             progress.set_postfix({k: f"{record[k]:.4g}" for k in ("train_loss", "val_acc") if k in record})
         loss_sum.zero_()
-        round_samples = replica.samples_since_merge = 0
+        replica.samples_since_merge = 0
         last_round_step = replica.step
 
     startup_s = time.time() - job.started
@@ -217,7 +218,6 @@ def run(job: Job, comm: Communicator, device: torch.device | None = None) -> Out
             if strategy.on_gradients(replica, comm, replica.step, count) or count:
                 replica.optimizer.step()
             replica.samples_since_merge += count
-            round_samples += count
             if strategy.round_ends(replica.step, epoch_end=False):
                 end_round()
         if strategy.round_ends(replica.step, epoch_end=True):
