@@ -254,3 +254,12 @@ def test_log_dir_gets_history_and_model_and_is_never_overwritten(blobs, small_mo
     with pytest.raises(unison.ConfigError, match="already holds a run"):
         fit(small_model, blobs, strategy="periodic", workers=2, log_dir=log)
     assert (log / "history.jsonl").read_text() == before
+
+
+def test_one_worker_periodic_still_resets_optimizer_state(blobs, small_model):
+    x, y = blobs
+    result = fit(small_model, blobs, strategy=Periodic(every=3, optimizer_state="reset"), workers=1,
+                 momentum=0.9)
+    expected = local_sgd(small_model, x, y, world_size=1, batch_size=8, epochs=2, lr=0.1, momentum=0.9,
+                         every=3, optimizer_state="reset")
+    assert max_abs_diff(result.model, expected[0]) <= TOL

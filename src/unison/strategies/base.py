@@ -67,8 +67,6 @@ def average(replica: "Replica", comm: "Communicator", *, parameters: bool = True
     Returns the Euclidean distance of this replica's parameters to the mean, before the merge.
     """
     distance = torch.zeros((), device=replica.device)
-    if comm.world_size == 1:
-        return distance
     weight = float(replica.samples_since_merge)
     state = replica.state_vector(parameters=parameters)
     if state.numel():
