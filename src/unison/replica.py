@@ -237,4 +237,5 @@ def _progress_bar(job: Job, strategy: Any, rank: int):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=job.config.epochs, unit="epoch", desc=strategy.spec(), leave=False)
+    # disable=None: no bar when stderr is not a terminal (logs, CI, pipes).
+    return tqdm(total=job.config.epochs, unit="epoch", desc=strategy.spec(), leave=False, disable=None)

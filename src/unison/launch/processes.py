@@ -11,6 +11,7 @@ import os
 import pickle
 import signal
 import sys
+import threading
 import traceback
 from multiprocessing.connection import wait
 
@@ -147,6 +148,11 @@ def _work(rank: int, world_size: int, port: int, job: Job, pipe) -> None:
     """A worker process: join the group, train, send rank 0's outcome, say goodbye, leave."""
     code = 0
     try:
+        if job.progress and rank == 0:
+            # tqdm's default lock is a multiprocessing semaphore; this process leaves through
+            # os._exit, which would leak it. A worker draws one bar: a thread lock is enough.
+            from tqdm import tqdm
+            tqdm.set_lock(threading.RLock())
         torch.set_num_threads(threads_per_worker(world_size))
         torch.manual_seed(job.config.seed + rank)
         comm = torch_dist.join(rank, world_size, port, job.config.timeout)
