@@ -63,7 +63,7 @@ def _train(args: argparse.Namespace) -> int:
         # The same run file works alone and under torchrun: torchrun decides the workers.
         cfg = run_config.from_dict(cfg.to_dict(), {"train.backend": "torchrun",
                                                    "train.workers": torchrun_world_size()})
-    rank0 = os.environ.get("RANK", "0") == "0"
+    rank0 = not under_torchrun or os.environ["RANK"] == "0"
     out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-train")
     if out.exists() and not args.overwrite:
         raise ConfigError(f"run directory {str(out)!r} already exists; pass --overwrite to replace it "
@@ -71,6 +71,7 @@ def _train(args: argparse.Namespace) -> int:
 
     t = cfg.train
     data = prepare(cfg.data.dataset, seed=t.seed, val_fraction=cfg.data.val_fraction, loss=t.loss)
+
     def model():  # a factory: fit() builds it under the run's seed, so runs repeat
         return mlp(data.features, list(cfg.model.hidden), data.outputs, activation=cfg.model.activation,
                    dropout=cfg.model.dropout, batchnorm=cfg.model.batchnorm)
@@ -81,7 +82,7 @@ def _train(args: argparse.Namespace) -> int:
         result = fit(model, data, strategy=t.strategy, workers=t.workers, backend=t.backend,
                      partition=t.partition, epochs=t.epochs, batch_size=t.batch_size, optimizer=t.optimizer,
                      lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, loss=t.loss, seed=t.seed,
-                     timeout=t.timeout, progress=not args.quiet and sys.stderr.isatty(),
+                     timeout=t.timeout, progress=not args.quiet,
                      log_dir=scratch if rank0 else None)
         if rank0:
             (scratch / "config.toml").write_text(cfg.to_toml())
@@ -116,8 +117,7 @@ def _demo(args: argparse.Namespace) -> int:
     from .strategies import Periodic
 
     data = prepare("xor")
-    model = mlp(data.features, [16], data.outputs, activation="tanh")
-    result = fit(model, data, strategy=Periodic(every="epoch"), workers=4, backend=args.backend,
+    result = fit(lambda: mlp(data.features, [16], data.outputs, activation="tanh"), data, strategy=Periodic(every="epoch"), workers=4, backend=args.backend,
                  partition="shard", epochs=30, batch_size=8, lr=0.1, momentum=0.9, seed=0,
                  progress=False)
     print(result.summary())
