@@ -17,6 +17,11 @@ from .errors import ConfigError, DataError, expected
 NAMES = ("shard", "full")
 
 
+def _replica_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
+    """A generator of one replica's own order in one epoch; rank 0 gets the single-worker one."""
+    return torch.Generator().manual_seed(seed + epoch + 1_000_003 * rank)
+
+
 class Partition(ABC):
     """Decides which sample indices replica ``rank`` trains on in ``epoch``, in order."""
 
@@ -80,7 +85,7 @@ class Full(Partition):
     name = "full"
 
     def indices(self, n, world_size, rank, epoch, seed):
-        generator = torch.Generator().manual_seed(seed + epoch + 1_000_003 * rank)
+        generator = _replica_generator(seed, epoch, rank)
         return torch.randperm(n, generator=generator)
 
     def sizes(self, n, world_size):
@@ -109,7 +114,7 @@ class Explicit(Partition):
 
     def indices(self, n, world_size, rank, epoch, seed):
         share = self.shares[rank]
-        generator = torch.Generator().manual_seed(seed + epoch + 1_000_003 * rank)
+        generator = _replica_generator(seed, epoch, rank)
         return share[torch.randperm(len(share), generator=generator)]
 
     def sizes(self, n, world_size):
