@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,7 +113,7 @@ def fit(model: nn.Module | Callable[[], nn.Module], data: Any, val: Any = None, 
                           f"started {torchrun_size}; use --nproc-per-node {world_size}")
 
     # Only rank 0 writes the log; an earlier run's files there are never overwritten.
-    rank0 = backend != "torchrun" or os.environ["RANK"] == "0"
+    rank0 = backend != "torchrun" or torchrun_backend.is_rank0()
     log_path = Path(log_dir) if log_dir is not None and rank0 else None
     if log_path is not None and any((log_path / name).exists() for name in (HISTORY_FILE, MODEL_FILE)):
         raise ConfigError(f"log_dir={str(log_path)!r} already holds a run ({HISTORY_FILE} or {MODEL_FILE}); "

@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 def _train(args: argparse.Namespace) -> int:
     from .api import fit
     from .data import prepare
+    from .launch.torchrun import is_rank0
     from .launch.torchrun import world_size as torchrun_world_size
     from .models import mlp
 
@@ -63,7 +64,7 @@ def _train(args: argparse.Namespace) -> int:
         # The same run file works alone and under torchrun: torchrun decides the workers.
         cfg = run_config.from_dict(cfg.to_dict(), {"train.backend": "torchrun",
                                                    "train.workers": torchrun_world_size()})
-    rank0 = not under_torchrun or os.environ["RANK"] == "0"
+    rank0 = is_rank0()
     out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-train")
     if out.exists() and not args.overwrite:
         raise ConfigError(f"run directory {str(out)!r} already exists; pass --overwrite to replace it "
@@ -83,7 +84,7 @@ def _train(args: argparse.Namespace) -> int:
                      partition=t.partition, epochs=t.epochs, batch_size=t.batch_size, optimizer=t.optimizer,
                      lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, loss=t.loss, seed=t.seed,
                      timeout=t.timeout, progress=not args.quiet,
-                     log_dir=scratch if rank0 else None)
+                     log_dir=scratch)  # fit() writes it on rank 0 only
         if rank0:
             (scratch / "config.toml").write_text(cfg.to_toml())
             (scratch / "summary.txt").write_text(result.summary() + "\n")
@@ -117,9 +118,9 @@ def _demo(args: argparse.Namespace) -> int:
     from .strategies import Periodic
 
     data = prepare("xor")
-    result = fit(lambda: mlp(data.features, [16], data.outputs, activation="tanh"), data, strategy=Periodic(every="epoch"), workers=4, backend=args.backend,
-                 partition="shard", epochs=30, batch_size=8, lr=0.1, momentum=0.9, seed=0,
-                 progress=False)
+    result = fit(lambda: mlp(data.features, [16], data.outputs, activation="tanh"), data,
+                 strategy=Periodic(every="epoch"), workers=4, backend=args.backend, partition="shard",
+                 epochs=30, batch_size=8, lr=0.1, momentum=0.9, seed=0, progress=False)
     print(result.summary())
     print("the four corners of the truth table:")
     corners = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])

@@ -22,6 +22,12 @@ def world_size() -> int | None:
     return int(env["WORLD_SIZE"]) if env else None
 
 
+def is_rank0() -> bool:
+    """False only in a torchrun-started process whose RANK is not 0: the one that writes files."""
+    env = torch_dist.torchrun_environment()
+    return env is None or env["RANK"] == "0"
+
+
 def launch(job: Job, world_size: int) -> Outcome:
     local_workers = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     torch.set_num_threads(threads_per_worker(local_workers))
