@@ -8,13 +8,14 @@ collectives in step when shares are uneven).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Sequence
 
+import numpy as np
 import torch
 
+from . import specs
 from .errors import ConfigError, DataError, expected
-
-NAMES = ("shard", "full")
 
 
 def _replica_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
@@ -34,6 +35,10 @@ class Partition(ABC):
     @abstractmethod
     def sizes(self, n: int, world_size: int) -> list[int]:
         """How many samples each replica visits per epoch (the same every epoch)."""
+
+    def bind(self, labels: torch.Tensor, world_size: int, seed: int) -> "Partition":
+        """The partition for these training labels; only label-aware partitions need them."""
+        return self
 
     def check(self, n: int, world_size: int) -> None:
         """Raise DataError before any worker starts if some replica would get no data."""
@@ -55,6 +60,7 @@ class Partition(ABC):
         return hash(self.spec())
 
 
+@dataclass(frozen=True, eq=False)
 class Shard(Partition):
     """Disjoint shards, reshuffled every epoch.
 
@@ -75,6 +81,7 @@ class Shard(Partition):
         return [n // world_size] * world_size
 
 
+@dataclass(frozen=True, eq=False)
 class Full(Partition):
     """Every replica visits all samples every epoch, each in its own order.
 
@@ -130,12 +137,97 @@ class Explicit(Partition):
         return f"explicit({'/'.join(str(len(s)) for s in self.shares)})"
 
 
+@dataclass(frozen=True, eq=False)
+class Dirichlet(Partition):
+    """Label-skewed, non-IID shares: for each class, the fractions going to the N workers are
+    drawn from Dirichlet(alpha·1_N) (Hsu et al. 2019, "Measuring the Effects of Non-Identical
+    Data Distribution for Federated Visual Classification"). Small alpha gives each worker few
+    classes; large alpha approaches an even split. The shares are drawn once from the seed
+    and kept for the whole run; each is reshuffled every epoch.
+    """
+
+    name = "dirichlet"
+    alpha: float = 0.5
+    _shares: tuple | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
+            raise ConfigError(expected("dirichlet.alpha", self.alpha, "a number > 0"))
+
+    def bind(self, labels, world_size, seed):
+        bound = Dirichlet(self.alpha)
+        object.__setattr__(bound, "_shares", tuple(dirichlet_shares(labels, world_size, self.alpha, seed)))
+        return bound
+
+    def _bound(self) -> tuple:
+        if self._shares is None:
+            raise ConfigError("partition 'dirichlet' needs the training labels: call bind(labels, workers, "
+                              "seed) first (fit() does this)")
+        return self._shares
+
+    def check(self, n, world_size):
+        if len(self._bound()) != world_size:
+            raise ConfigError(f"partition {self.spec()!r} was drawn for {len(self._bound())} workers, "
+                              f"not {world_size}")
+        super().check(n, world_size)
+
+    def indices(self, n, world_size, rank, epoch, seed):
+        share = self._bound()[rank]
+        return share[torch.randperm(len(share), generator=_replica_generator(seed, epoch, rank))]
+
+    def sizes(self, n, world_size):
+        return [len(s) for s in self._bound()]
+
+    def spec(self):
+        return specs.to_spec(self)
+
+
+def dirichlet_shares(labels: Any, world_size: int, alpha: float, seed: int,
+                     attempts: int = 100) -> list[torch.Tensor]:
+    """Split sample indices among workers class by class with Dirichlet(alpha) fractions;
+    redraw (up to ``attempts`` times) until every worker has at least one sample."""
+    y = torch.as_tensor(labels)
+    if y.dim() != 1 or y.is_floating_point() or y.is_complex():
+        raise ConfigError("partition 'dirichlet' needs integer class labels (a classification task)")
+    y = y.cpu().numpy()
+    rng = np.random.default_rng(seed)
+    for _ in range(attempts):
+        shares: list[list[np.ndarray]] = [[] for _ in range(world_size)]
+        for label in np.unique(y):
+            members = rng.permutation(np.flatnonzero(y == label))
+            fractions = rng.dirichlet([alpha] * world_size)
+            cuts = np.round(np.cumsum(fractions)[:-1] * len(members)).astype(int)
+            for rank, part in enumerate(np.split(members, cuts)):
+                shares[rank].append(part)
+        merged = [np.sort(np.concatenate(parts)) for parts in shares]
+        if min(len(m) for m in merged) >= 1:
+            return [torch.as_tensor(m, dtype=torch.int64) for m in merged]
+    raise DataError(f"partition dirichlet(alpha={alpha}) left a worker with no samples in {attempts} draws "
+                    f"({len(y)} samples, workers={world_size}); use a larger alpha or fewer workers")
+
+
+def describe(partition: Any, labels: Any, workers: int, seed: int = 0) -> str:
+    """A table of how many samples of each class every worker trains on (epoch 0)."""
+    y = torch.as_tensor(labels)
+    bound = parse(partition).bind(y, workers, seed)
+    bound.check(len(y), workers)
+    classes = torch.unique(y).tolist()
+    header = ["worker"] + [str(c) for c in classes] + ["total", "classes"]
+    rows = []
+    for rank in range(workers):
+        mine = y[bound.indices(len(y), workers, rank, 0, seed)]
+        counts = [int((mine == c).sum()) for c in classes]
+        rows.append([str(rank)] + [str(c) for c in counts] + [str(len(mine)), str(sum(c > 0 for c in counts))])
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    lines = [f"partition {bound.spec()}, {workers} workers, samples per class:"]
+    lines += ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in [header] + rows]
+    return "\n".join(lines)
+
+
+REGISTRY: dict[str, type[Partition]] = {"shard": Shard, "full": Full, "dirichlet": Dirichlet}
+NAMES = tuple(REGISTRY)
+
+
 def parse(partition: str | Partition) -> Partition:
-    """A Partition from its name, or the object itself."""
-    if isinstance(partition, Partition):
-        return partition
-    if partition == "shard":
-        return Shard()
-    if partition == "full":
-        return Full()
-    raise ConfigError(expected("partition", partition, NAMES + ("a unison.partitions.Partition",)))
+    """A Partition from ``"shard"``, ``"full"``, ``"dirichlet(0.3)"``, or the object itself."""
+    return specs.parse(partition, REGISTRY, "partition", Partition)
