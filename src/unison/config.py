@@ -84,8 +84,9 @@ class ModelConfig:
 class TrainConfig:
     """How to train: the arguments of unison.fit() that are plain values.
 
-    ``strategy`` and ``partition`` are given as spec strings such as ``"periodic(every=16)"``
-    or as objects; either way they are stored as objects and written to TOML as their spec.
+    ``strategy``, ``partition``, ``schedule``, ``penalty`` and ``constraint`` are given as spec
+    strings such as ``"periodic(every=16)"`` or ``"l2(1e-4)"``, or as objects; either way they
+    are stored as objects and written to TOML as their spec.
     """
 
     strategy: Any = "periodic"
@@ -97,13 +98,17 @@ class TrainConfig:
     optimizer: str = "sgd"
     lr: float = 0.01
     momentum: float = 0.0
+    nesterov: bool = False
     weight_decay: float = 0.0
+    schedule: Any = None
+    penalty: Any = None
+    constraint: Any = None
     loss: str | None = None
     seed: int = 0
     timeout: float = 300.0
 
     def __post_init__(self) -> None:
-        from . import partitions, strategies  # late: both import nothing from here
+        from . import partitions, penalties, schedules, strategies  # late: none imports this module
 
         check_int("workers", self.workers, minimum=1)
         check_choice("backend", self.backend, BACKENDS)
@@ -116,6 +121,11 @@ class TrainConfig:
         if self.momentum and self.optimizer in ("adam", "adamw"):
             raise ConfigError(f"momentum={self.momentum} applies to optimizer='sgd' only; "
                               f"{self.optimizer!r} keeps its own moment estimates")
+        if not isinstance(self.nesterov, bool):
+            raise ConfigError(expected("nesterov", self.nesterov, "true or false"))
+        if self.nesterov and (self.optimizer != "sgd" or not self.momentum):
+            raise ConfigError(f"nesterov=True needs optimizer='sgd' with momentum > 0; got "
+                              f"optimizer={self.optimizer!r}, momentum={self.momentum}")
         check_float("weight_decay", self.weight_decay, low=0.0)
         if self.loss is not None and self.loss != "custom":
             check_choice("loss", self.loss, LOSSES)
@@ -124,6 +134,9 @@ class TrainConfig:
         # parse() raises ConfigError naming the accepted names and options.
         object.__setattr__(self, "strategy", strategies.parse(self.strategy))
         object.__setattr__(self, "partition", partitions.parse(self.partition))
+        object.__setattr__(self, "schedule", schedules.parse(self.schedule))
+        object.__setattr__(self, "penalty", penalties.parse_penalty(self.penalty))
+        object.__setattr__(self, "constraint", penalties.parse_constraint(self.constraint))
 
 
 @dataclass(frozen=True, kw_only=True)
