@@ -128,8 +128,8 @@ class _ComparesReplicasAfterMerge:
 
     seen: list = []
 
-    def merge(self, replica, comm):
-        distance = super().merge(replica, comm)
+    def merge_replicas(self, replica, comm):
+        distance = super().merge_replicas(replica, comm)
         state = torch.cat([t.detach().reshape(-1) for t in replica.model.state_dict().values()
                            if t.is_floating_point()])
         states = comm.all_gather(state)

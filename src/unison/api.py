@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from .config import TrainConfig
 from .data import CLASSIFICATION, TrainData, prepare
 from .errors import ConfigError, DataError, expected
 from .history import write_jsonl
-from .launch import CAPABILITIES
+from .launch import CAPABILITIES, CAPABILITY_REASONS
 from .launch import torchrun as torchrun_backend
 from .replica import Job, build_optimizer
 
@@ -78,7 +79,8 @@ def fit(model: nn.Module | Callable[[], nn.Module], data: Any, val: Any = None, 
         strategy: Any = "periodic", workers: int | None = None, backend: str = "processes",
         partition: Any = "shard", epochs: int = 5, batch_size: int = 64,
         optimizer: str | Callable = "sgd", lr: float = 0.01, momentum: float = 0.0,
-        weight_decay: float = 0.0, loss: str | Callable | None = None, seed: int = 0,
+        nesterov: bool = False, weight_decay: float = 0.0, schedule: Any = None,
+        penalty: Any = None, constraint: Any = None, loss: str | Callable | None = None, seed: int = 0,
         progress: bool = True, log_dir: str | Path | None = None, timeout: float = 300.0) -> Result:
     """Train ``workers`` replicas of ``model`` on ``data`` with ``strategy`` and merge them.
 
@@ -86,6 +88,9 @@ def fit(model: nn.Module | Callable[[], nn.Module], data: Any, val: Any = None, 
     (called under ``torch.manual_seed(seed)``). ``data``/``val``: (X, y) arrays or tensors, a
     torch Dataset, or a built-in name; ``val`` may also be a fraction to hold out.
     ``workers``: 2 by default, torchrun's WORLD_SIZE on backend="torchrun".
+    ``schedule``: None, "cosine", "step(every=10, gamma=0.1)" or "warmup(100)" (unison.schedules);
+    ``penalty``: "l2(λ)", "l1(λ)", "elastic(λ1, λ2)"; ``constraint``: "max_norm(c)",
+    "unit_ball(r)", "non_negative" (unison.penalties).
     Everything is checked before any worker starts; problems raise unison.errors exceptions.
     """
     started = time.time()
@@ -102,11 +107,14 @@ def fit(model: nn.Module | Callable[[], nn.Module], data: Any, val: Any = None, 
         strategy=strategy, workers=2 if workers is None else workers, backend=backend,
         partition=partition, epochs=epochs, batch_size=batch_size,
         optimizer="custom" if callable(optimizer) else optimizer, lr=lr, momentum=momentum,
-        weight_decay=weight_decay, loss="custom" if callable(loss) else loss, seed=seed, timeout=timeout)
+        nesterov=nesterov, weight_decay=weight_decay, schedule=schedule, penalty=penalty,
+        constraint=constraint, loss="custom" if callable(loss) else loss, seed=seed, timeout=timeout)
     missing = config.strategy.needs - CAPABILITIES[backend]
     if missing:
-        raise ConfigError(f"strategy {config.strategy.spec()!r} needs {', '.join(sorted(missing))}, "
-                          f"which backend {backend!r} lacks; use backend='threads' or 'processes'")
+        why = "; ".join(f"{need}: {CAPABILITY_REASONS.get(need, need)}" for need in sorted(missing))
+        raise ConfigError(f"strategy {config.strategy.spec()!r} cannot run on backend {backend!r} ({why}); "
+                          "use backend='processes' or 'threads' on one machine, or on a cluster a strategy "
+                          "that communicates: sync, periodic or diloco")
     world_size = config.strategy.world_size(config.workers)
     if backend == "torchrun" and world_size != torchrun_size:
         raise ConfigError(f"strategy {config.strategy.spec()!r} runs {world_size} worker(s) but torchrun "
@@ -122,6 +130,9 @@ def fit(model: nn.Module | Callable[[], nn.Module], data: Any, val: Any = None, 
     train = prepare(data, val, seed=seed, loss=loss if isinstance(loss, str) else None)
     if world_size > len(train.x):
         raise ConfigError(expected("workers", world_size, f"at most the {len(train.x)} training samples"))
+    config.strategy.check(world_size, has_validation=train.x_val is not None)
+    # A label-aware partition (dirichlet) draws its shares from the training labels here, once.
+    config = dataclasses.replace(config, partition=config.partition.bind(train.y, world_size, seed))
     config.partition.check(len(train.x), world_size)
     start_model = _start_model(model, seed)
     _check_model(start_model, train, loss)

@@ -1,8 +1,9 @@
 """One replica and its training loop: the same loop runs under every backend, for 1..N workers.
 
-Per step: take this replica's next batch, forward, loss, backward, let the strategy handle the
-gradients (sync averages them), optimizer step; then ask the strategy whether a round ends,
-and if so merge, sum the round's statistics over replicas and (rank 0) evaluate and record.
+Per step: take this replica's next batch, forward, loss + penalty, backward, let the strategy
+handle the gradients (sync averages them), set the scheduled lr, optimizer step, project onto
+the constraint; then ask the strategy whether a round ends, and if so merge, project, (rank 0)
+evaluate, sum the round's statistics over replicas and record.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from .config import TrainConfig
 from .data import CLASSIFICATION, TrainData
 from .errors import ConfigError
 from .history import History
+from .penalties import Constraint, Penalty
+from .schedules import Schedule
 
 
 def _flatten(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -62,7 +65,7 @@ def build_optimizer(params, config: TrainConfig, custom: Callable | None) -> tor
         return optimizer
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
-                               weight_decay=config.weight_decay)
+                               weight_decay=config.weight_decay, nesterov=config.nesterov)
     cls = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
     return cls(params, lr=config.lr, weight_decay=config.weight_decay)
 
@@ -93,21 +96,55 @@ class Replica:
     """A worker's copy of the model with its own optimizer, and flat views for exchanging it."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable,
-                 device: torch.device):
+                 device: torch.device, *, penalty: Penalty | None = None,
+                 constraint: Constraint | None = None, schedule: Schedule | None = None,
+                 validation: tuple[torch.Tensor, torch.Tensor, str] | None = None):
         self.model, self.optimizer, self.loss_fn, self.device = model, optimizer, loss_fn, device
+        self.penalty, self.constraint, self.schedule = penalty, constraint, schedule
+        self.validation = validation   # (x, y, task): what greedy soups score candidates on
         self.parameters = list(model.parameters())
         # Only these get gradients; frozen parameters are left exactly as they are.
         self.trainable = [p for p in self.parameters if p.requires_grad]
         self.float_buffers = [b for b in model.buffers() if b.is_floating_point()]
         self.num_parameters = sum(p.numel() for p in self.trainable)
+        self.initial_lrs = [group["lr"] for group in optimizer.param_groups]
         self.step = 0                  # optimizer steps taken, counted across epochs
         self.samples_since_merge = 0   # the replica's weight in the next merge
+        self.strategy_state: dict[str, Any] = {}  # what a strategy keeps per replica (diloco's θ)
+        self._scratch: nn.Module | None = None
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Gradients of loss + penalty; returns the loss alone (the data term J)."""
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.loss_fn(self.model(x), y)
-        loss.backward()
+        (loss + self.penalty(self.trainable) if self.penalty is not None else loss).backward()
         return loss.detach()
+
+    def optimizer_step(self, steps_per_epoch: int, total_steps: int) -> None:
+        """The scheduled lr for this global step, the optimizer's step, then the projection."""
+        if self.schedule is not None:
+            factor = self.schedule.factor(self.step - 1, steps_per_epoch, total_steps)
+            for group, initial in zip(self.optimizer.param_groups, self.initial_lrs):
+                group["lr"] = initial * factor
+        self.optimizer.step()
+        self.project()
+
+    def project(self) -> None:
+        if self.constraint is not None:
+            self.constraint.project(self.trainable)
+
+    def score(self, state: torch.Tensor) -> float:
+        """Validation accuracy (or minus the loss, for regression) of this model with ``state``
+        (a state_vector) loaded; higher is better. The replica itself is left unchanged."""
+        if self.validation is None:
+            raise ConfigError("scoring a merge candidate needs validation data")
+        if self._scratch is None:
+            self._scratch = copy.deepcopy(self.model)
+        trainable = [p for p in self._scratch.parameters() if p.requires_grad]
+        _unflatten_into(state, trainable + [b for b in self._scratch.buffers() if b.is_floating_point()])
+        x, y, task = self.validation
+        metrics = evaluate(self._scratch, x, y, self.loss_fn, task)
+        return metrics["val_acc"] if "val_acc" in metrics else -metrics["val_loss"]
 
     def state_vector(self, parameters: bool = True) -> torch.Tensor:
         """Trainable parameters (unless ``parameters=False``) then floating buffers, as one
@@ -169,16 +206,26 @@ def run(job: Job, comm: Communicator, device: torch.device | None = None) -> Out
     config, data, strategy, partition = job.config, job.data, job.config.strategy, job.config.partition
     rank, world_size, batch_size = comm.rank, comm.world_size, config.batch_size
     model = copy.deepcopy(job.model).to(device)  # threads share job.model: never train it in place
-    with torch.no_grad():  # identical starts by construction, whatever each rank built
-        for tensor in list(model.parameters()) + list(model.buffers()):
-            comm.broadcast(tensor, src=0)
+    if strategy.shares_model:
+        _share_storage(model, job.model)
+    else:
+        with torch.no_grad():  # identical starts by construction, whatever each rank built
+            for tensor in list(model.parameters()) + list(model.buffers()):
+                comm.broadcast(tensor, src=0)
     loss_fn = resolve_loss(job.loss, data.task)
-    replica = Replica(model, build_optimizer(model.parameters(), config, job.optimizer), loss_fn, device)
     x, y = (data.x, data.y) if device.type == "cpu" else (data.x.to(device), data.y.to(device))
+    validation = None
+    if data.x_val is not None:
+        validation = (data.x_val.to(device), data.y_val.to(device), data.task)
+    replica = Replica(model, build_optimizer(model.parameters(), config, job.optimizer), loss_fn, device,
+                      penalty=config.penalty, constraint=config.constraint, schedule=config.schedule,
+                      validation=validation)
     n = len(x)
     steps_per_epoch = max(math.ceil(size / batch_size) for size in partition.sizes(n, world_size))
+    total_steps = steps_per_epoch * config.epochs
     history = History(job.history_path if rank == 0 else None)
     progress = _progress_bar(job, strategy, rank)
+    strategy.begin(replica, comm)
 
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     samples_seen = last_round_step = 0
@@ -186,7 +233,13 @@ def run(job: Job, comm: Communicator, device: torch.device | None = None) -> Out
     def end_round() -> None:
         nonlocal samples_seen, last_round_step
         round_samples = float(replica.samples_since_merge)  # the merge's weight is the round's samples
-        distance = strategy.merge(replica, comm)
+        distance = strategy.merge_replicas(replica, comm)
+        replica.project()  # a robust merge need not stay inside the constraint set
+        # Evaluated before the statistics are summed: no replica trains on while rank 0 reads
+        # the model (it matters when they share it, as hogwild's do).
+        metrics = {}
+        if rank == 0 and validation is not None:
+            metrics = evaluate(replica.model, validation[0], validation[1], loss_fn, data.task)
         stats = torch.stack([loss_sum, torch.tensor(round_samples, dtype=torch.float64, device=device),
                              distance.to(torch.float64)])
         loss_total, samples, distance_total = comm.all_reduce_sum(stats).tolist()
@@ -194,9 +247,7 @@ def run(job: Job, comm: Communicator, device: torch.device | None = None) -> Out
         record = {"epoch": round(replica.step / steps_per_epoch, 4), "step": replica.step,
                   "wall_s": time.time() - job.started, "samples": samples_seen,
                   "train_loss": loss_total / max(samples, 1.0), "divergence": distance_total / world_size,
-                  "comm_bytes": comm.bytes_sent}
-        if rank == 0 and data.x_val is not None:
-            record.update(evaluate(replica.model, data.x_val, data.y_val, loss_fn, data.task))
+                  "comm_bytes": comm.bytes_sent, "lr": replica.optimizer.param_groups[0]["lr"], **metrics}
         history.append(record)
         if progress is not None:
             progress.set_postfix({k: f"{record[k]:.4g}" for k in ("train_loss", "val_acc") if k in record})
@@ -216,7 +267,7 @@ def run(job: Job, comm: Communicator, device: torch.device | None = None) -> Out
                 replica.optimizer.zero_grad(set_to_none=True)
             replica.step += 1
             if strategy.on_gradients(replica, comm, replica.step, count) or count:
-                replica.optimizer.step()
+                replica.optimizer_step(steps_per_epoch, total_steps)
             replica.samples_since_merge += count
             if strategy.round_ends(replica.step, epoch_end=False):
                 end_round()
@@ -230,6 +281,19 @@ def run(job: Job, comm: Communicator, device: torch.device | None = None) -> Out
         progress.close()
     state = {k: v.detach().to("cpu", copy=True) for k, v in replica.model.state_dict().items()}
     return Outcome(state=state, history=history.records, startup_s=startup_s)
+
+
+def _share_storage(model: nn.Module, shared: nn.Module) -> None:
+    """Point ``model``'s parameters and buffers at ``shared``'s storage: each replica keeps its
+    own Parameter objects (so its own gradients) while all of them update the same numbers."""
+    own, theirs = dict(model.named_modules()), dict(shared.named_modules())
+    for name, module in own.items():
+        for key, param in module._parameters.items():
+            if param is not None:
+                param.data = theirs[name]._parameters[key].data
+        for key, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[key] = theirs[name]._buffers[key]
 
 
 def _progress_bar(job: Job, strategy: Any, rank: int):

@@ -10,6 +10,10 @@ CAPABILITIES = {
     "processes": frozenset({"shared_memory"}),
     "torchrun": frozenset(),
 }
+CAPABILITY_REASONS = {
+    "shared_memory": "it needs one model held in one machine's shared memory, and torchrun's "
+                     "workers may run on different machines",
+}
 
 
 def cpu_cores() -> int:

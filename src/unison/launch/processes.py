@@ -34,6 +34,8 @@ def launch(job: Job, world_size: int) -> Outcome:
         return threads_backend.launch(job, 1)
     _check_importable(job)
     job.data.share_memory_()
+    if job.config.strategy.shares_model:  # hogwild: every worker maps these same tensors
+        job.model.share_memory_()
     store = torch_dist.host_store(world_size, job.config.timeout)
     context = torch.multiprocessing.get_context("spawn")
     pipes, workers = [], []

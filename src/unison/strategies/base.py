@@ -1,17 +1,21 @@
 """The Strategy interface: when replicas exchange what.
 
-The replica loop asks a strategy three things and nothing else: what to do with this step's
-gradients, whether a round ends here, and how to merge at a round end. A strategy talks to the
-other replicas only through the communicator it is handed.
+The replica loop asks a strategy three things: what to do with this step's gradients, whether
+a round ends here, and how to merge the replicas at a round end (plus ``begin``, once, for
+strategies that keep state of their own). A strategy talks to the other replicas only through
+the communicator it is handed, and combines what it receives only through ``unison.merges``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+
+from .. import merges
+from ..errors import ConfigError, expected
 
 if TYPE_CHECKING:  # typing only: strategies never import the loop, a launcher or a model
     from ..comm.base import Communicator
@@ -26,10 +30,24 @@ class Strategy(ABC):
     name: ClassVar[str] = ""
     # Capabilities a backend must offer (e.g. "shared_memory"); fit() checks them up front.
     needs: ClassVar[frozenset[str]] = frozenset()
+    # True: every replica trains the one model itself (its storage shared), not a copy of it.
+    shares_model: ClassVar[bool] = False
 
     def world_size(self, workers: int) -> int:
         """How many replicas to run when the user asked for ``workers``."""
         return workers
+
+    def check(self, world_size: int, has_validation: bool) -> None:
+        """Raise ConfigError before any worker starts if these options cannot work here."""
+        rule = getattr(self, "merge", None)
+        if isinstance(rule, merges.Merge):
+            rule.check(world_size)
+            if rule.needs_validation and not has_validation:
+                raise ConfigError(f"{self.name}(merge={rule}) scores candidate models on validation "
+                                  "data, and this run has none; pass val= (data or a fraction to hold out)")
+
+    def begin(self, replica: "Replica", comm: "Communicator") -> None:
+        """Called once on every replica after the common start is in place, before step 1."""
 
     def on_gradients(self, replica: "Replica", comm: "Communicator", step: int, weight: int) -> bool:
         """Called after every backward pass (``step`` counts from 1, ``weight`` is this replica's
@@ -42,9 +60,9 @@ class Strategy(ABC):
         """Whether a round ends after global step ``step``; asked once after each step with
         ``epoch_end=False`` and once more at each epoch end with ``epoch_end=True``."""
 
-    def merge(self, replica: "Replica", comm: "Communicator") -> torch.Tensor:
+    def merge_replicas(self, replica: "Replica", comm: "Communicator") -> torch.Tensor:
         """Merge the replicas at a round end; return this replica's distance to the merge."""
-        return average(replica, comm)
+        return merge_states(replica, comm, getattr(self, "merge", merges.Mean()))
 
     def spec(self) -> str:
         """The string parse() turns back into this strategy, e.g. ``periodic(every=16)``."""
@@ -56,25 +74,56 @@ class Strategy(ABC):
         return self.spec()
 
 
-def average(replica: "Replica", comm: "Communicator", *, parameters: bool = True,
-            optimizer_state: str = "keep") -> torch.Tensor:
-    """Set every replica to the weighted mean of parameters and floating buffers.
+def parse_merge(strategy: Strategy) -> None:
+    """In a strategy's __post_init__: turn its ``merge`` option into a Merge object."""
+    object.__setattr__(strategy, "merge", merges.parse(strategy.merge))
 
-    Each replica weighs by the samples it trained on since the last merge (FedAvg's weighting;
-    equal shares make it the plain mean). With ``parameters=False`` only buffers (BatchNorm
-    statistics) are averaged, for strategies whose parameters are identical by construction.
-    Optimizer state is then kept (as torch's model averagers do), reset, or averaged too.
-    Returns the Euclidean distance of this replica's parameters to the mean, before the merge.
+
+def check_every(name: str, every: Any) -> None:
+    if every != "epoch" and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        raise ConfigError(expected(f"{name}.every", every, "an integer >= 1 or 'epoch'"))
+
+
+def combined(replica: "Replica", comm: "Communicator", rule: merges.Merge, vector: torch.Tensor,
+             weight: float) -> torch.Tensor:
+    """Every replica's ``vector`` combined by ``rule``; the same result on every rank.
+
+    ``mean`` is one weighted all-reduce. Other rules gather every vector (the weight rides
+    along as one extra element) and combine them; replicas that trained on nothing since the
+    last merge take no part. A rule that scores candidates (greedy soup) runs on rank 0 and
+    its result is broadcast, so that every rank holds bit-identical weights.
+    """
+    if isinstance(rule, merges.Mean):
+        return comm.all_reduce_mean(vector.clone(), weight)
+    gathered = comm.all_gather(torch.cat([vector, vector.new_tensor([weight])]))
+    weights = [float(g[-1]) for g in gathered]
+    members = [i for i, w in enumerate(weights) if w > 0] or list(range(len(gathered)))
+    states = [gathered[i][:-1] for i in members]
+    if not rule.needs_validation:
+        return rule.combine(states, [weights[i] for i in members])
+    merged = rule.combine(states, [weights[i] for i in members], score=replica.score) if comm.rank == 0 \
+        else torch.empty_like(vector)
+    return comm.broadcast(merged, src=0)
+
+
+def merge_states(replica: "Replica", comm: "Communicator", rule: merges.Merge = merges.Mean(), *,
+                 parameters: bool = True, optimizer_state: str = "keep") -> torch.Tensor:
+    """Set every replica to the merge of parameters and floating buffers.
+
+    With ``mean`` each replica weighs by the samples it trained on since the last merge
+    (FedAvg's weighting; equal shares make it the plain mean). With ``parameters=False`` only
+    buffers (BatchNorm statistics) are averaged, for strategies whose parameters are identical
+    by construction. Optimizer state is then kept (as torch's model averagers do), reset, or
+    averaged. Returns the Euclidean distance of this replica's parameters to the merge.
     """
     distance = torch.zeros((), device=replica.device)
     weight = float(replica.samples_since_merge)
     state = replica.state_vector(parameters=parameters)
     if state.numel():
         n = replica.num_parameters if parameters else 0
-        before = state[:n].clone()
-        comm.all_reduce_mean(state, weight)
-        distance = torch.linalg.vector_norm(before - state[:n])
-        replica.load_state_vector(state, parameters=parameters)
+        merged = combined(replica, comm, rule if parameters else merges.Mean(), state, weight)
+        distance = torch.linalg.vector_norm(state[:n] - merged[:n])
+        replica.load_state_vector(merged, parameters=parameters)
     if optimizer_state == "reset":
         replica.optimizer.state.clear()
     elif optimizer_state == "average":
@@ -84,9 +133,9 @@ def average(replica: "Replica", comm: "Communicator", *, parameters: bool = True
     return distance
 
 
-def all_reduce_gradients(replica: "Replica", comm: "Communicator", weight: int) -> None:
-    """Replace every gradient by the batch-size-weighted mean over replicas: the update of one
-    large batch, θ ← θ − α·(1/b)·Σ∇J(θ; xᵢ, yᵢ), as in DistributedDataParallel."""
-    grads = replica.grad_vector()
-    comm.all_reduce_mean(grads, float(weight))
-    replica.load_grad_vector(grads)
+def combine_gradients(replica: "Replica", comm: "Communicator", weight: int,
+                      rule: merges.Merge = merges.Mean()) -> None:
+    """Replace every gradient by the combination over replicas. With ``mean`` (weighted by
+    batch size) it is the update of one large batch, θ ← θ − α·(1/b)·Σ∇J(θ; xᵢ, yᵢ), as in
+    DistributedDataParallel; a robust rule here is Blanchard et al.'s setting."""
+    replica.load_grad_vector(combined(replica, comm, rule, replica.grad_vector(), float(weight)))

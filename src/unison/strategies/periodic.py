@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .. import merges
 from ..errors import ConfigError, expected
-from .base import OPTIMIZER_STATES, Strategy, all_reduce_gradients, average
+from .base import OPTIMIZER_STATES, Strategy, check_every, combine_gradients, merge_states, parse_merge
 
 
 @dataclass(frozen=True)
 class Periodic(Strategy):
-    """Replicas train alone and are averaged (parameters and floating buffers) after every
+    """Replicas train alone and are merged (parameters and floating buffers) after every
     ``every``-th optimizer step, counted across epochs, or at each epoch end with
     ``every="epoch"`` (the "simultaneous epochs" idea); a last merge ends training.
 
@@ -18,29 +19,30 @@ class Periodic(Strategy):
     Large Mini-Batches, Use Local SGD"). Local SGD itself: Stich 2019, "Local SGD Converges
     Fast and Communicates Little". With ``every=1`` and plain SGD it equals ``sync``.
     ``optimizer_state`` after a merge: "keep" (torch's model averaging does this), "reset",
-    or "average".
+    or "average". ``merge``: "mean" (weighted by samples) or any rule in unison.merges.
     """
 
     name = "periodic"
     every: int | str = "epoch"
     warmup: int = 0
     optimizer_state: str = "keep"
+    merge: merges.Merge = merges.Mean()
 
     def __post_init__(self) -> None:
-        if self.every != "epoch" and (isinstance(self.every, bool) or not isinstance(self.every, int)
-                                      or self.every < 1):
-            raise ConfigError(expected("periodic.every", self.every, "an integer >= 1 or 'epoch'"))
+        check_every(self.name, self.every)
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
-            raise ConfigError(expected("periodic.warmup", self.warmup, "an integer >= 0 (steps)"))
+            raise ConfigError(expected(f"{self.name}.warmup", self.warmup, "an integer >= 0 (steps)"))
         if self.optimizer_state not in OPTIMIZER_STATES:
-            raise ConfigError(expected("periodic.optimizer_state", self.optimizer_state, OPTIMIZER_STATES))
+            raise ConfigError(expected(f"{self.name}.optimizer_state", self.optimizer_state, OPTIMIZER_STATES))
+        parse_merge(self)
 
     def in_warmup(self, step: int) -> bool:
         return step <= self.warmup
 
     def on_gradients(self, replica, comm, step, weight):
-        if self.in_warmup(step):
-            all_reduce_gradients(replica, comm, weight)
+        if self.in_warmup(step):  # a soup cannot combine gradients: warm-up then averages them
+            combine_gradients(replica, comm, weight,
+                              merges.Mean() if self.merge.needs_validation else self.merge)
             return True
         return False
 
@@ -49,7 +51,7 @@ class Periodic(Strategy):
             return epoch_end
         return not epoch_end and (step - self.warmup) % self.every == 0
 
-    def merge(self, replica, comm):
+    def merge_replicas(self, replica, comm):
         if self.in_warmup(replica.step):  # still synchronous: parameters are already equal
-            return average(replica, comm, parameters=False)
-        return average(replica, comm, optimizer_state=self.optimizer_state)
+            return merge_states(replica, comm, parameters=False)
+        return merge_states(replica, comm, self.merge, optimizer_state=self.optimizer_state)

@@ -1,0 +1,33 @@
+"""hogwild: every worker updates one shared model, without locks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import Strategy
+
+
+@dataclass(frozen=True)
+class Hogwild(Strategy):
+    """Workers train the same parameters, held once in this machine's (shared) memory, each
+    with its own optimizer and its own data order, and write their updates without locks
+    (Niu et al. 2011, "HOGWILD!: A Lock-Free Approach to Parallelizing Stochastic Gradient
+    Descent"). Nothing is averaged: there is one model. Rounds are epochs; at a round end the
+    workers wait for each other so that the model is evaluated while none is writing.
+
+    One machine only: on ``threads`` the replicas share the parameter tensors; on
+    ``processes`` the parameters live in shared memory.
+    """
+
+    name = "hogwild"
+    needs = frozenset({"shared_memory"})
+    shares_model = True
+
+    def round_ends(self, step, epoch_end):
+        return epoch_end
+
+    def merge_replicas(self, replica, comm):
+        comm.barrier()  # everyone has stopped writing: the model can be evaluated as it is
+        return torch.zeros((), device=replica.device)
