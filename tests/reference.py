@@ -64,18 +64,40 @@ def _average_optimizer_state(models, optimizers):
                         s[key].copy_(mean)
 
 
+def _flat_state(model):
+    return torch.cat([t.detach().reshape(-1) for t in list(model.parameters()) + list(model.buffers())
+                      if t.is_floating_point()])
+
+
+def _load_flat_state(model, flat):
+    offset = 0
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            if t.is_floating_point():
+                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
+
+
 def local_sgd(model, x, y, *, world_size, batch_size, epochs, lr, momentum=0.0, seed=0,
-              every=None, warmup=0, optimizer_state="keep", orders=None, divergences=None):
+              every=None, warmup=0, optimizer_state="keep", orders=None, divergences=None,
+              combine=None, outer=None):
     """N replicas trained one after another, averaged every ``every`` steps (an int),
     at epoch ends (``"epoch"``) or only at the end (None); the first ``warmup`` steps average
     gradients instead. ``orders(rank, epoch)`` gives a replica's indices (default: sampler).
     Replicas are weighted by the samples they trained on since the last average. Before each
-    average, the mean distance of the replicas' parameters to it is appended to ``divergences``."""
+    average, the mean distance of the replicas' parameters to it is appended to ``divergences``.
+    ``combine(list of flat states) -> flat state`` replaces the weighted mean (robust merges).
+    ``outer=(lr, momentum, nesterov)``: DiLoCo, an outer SGD step from the previous global
+    parameters on the pseudo-gradient (previous − merged)."""
     orders = orders or (lambda rank, epoch: sampler_order(len(x), world_size, rank, epoch, seed))
     replicas = [copy.deepcopy(model) for _ in range(world_size)]
     opts = [torch.optim.SGD(m.parameters(), lr=lr, momentum=momentum) for m in replicas]
     samples = [0] * world_size
     step = last_merge = 0
+    if outer is not None:
+        global_params = torch.nn.Parameter(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+        outer_lr, outer_momentum, nesterov = outer
+        outer_opt = torch.optim.SGD([global_params], lr=outer_lr, momentum=outer_momentum, nesterov=nesterov)
 
     def merge():
         nonlocal last_merge, samples
@@ -84,7 +106,20 @@ def local_sgd(model, x, y, *, world_size, batch_size, epochs, lr, momentum=0.0, 
             w = torch.tensor(samples, dtype=torch.float32)
             mean = (torch.stack(flat) * w[:, None]).sum(0) / w.sum()
             divergences.append(float(torch.stack([(f - mean).norm() for f in flat]).mean()))
-        _average(replicas, samples)
+        if combine is not None:
+            merged = combine([_flat_state(m) for m in replicas])
+            for m in replicas:
+                _load_flat_state(m, merged)
+        else:
+            _average(replicas, samples)
+        if outer is not None:
+            n = sum(p.numel() for p in replicas[0].parameters())
+            merged = _flat_state(replicas[0])
+            global_params.grad = global_params.detach() - merged[:n]
+            outer_opt.step()
+            merged[:n] = global_params.detach()
+            for m in replicas:
+                _load_flat_state(m, merged)
         if optimizer_state == "reset":
             for opt in opts:
                 opt.state.clear()
@@ -135,3 +170,24 @@ def max_abs_diff(a, b) -> float:
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
     return max(float((sa[k].double() - sb[k].double()).abs().max()) for k in sa)
+
+
+# ---- merge rules written out plainly (numpy/scipy), independent of unison.merges ----
+
+def median_reference(states):
+    return torch.quantile(torch.stack(states).double(), 0.5, dim=0).to(states[0].dtype)
+
+
+def trimmed_mean_reference(states, beta):
+    from scipy.stats import trim_mean
+    return torch.as_tensor(trim_mean(torch.stack(states).double().numpy(), beta, axis=0)).to(states[0].dtype)
+
+
+def multi_krum_reference(states, f, m):
+    n = len(states)
+    scores = []
+    for i in range(n):
+        d = sorted(float(((states[i].double() - states[j].double()) ** 2).sum()) for j in range(n) if j != i)
+        scores.append(sum(d[:n - f - 2]))
+    chosen = sorted(range(n), key=lambda i: (scores[i], i))[:m]
+    return torch.stack([states[i] for i in chosen]).mean(0)

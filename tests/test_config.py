@@ -24,8 +24,22 @@ def test_set_values_are_toml_literals_or_strings(tmp_path):
     assert loaded.train.strategy.spec() == "sync" and loaded.train.epochs == 2
 
 
+def test_every_spec_field_round_trips_through_toml(tmp_path):
+    original = config.from_dict({"train": {
+        "strategy": "periodic(every=4, merge=trimmed_mean(beta=0.25))", "partition": "dirichlet(0.3)",
+        "schedule": "cosine(warmup=10)", "penalty": "elastic(l1=2e-5, l2=0.001)", "constraint": "max_norm(2.5)",
+        "momentum": 0.9, "nesterov": True}})
+    path = tmp_path / "run.toml"
+    path.write_text(original.to_toml())
+    assert 'strategy = "periodic(every=4, merge=trimmed_mean(beta=0.25))"' in path.read_text()
+    assert 'penalty = "elastic(l1=2e-05, l2=0.001)"' in path.read_text()
+    assert config.load(path) == original
+
+
 @pytest.mark.parametrize("spec", ["sync", "single", "oneshot", "periodic", "periodic(every=3)",
-                                  "periodic(every=epoch, warmup=10, optimizer_state=reset)"])
+                                  "periodic(every=epoch, warmup=10, optimizer_state=reset)", "hogwild",
+                                  "diloco(every=50, outer_lr=0.5, nesterov=false)", "sync(merge=median)",
+                                  "oneshot(merge=multi_krum(f=1, m=2))", "periodic(8, merge=greedy_soup)"])
 def test_strategy_specs_round_trip(spec):
     assert parse(parse(spec).spec()) == parse(spec)
 

@@ -35,7 +35,7 @@ def launch(job: Job, world_size: int) -> Outcome:
     _check_importable(job)
     job.data.share_memory_()
     if job.config.strategy.shares_model:  # hogwild: every worker maps these same tensors
-        job.model.share_memory_()
+        job.model.share_memory()
     store = torch_dist.host_store(world_size, job.config.timeout)
     context = torch.multiprocessing.get_context("spawn")
     pipes, workers = [], []
