@@ -50,6 +50,22 @@ def test_train_writes_the_run_directory(run_file, tmp_path, capsys):
     assert not list(tmp_path.glob(".out.*"))  # no scratch directory left behind
 
 
+def test_every_training_option_reaches_fit_from_a_run_file(run_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    sets = ["train.strategy=diloco(every=4, merge=median)", "train.workers=3", "train.partition=dirichlet(5)",
+            "train.schedule=cosine", "train.penalty=l2(0.001)", "train.constraint=max_norm(2)",
+            "train.momentum=0.9", "train.nesterov=true", "train.epochs=2"]
+    assert main(["train", str(run_file), "--out", str(out), "--quiet"] + [f"--set={s}" for s in sets]) == 0
+    saved = config.load(out / "config.toml").train
+    assert saved.strategy.spec() == "diloco(every=4, merge=median)" and saved.partition.spec() == "dirichlet(alpha=5)"
+    assert (saved.schedule.spec(), saved.penalty.spec(), saved.constraint.spec()) == \
+        ("cosine", "l2(strength=0.001)", "max_norm(c=2)")
+    history = read_jsonl(out / "history.jsonl")
+    assert history[-1]["lr"] < history[0]["lr"] < 0.1  # the cosine schedule ran
+    weights = load_file(out / "model.safetensors")
+    assert float(weights["0.weight"].norm(dim=1).max()) <= 2 + 1e-5  # and the constraint
+
+
 def test_existing_run_directory_is_kept_unless_overwrite(run_file, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()

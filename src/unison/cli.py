@@ -80,10 +80,7 @@ def _train(args: argparse.Namespace) -> int:
     # Train into a scratch directory; the run directory appears (or is replaced) only on success.
     scratch = out.parent / f".{out.name}.partial-{os.getpid()}"
     try:
-        result = fit(model, data, strategy=t.strategy, workers=t.workers, backend=t.backend,
-                     partition=t.partition, epochs=t.epochs, batch_size=t.batch_size, optimizer=t.optimizer,
-                     lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, loss=t.loss, seed=t.seed,
-                     timeout=t.timeout, progress=not args.quiet,
+        result = fit(model, data, **t.fit_kwargs(), progress=not args.quiet,
                      log_dir=scratch)  # fit() writes it on rank 0 only
         if rank0:
             (scratch / "config.toml").write_text(cfg.to_toml())

@@ -138,6 +138,10 @@ class TrainConfig:
         object.__setattr__(self, "penalty", penalties.parse_penalty(self.penalty))
         object.__setattr__(self, "constraint", penalties.parse_constraint(self.constraint))
 
+    def fit_kwargs(self) -> dict[str, Any]:
+        """These settings as keyword arguments of unison.fit()."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
 
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:

@@ -63,6 +63,9 @@ def build_optimizer(params, config: TrainConfig, custom: Callable | None) -> tor
             raise ConfigError(f"optimizer callable returned {type(optimizer).__name__}; "
                               "expected a torch.optim.Optimizer")
         return optimizer
+    if config.optimizer == "custom":
+        raise ConfigError("optimizer='custom' needs a callable(params) -> Optimizer passed to fit(); "
+                          f"a run file accepts {', '.join(repr(o) for o in ('sgd', 'adam', 'adamw'))}")
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
                                weight_decay=config.weight_decay, nesterov=config.nesterov)
