@@ -11,7 +11,7 @@ from unison.errors import ConfigError
 from unison.models import mlp
 from unison.strategies import DiLoCo, Hogwild, Oneshot, Periodic, Sync
 
-from reference import (_flat_state, _load_flat_state, local_sgd, max_abs_diff, median_reference,
+from reference import (_load_flat_state, local_sgd, max_abs_diff, median_reference,
                        multi_krum_reference, sampler_order, trimmed_mean_reference)
 
 TOL = 1e-5

@@ -1,10 +1,10 @@
 """unison: train many replicas of a network at once and merge them into one model."""
 
-from . import history, merges, models, partitions, strategies
+from . import history, merges, models, partitions, penalties, schedules, strategies
 from .api import Result, fit
 from .errors import CheckpointError, ConfigError, DataError, UnisonError, WorkerError
 
 __version__ = "0.1.0"
 
-__all__ = ["fit", "Result", "strategies", "merges", "partitions", "models",
+__all__ = ["fit", "Result", "strategies", "merges", "partitions", "penalties", "schedules", "models", "history",
            "UnisonError", "ConfigError", "DataError", "WorkerError", "CheckpointError"]

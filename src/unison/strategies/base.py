@@ -8,13 +8,12 @@ the communicator it is handed, and combines what it receives only through ``unis
 
 from __future__ import annotations
 
-import dataclasses
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from .. import merges
+from .. import merges, specs
 from ..errors import ConfigError, expected
 
 if TYPE_CHECKING:  # typing only: strategies never import the loop, a launcher or a model
@@ -66,9 +65,7 @@ class Strategy(ABC):
 
     def spec(self) -> str:
         """The string parse() turns back into this strategy, e.g. ``periodic(every=16)``."""
-        changed = [f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
-                   if getattr(self, f.name) != f.default]
-        return f"{self.name}({', '.join(changed)})" if changed else self.name
+        return specs.to_spec(self)
 
     def __str__(self) -> str:
         return self.spec()
