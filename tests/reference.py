@@ -80,7 +80,7 @@ def _load_flat_state(model, flat):
 
 def local_sgd(model, x, y, *, world_size, batch_size, epochs, lr, momentum=0.0, seed=0,
               every=None, warmup=0, optimizer_state="keep", orders=None, divergences=None,
-              combine=None, outer=None):
+              combine=None, outer=None, project=None):
     """N replicas trained one after another, averaged every ``every`` steps (an int),
     at epoch ends (``"epoch"``) or only at the end (None); the first ``warmup`` steps average
     gradients instead. ``orders(rank, epoch)`` gives a replica's indices (default: sampler).
@@ -88,7 +88,8 @@ def local_sgd(model, x, y, *, world_size, batch_size, epochs, lr, momentum=0.0, 
     average, the mean distance of the replicas' parameters to it is appended to ``divergences``.
     ``combine(list of flat states) -> flat state`` replaces the weighted mean (robust merges).
     ``outer=(lr, momentum, nesterov)``: DiLoCo, an outer SGD step from the previous global
-    parameters on the pseudo-gradient (previous − merged)."""
+    parameters on the pseudo-gradient (previous − merged). ``project(params)`` (in place)
+    runs after every optimizer step and every merge; the outer parameters are the projected merge."""
     orders = orders or (lambda rank, epoch: sampler_order(len(x), world_size, rank, epoch, seed))
     replicas = [copy.deepcopy(model) for _ in range(world_size)]
     opts = [torch.optim.SGD(m.parameters(), lr=lr, momentum=momentum) for m in replicas]
@@ -120,6 +121,12 @@ def local_sgd(model, x, y, *, world_size, batch_size, epochs, lr, momentum=0.0, 
             merged[:n] = global_params.detach()
             for m in replicas:
                 _load_flat_state(m, merged)
+        if project is not None:
+            with torch.no_grad():
+                for m in replicas:
+                    project(list(m.parameters()))
+                if outer is not None:
+                    global_params.data.copy_(torch.cat([p.detach().reshape(-1) for p in replicas[0].parameters()]))
         if optimizer_state == "reset":
             for opt in opts:
                 opt.state.clear()
@@ -152,6 +159,11 @@ def local_sgd(model, x, y, *, world_size, batch_size, epochs, lr, momentum=0.0, 
                 for opt, idx in zip(opts, batches):
                     if len(idx):
                         opt.step()
+            if project is not None:
+                with torch.no_grad():
+                    for m, idx in zip(replicas, batches):
+                        if len(idx) or step <= warmup:
+                            project(list(m.parameters()))
             for r, idx in enumerate(batches):
                 samples[r] += len(idx)
             if every not in (None, "epoch") and step > warmup and (step - warmup) % every == 0:

@@ -35,6 +35,8 @@ def test_krum_scores_by_hand():
     assert torch.equal(merges.krum(STATES, f=1), torch.tensor([2.0, 2.0]))
     # multi-krum m=3 averages the three best: (2,2) 2, (2,1) 2, (1,2) 3
     assert torch.allclose(merges.multi_krum(STATES, f=1, m=3), torch.tensor([5 / 3, 5 / 3]))
+    # default m = n - f = 4: all but the outlier (scores 3, 7, huge, 3, 2)
+    assert torch.allclose(merges.multi_krum(STATES, f=1), torch.tensor([2.0, 1.25]))
     with pytest.raises(ValueError, match="2f\\+3"):
         merges.krum(STATES, f=2)
 

@@ -39,31 +39,57 @@ def test_periodic_with_a_robust_merge_equals_its_definition(blobs, small_model, 
     assert max_abs_diff(mean[0], expected[0]) > 1e-4  # the rule made a difference
 
 
-def test_greedy_soup_equals_its_definition(blobs, small_model):
+@dataclass(frozen=True)
+class NegatedOneshot(Oneshot):
+    """Replica 3 multiplies its parameters by -3 before the merge: with it, the mean of all four
+    is about zero, so the soup should leave it out."""
+
+    def merge_replicas(self, replica, comm):
+        if comm.rank == 3:
+            with torch.no_grad():
+                for p in replica.trainable:
+                    p.mul_(-3)
+        return super().merge_replicas(replica, comm)
+
+
+def test_greedy_soup_equals_its_definition_and_leaves_a_bad_replica_out(blobs, small_model):
     x, y = blobs
     x_val, y_val = x[::3] + 0.5, y[::3]
-
-    def accuracy(model):
-        with torch.no_grad():
-            return float((model(x_val).argmax(1) == y_val).float().mean())
+    chosen = []
 
     def soup(states):  # Wortsman et al.: by accuracy, add if the mean's accuracy does not drop
+        states = list(states)
+        n = sum(p.numel() for p in small_model.parameters())
+        states[3] = torch.cat([-3 * states[3][:n], states[3][n:]])  # as NegatedOneshot does
         probe = unison.models.mlp(8, [16], 3)
 
         def score(state):
             _load_flat_state(probe, state)
-            return accuracy(probe)
+            with torch.no_grad():
+                return float((probe(x_val).argmax(1) == y_val).float().mean())
         order = sorted(range(len(states)), key=lambda i: -score(states[i]))
-        chosen = [order[0]]
+        chosen.append(order[0])
         for i in order[1:]:
             if score(torch.stack([states[j] for j in chosen + [i]]).mean(0)) >= score(
                     torch.stack([states[j] for j in chosen]).mean(0)):
                 chosen.append(i)
         return torch.stack([states[j] for j in chosen]).mean(0)
 
-    result = fit(small_model, blobs, val=(x_val, y_val), strategy="oneshot(merge=greedy_soup)", workers=4,
-                 lr=0.3)
+    result = fit(small_model, blobs, val=(x_val, y_val), strategy=NegatedOneshot(merge="greedy_soup"),
+                 workers=4, lr=0.3)
     expected = local_sgd(small_model, x, y, world_size=4, batch_size=8, epochs=2, lr=0.3, combine=soup)
+    assert max_abs_diff(result.model, expected[0]) <= TOL
+    assert 3 not in chosen and len(chosen) >= 2  # a real choice: some kept, the bad one left out
+
+
+def test_robust_merges_keep_idle_replicas_as_votes_on_uneven_shares(blobs, small_model):
+    """A replica whose share ran out holds the last merged state, and still votes."""
+    x, y = blobs
+    part = unison.partitions.Explicit([range(0, 40), range(40, 56), range(56, 72), range(72, 80), range(80, 96)])
+    result = fit(small_model, blobs, strategy="periodic(every=2, merge=krum(f=1))", workers=5, partition=part)
+    expected = local_sgd(small_model, x, y, world_size=5, batch_size=8, epochs=2, lr=0.1, every=2,
+                         combine=lambda s: multi_krum_reference(s, 1, 1),
+                         orders=lambda rank, epoch: part.indices(96, 5, rank, epoch, 0))
     assert max_abs_diff(result.model, expected[0]) <= TOL
 
 

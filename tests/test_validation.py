@@ -56,6 +56,14 @@ def no_spawn(monkeypatch):
     ({"optimizer": "adam", "momentum": 0.9}, ConfigError, ["momentum=0.9", "'sgd'"]),
     ({"loss": "hinge"}, ConfigError, ["loss='hinge'", "'cross_entropy'", "'mse'"]),
     ({"seed": -1}, ConfigError, ["seed=-1"]),
+    ({"loss": "custom"}, ConfigError, ["loss='custom'", "callable", "'cross_entropy'"]),
+    ({"optimizer": "custom"}, ConfigError, ["optimizer='custom'", "callable", "'sgd'"]),
+    ({"strategy": "sync(merge=median)", "batch_size": 8,
+      "partition": unison.partitions.Explicit([range(0, 40), range(40, 96)])},
+     ConfigError, ["sync(merge=median)", "batch at every step", "partition='shard'"]),
+    ({"strategy": "periodic(merge=trimmed_mean(0.4))"}, ConfigError, ["trims nothing with 2 workers",
+                                                                     "at least 3 workers"]),
+    ({"partition": "dirichlet(inf)"}, ConfigError, ["dirichlet.alpha=inf", "finite"]),
 ])
 def test_bad_settings(blobs, small_model, no_spawn, kwargs, error, words):
     with pytest.raises(error) as info:

@@ -20,7 +20,7 @@ from .errors import ConfigError, DataError, expected
 from .history import write_jsonl
 from .launch import CAPABILITIES, CAPABILITY_REASONS
 from .launch import torchrun as torchrun_backend
-from .replica import Job, build_optimizer
+from .replica import Job, build_optimizer, resolve_loss
 
 
 HISTORY_FILE, MODEL_FILE = "history.jsonl", "model.safetensors"
@@ -127,13 +127,17 @@ def fit(model: nn.Module | Callable[[], nn.Module], data: Any, val: Any = None, 
         raise ConfigError(f"log_dir={str(log_path)!r} already holds a run ({HISTORY_FILE} or {MODEL_FILE}); "
                           "choose another directory")
 
+    if config.loss == "custom" and not callable(loss):
+        resolve_loss(loss, CLASSIFICATION)  # raises: 'custom' names a callable that was not given
     train = prepare(data, val, seed=seed, loss=loss if isinstance(loss, str) else None)
     if world_size > len(train.x):
         raise ConfigError(expected("workers", world_size, f"at most the {len(train.x)} training samples"))
-    config.strategy.check(world_size, has_validation=train.x_val is not None)
     # A label-aware partition (dirichlet) draws its shares from the training labels here, once.
     config = dataclasses.replace(config, partition=config.partition.bind(train.y, world_size, seed))
     config.partition.check(len(train.x), world_size)
+    shares = config.partition.sizes(len(train.x), world_size)
+    config.strategy.check(world_size, has_validation=train.x_val is not None,
+                          steps=[math.ceil(share / batch_size) for share in shares])
     start_model = _start_model(model, seed)
     _check_model(start_model, train, loss)
     _check_batchnorm(start_model, config.partition.sizes(len(train.x), world_size), batch_size)

@@ -55,8 +55,8 @@ def median(states: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def trimmed_count(n: int, beta: float) -> int:
-    """How many values trimmed_mean drops at each end: floor(beta·n)."""
-    return math.floor(beta * n + 1e-9)
+    """How many values trimmed_mean drops at each end: floor(beta·n), always leaving one."""
+    return min(math.floor(beta * n + 1e-9), (n - 1) // 2)
 
 
 def trimmed_mean(states: Sequence[torch.Tensor], beta: float) -> torch.Tensor:
@@ -175,9 +175,11 @@ class TrimmedMean(Merge):
             raise ConfigError(expected("trimmed_mean.beta", self.beta, "a number in [0, 0.5)"))
 
     def check(self, world_size):
-        if trimmed_count(world_size, self.beta) == 0 and world_size > 1:
+        if self.beta > 0 and trimmed_count(world_size, self.beta) == 0:
+            fix = f"use beta >= {1 / world_size:.3g} or more workers" if world_size >= 3 else \
+                "trimming needs at least 3 workers"
             raise ConfigError(f"trimmed_mean(beta={self.beta}) trims nothing with {world_size} workers "
-                              f"(floor(beta·workers) = 0); use beta >= {1 / world_size:.3g} or more workers")
+                              f"(floor(beta·workers) = 0); {fix}")
 
     def combine(self, states, weights, score=None):
         return trimmed_mean(states, self.beta)

@@ -139,11 +139,12 @@ class Explicit(Partition):
 
 @dataclass(frozen=True, eq=False)
 class Dirichlet(Partition):
-    """Label-skewed, non-IID shares: for each class, the fractions going to the N workers are
-    drawn from Dirichlet(alpha·1_N) (Hsu et al. 2019, "Measuring the Effects of Non-Identical
-    Data Distribution for Federated Visual Classification"). Small alpha gives each worker few
-    classes; large alpha approaches an even split. The shares are drawn once from the seed
-    and kept for the whole run; each is reshuffled every epoch.
+    """Label-skewed, non-IID shares as in Hsu et al. 2019, "Measuring the Effects of
+    Non-Identical Data Distribution for Federated Visual Classification": every worker draws
+    its own class mix q ~ Dirichlet(alpha·p), p the classes' frequencies, and receives n // N
+    samples drawn without replacement by that mix (a class that runs out is left out of the
+    mix). Small alpha gives each worker few classes; large alpha approaches the global mix.
+    Shares are equal in size, drawn once from the seed and reshuffled every epoch.
     """
 
     name = "dirichlet"
@@ -151,8 +152,9 @@ class Dirichlet(Partition):
     _shares: tuple | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
-            raise ConfigError(expected("dirichlet.alpha", self.alpha, "a number > 0"))
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) \
+                or not 0 < self.alpha < float("inf"):
+            raise ConfigError(expected("dirichlet.alpha", self.alpha, "a finite number > 0"))
 
     def bind(self, labels, world_size, seed):
         bound = Dirichlet(self.alpha)
@@ -182,28 +184,31 @@ class Dirichlet(Partition):
         return specs.to_spec(self)
 
 
-def dirichlet_shares(labels: Any, world_size: int, alpha: float, seed: int,
-                     attempts: int = 100) -> list[torch.Tensor]:
-    """Split sample indices among workers class by class with Dirichlet(alpha) fractions;
-    redraw (up to ``attempts`` times) until every worker has at least one sample."""
+def dirichlet_shares(labels: Any, world_size: int, alpha: float, seed: int) -> list[torch.Tensor]:
+    """Hsu et al.'s draw: worker r gets n // N samples whose classes follow q_r ~ Dir(alpha·p)."""
     y = torch.as_tensor(labels)
     if y.dim() != 1 or y.is_floating_point() or y.is_complex():
         raise ConfigError("partition 'dirichlet' needs integer class labels (a classification task)")
     y = y.cpu().numpy()
     rng = np.random.default_rng(seed)
-    for _ in range(attempts):
-        shares: list[list[np.ndarray]] = [[] for _ in range(world_size)]
-        for label in np.unique(y):
-            members = rng.permutation(np.flatnonzero(y == label))
-            fractions = rng.dirichlet([alpha] * world_size)
-            cuts = np.round(np.cumsum(fractions)[:-1] * len(members)).astype(int)
-            for rank, part in enumerate(np.split(members, cuts)):
-                shares[rank].append(part)
-        merged = [np.sort(np.concatenate(parts)) for parts in shares]
-        if min(len(m) for m in merged) >= 1:
-            return [torch.as_tensor(m, dtype=torch.int64) for m in merged]
-    raise DataError(f"partition dirichlet(alpha={alpha}) left a worker with no samples in {attempts} draws "
-                    f"({len(y)} samples, workers={world_size}); use a larger alpha or fewer workers")
+    classes, counts = np.unique(y, return_counts=True)
+    pools = [list(rng.permutation(np.flatnonzero(y == c))) for c in classes]
+    mixes = rng.dirichlet(alpha * counts / counts.sum(), size=world_size)
+    size = len(y) // world_size
+    shares = []
+    for rank in rng.permutation(world_size):  # a random order, so no worker always gets leftovers
+        wanted = np.zeros(len(classes), dtype=np.int64)
+        while wanted.sum() < size:
+            available = np.array([len(p) for p in pools]) - wanted
+            mix = np.where(available > 0, mixes[rank], 0.0)
+            if not mix.sum() > 0:  # this worker's mix has only exhausted classes: use what is left
+                mix = available.astype(float)
+            extra = rng.multinomial(size - wanted.sum(), mix / mix.sum())
+            wanted += np.minimum(extra, available)
+        taken = [pools[c][:k] for c, k in enumerate(wanted)]
+        pools = [p[k:] for p, k in zip(pools, wanted)]
+        shares.append((rank, np.sort(np.concatenate(taken).astype(np.int64))))
+    return [torch.as_tensor(share) for _, share in sorted(shares, key=lambda item: item[0])]
 
 
 def describe(partition: Any, labels: Any, workers: int, seed: int = 0) -> str:

@@ -51,6 +51,9 @@ def mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def resolve_loss(loss: str | Callable | None, task: str) -> Callable:
     if callable(loss):
         return loss
+    if loss == "custom":
+        raise ConfigError("loss='custom' needs a callable(output, target) -> loss passed to fit(); "
+                          "a run file accepts 'cross_entropy' or 'mse'")
     name = loss or ("cross_entropy" if task == CLASSIFICATION else "mse")
     return F.cross_entropy if name == "cross_entropy" else mse
 

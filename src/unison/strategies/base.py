@@ -36,8 +36,9 @@ class Strategy(ABC):
         """How many replicas to run when the user asked for ``workers``."""
         return workers
 
-    def check(self, world_size: int, has_validation: bool) -> None:
-        """Raise ConfigError before any worker starts if these options cannot work here."""
+    def check(self, world_size: int, has_validation: bool, steps: list[int]) -> None:
+        """Raise ConfigError before any worker starts if these options cannot work here;
+        ``steps`` is each replica's number of batches per epoch."""
         rule = getattr(self, "merge", None)
         if isinstance(rule, merges.Merge):
             rule.check(world_size)
@@ -86,21 +87,18 @@ def combined(replica: "Replica", comm: "Communicator", rule: merges.Merge, vecto
     """Every replica's ``vector`` combined by ``rule``; the same result on every rank.
 
     ``mean`` is one weighted all-reduce. Other rules gather every vector (the weight rides
-    along as one extra element) and combine them; replicas that trained on nothing since the
-    last merge take no part. A rule that scores candidates (greedy soup) runs on rank 0 and
-    its result is broadcast, so that every rank holds bit-identical weights.
+    along as one extra element), rank 0 combines them and broadcasts the result, so that every
+    rank holds bit-identical weights even across machines that round differently. A replica
+    that trained on nothing since the last merge still votes: it holds the last merged state.
     """
     if isinstance(rule, merges.Mean):
         return comm.all_reduce_mean(vector.clone(), weight)
     gathered = comm.all_gather(torch.cat([vector, vector.new_tensor([weight])]))
-    weights = [float(g[-1]) for g in gathered]
-    members = [i for i, w in enumerate(weights) if w > 0] or list(range(len(gathered)))
-    states = [gathered[i][:-1] for i in members]
-    if not rule.needs_validation:
-        return rule.combine(states, [weights[i] for i in members])
-    merged = rule.combine(states, [weights[i] for i in members], score=replica.score) if comm.rank == 0 \
-        else torch.empty_like(vector)
-    return comm.broadcast(merged, src=0)
+    if comm.rank != 0:
+        return comm.broadcast(torch.empty_like(vector), src=0)
+    states, weights = [g[:-1] for g in gathered], [float(g[-1]) for g in gathered]
+    score = replica.score if rule.needs_validation else None
+    return comm.broadcast(rule.combine(states, weights, score=score).contiguous(), src=0)
 
 
 def merge_states(replica: "Replica", comm: "Communicator", rule: merges.Merge = merges.Mean(), *,

@@ -68,4 +68,7 @@ class DiLoCo(Strategy):
         outer.step()
         merged[:n] = theta.detach()
         replica.load_state_vector(merged)
+        replica.project()  # projected outer SGD: θ itself stays inside the constraint set
+        with torch.no_grad():
+            theta.copy_(replica.state_vector()[:n])
         return distance

@@ -40,9 +40,8 @@ class Periodic(Strategy):
         return step <= self.warmup
 
     def on_gradients(self, replica, comm, step, weight):
-        if self.in_warmup(step):  # a soup cannot combine gradients: warm-up then averages them
-            combine_gradients(replica, comm, weight,
-                              merges.Mean() if self.merge.needs_validation else self.merge)
+        if self.in_warmup(step):  # warm-up is plain sync: gradients averaged, whatever the merge
+            combine_gradients(replica, comm, weight)
             return True
         return False
 

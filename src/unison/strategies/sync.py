@@ -29,6 +29,14 @@ class Sync(Strategy):
             raise ConfigError(f"{self.name}(merge={self.merge}) is not possible: {self.name} combines "
                               "gradients, and a soup combines models; use periodic or oneshot")
 
+    def check(self, world_size, has_validation, steps):
+        super().check(world_size, has_validation, steps)
+        if not isinstance(self.merge, merges.Mean) and len(set(steps)) > 1:
+            raise ConfigError(f"{self.spec()} needs every worker to have a batch at every step (a worker "
+                              f"without one would vote for a zero gradient), but the shares give "
+                              f"{min(steps)} to {max(steps)} batches per epoch; use partition='shard' or "
+                              "merge='mean'")
+
     def on_gradients(self, replica, comm, step, weight):
         combine_gradients(replica, comm, weight, self.merge)
         return True
