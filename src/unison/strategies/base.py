@@ -84,25 +84,36 @@ def check_every(name: str, every: Any) -> None:
         raise ConfigError(expected(f"{name}.every", every, "an integer >= 1 or 'epoch'"))
 
 
+def merge_weight(samples: int | torch.Tensor) -> float | torch.Tensor:
+    """A replica's weight in a merge: its samples as a float, or (stacked replicas) one per row."""
+    return samples if isinstance(samples, torch.Tensor) else float(samples)
+
+
 def combined(replica: "Replica", comm: "Communicator", rule: merges.Merge, vector: torch.Tensor,
-             weight: float) -> torch.Tensor:
+             weight: float | torch.Tensor) -> torch.Tensor:
     """Every replica's ``vector`` combined by ``rule``; the same result on every rank.
 
     ``mean`` is one weighted all-reduce. Other rules gather every vector (the weight rides
     along as one extra element) and combine them; replicas that trained on nothing since the
     last merge take no part. A rule that scores candidates (greedy soup) runs on rank 0 and
     its result is broadcast, so that every rank holds bit-identical weights.
+
+    Shape-agnostic: ``vector`` is one replica's [P] or, for stacked replicas, [R, P] with one
+    weight per row; the result has the shape of ``vector``.
     """
     if isinstance(rule, merges.Mean):
         return comm.all_reduce_mean(vector.clone(), weight)
-    gathered = comm.all_gather(torch.cat([vector, vector.new_tensor([weight])]))
+    weights_column = torch.as_tensor(weight, dtype=vector.dtype, device=vector.device)
+    weights_column = weights_column.expand(vector.shape[:-1]).unsqueeze(-1)
+    gathered = comm.all_gather(torch.cat([vector, weights_column], dim=-1))
     weights = [float(g[-1]) for g in gathered]
     members = [i for i, w in enumerate(weights) if w > 0] or list(range(len(gathered)))
     states = [gathered[i][:-1] for i in members]
     if not rule.needs_validation:
-        return rule.combine(states, [weights[i] for i in members])
-    merged = rule.combine(states, [weights[i] for i in members], score=replica.score) if comm.rank == 0 \
-        else torch.empty_like(vector)
+        return rule.combine(states, [weights[i] for i in members]).expand_as(vector).clone()
+    merged = torch.empty_like(vector)
+    if comm.rank == 0:
+        merged[...] = rule.combine(states, [weights[i] for i in members], score=replica.score)
     return comm.broadcast(merged, src=0)
 
 
@@ -114,15 +125,16 @@ def merge_states(replica: "Replica", comm: "Communicator", rule: merges.Merge = 
     (FedAvg's weighting; equal shares make it the plain mean). With ``parameters=False`` only
     buffers (BatchNorm statistics) are averaged, for strategies whose parameters are identical
     by construction. Optimizer state is then kept (as torch's model averagers do), reset, or
-    averaged. Returns the Euclidean distance of this replica's parameters to the merge.
+    averaged. Returns the Euclidean distance of this replica's parameters to the merge (one
+    per row for stacked replicas).
     """
-    distance = torch.zeros((), device=replica.device)
-    weight = float(replica.samples_since_merge)
+    weight = merge_weight(replica.samples_since_merge)
     state = replica.state_vector(parameters=parameters)
+    distance = torch.zeros(state.shape[:-1], device=replica.device)
     if state.numel():
         n = replica.num_parameters if parameters else 0
         merged = combined(replica, comm, rule if parameters else merges.Mean(), state, weight)
-        distance = torch.linalg.vector_norm(state[:n] - merged[:n])
+        distance = torch.linalg.vector_norm(state[..., :n] - merged[..., :n], dim=-1)
         replica.load_state_vector(merged, parameters=parameters)
     if optimizer_state == "reset":
         replica.optimizer.state.clear()
@@ -138,4 +150,4 @@ def combine_gradients(replica: "Replica", comm: "Communicator", weight: int,
     """Replace every gradient by the combination over replicas. With ``mean`` (weighted by
     batch size) it is the update of one large batch, θ ← θ − α·(1/b)·Σ∇J(θ; xᵢ, yᵢ), as in
     DistributedDataParallel; a robust rule here is Blanchard et al.'s setting."""
-    replica.load_grad_vector(combined(replica, comm, rule, replica.grad_vector(), float(weight)))
+    replica.load_grad_vector(combined(replica, comm, rule, replica.grad_vector(), merge_weight(weight)))
