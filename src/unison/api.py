@@ -145,12 +145,13 @@ def fit(model: nn.Module | Callable[[], nn.Module], data: Any, val: Any = None, 
     _check_model(start_model, train, loss)
     _check_batchnorm(start_model, config.partition.sizes(len(train.x), replicas), batch_size)
     # A custom optimizer factory is tried once here, so that its errors come before any worker.
-    build_optimizer(copy.deepcopy(start_model).parameters(), config,
-                    optimizer if callable(optimizer) else None)
-    if backend == "stacked" or config.replicas_per_worker > 1:  # can the model be vmapped?
+    if backend == "stacked" or config.replicas_per_worker > 1:  # and can the model be vmapped?
         from .launch import stacked as stacked_backend
         stacked_backend.check(config, start_model, train, optimizer if callable(optimizer) else None,
                               loss if callable(loss) else None)
+    else:
+        build_optimizer(copy.deepcopy(start_model).parameters(), config,
+                        optimizer if callable(optimizer) else None)
 
     if log_path is not None:
         log_path.mkdir(parents=True, exist_ok=True)

@@ -60,6 +60,7 @@ def check(config: TrainConfig, model: torch.nn.Module, data: TrainData, optimize
     try:
         probe.gradients(data.x, data.y, [samples, samples])
         where.clear()  # a failure from here on is not in a module's forward
+        probe.step = 1  # the first step, as the loop counts it (schedules read step - 1)
         probe.optimizer_step(1, 1, shared=True)
     except Exception as exc:  # noqa: BLE001 - any failure here means the model cannot be stacked
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
