@@ -81,7 +81,8 @@ def fit(model: nn.Module | Callable[[], nn.Module], data: Any, val: Any = None, 
         optimizer: str | Callable = "sgd", lr: float = 0.01, momentum: float = 0.0,
         nesterov: bool = False, weight_decay: float = 0.0, schedule: Any = None,
         penalty: Any = None, constraint: Any = None, loss: str | Callable | None = None, seed: int = 0,
-        progress: bool = True, log_dir: str | Path | None = None, timeout: float = 300.0) -> Result:
+        progress: bool = True, log_dir: str | Path | None = None, timeout: float = 300.0,
+        device: str = "cpu", replicas_per_worker: int = 1) -> Result:
     """Train ``workers`` replicas of ``model`` on ``data`` with ``strategy`` and merge them.
 
     ``model``: an nn.Module (its weights are every replica's start) or a zero-argument factory
@@ -91,6 +92,9 @@ def fit(model: nn.Module | Callable[[], nn.Module], data: Any, val: Any = None, 
     ``schedule``: None, "cosine", "step(every=10, gamma=0.1)" or "warmup(100)" (unison.schedules);
     ``penalty``: "l2(λ)", "l1(λ)", "elastic(λ1, λ2)"; ``constraint``: "max_norm(c)",
     "unit_ball(r)", "non_negative" (unison.penalties).
+    ``backend="stacked"``: the ``workers`` replicas train as one batched computation in this
+    process, on ``device`` ("cpu", "cuda", "cuda:N"); ``replicas_per_worker=R`` makes each
+    process of backend "processes" or "torchrun" hold R stacked replicas (unison.stacked).
     Everything is checked before any worker starts; problems raise unison.errors exceptions.
     """
     started = time.time()
@@ -108,10 +112,11 @@ def fit(model: nn.Module | Callable[[], nn.Module], data: Any, val: Any = None, 
         partition=partition, epochs=epochs, batch_size=batch_size,
         optimizer="custom" if callable(optimizer) else optimizer, lr=lr, momentum=momentum,
         nesterov=nesterov, weight_decay=weight_decay, schedule=schedule, penalty=penalty,
-        constraint=constraint, loss="custom" if callable(loss) else loss, seed=seed, timeout=timeout)
+        constraint=constraint, loss="custom" if callable(loss) else loss, seed=seed, timeout=timeout,
+        replicas_per_worker=replicas_per_worker, device=device)
     missing = config.strategy.needs - CAPABILITIES[backend]
     if missing:
-        why = "; ".join(f"{need}: {CAPABILITY_REASONS.get(need, need)}" for need in sorted(missing))
+        why = "; ".join(f"{need}: {CAPABILITY_REASONS.get((need, backend), need)}" for need in sorted(missing))
         raise ConfigError(f"strategy {config.strategy.spec()!r} cannot run on backend {backend!r} ({why}); "
                           "use backend='processes' or 'threads' on one machine, or on a cluster a strategy "
                           "that communicates: sync, periodic or diloco")
@@ -119,6 +124,8 @@ def fit(model: nn.Module | Callable[[], nn.Module], data: Any, val: Any = None, 
     if backend == "torchrun" and world_size != torchrun_size:
         raise ConfigError(f"strategy {config.strategy.spec()!r} runs {world_size} worker(s) but torchrun "
                           f"started {torchrun_size}; use --nproc-per-node {world_size}")
+    # Partitions and merges count replicas: a worker holds replicas_per_worker of them (stacked).
+    replicas = world_size * config.replicas_per_worker
 
     # Only rank 0 writes the log; an earlier run's files there are never overwritten.
     rank0 = backend != "torchrun" or torchrun_backend.is_rank0()
@@ -130,20 +137,25 @@ def fit(model: nn.Module | Callable[[], nn.Module], data: Any, val: Any = None, 
     if config.loss == "custom" and not callable(loss):
         resolve_loss(loss, CLASSIFICATION)  # raises: 'custom' names a callable that was not given
     train = prepare(data, val, seed=seed, loss=loss if isinstance(loss, str) else None)
-    if world_size > len(train.x):
-        raise ConfigError(expected("workers", world_size, f"at most the {len(train.x)} training samples"))
+    if replicas > len(train.x):
+        raise ConfigError(expected("workers", replicas, f"at most the {len(train.x)} training samples"))
     # A label-aware partition (dirichlet) draws its shares from the training labels here, once.
-    config = dataclasses.replace(config, partition=config.partition.bind(train.y, world_size, seed))
-    config.partition.check(len(train.x), world_size)
-    shares = config.partition.sizes(len(train.x), world_size)
-    config.strategy.check(world_size, has_validation=train.x_val is not None,
+    config = dataclasses.replace(config, partition=config.partition.bind(train.y, replicas, seed))
+    config.partition.check(len(train.x), replicas)
+    shares = config.partition.sizes(len(train.x), replicas)
+    config.strategy.check(replicas, has_validation=train.x_val is not None,
                           steps=[math.ceil(share / batch_size) for share in shares])
     start_model = _start_model(model, seed)
     _check_model(start_model, train, loss)
-    _check_batchnorm(start_model, config.partition.sizes(len(train.x), world_size), batch_size)
+    _check_batchnorm(start_model, config.partition.sizes(len(train.x), replicas), batch_size)
     # A custom optimizer factory is tried once here, so that its errors come before any worker.
-    build_optimizer(copy.deepcopy(start_model).parameters(), config,
-                    optimizer if callable(optimizer) else None)
+    if backend == "stacked" or config.replicas_per_worker > 1:  # and can the model be vmapped?
+        from .launch import stacked as stacked_backend
+        stacked_backend.check(config, start_model, train, optimizer if callable(optimizer) else None,
+                              loss if callable(loss) else None)
+    else:
+        build_optimizer(copy.deepcopy(start_model).parameters(), config,
+                        optimizer if callable(optimizer) else None)
 
     if log_path is not None:
         log_path.mkdir(parents=True, exist_ok=True)
@@ -168,6 +180,8 @@ def _launcher(backend: str):
         from .launch.threads import launch
     elif backend == "processes":
         from .launch.processes import launch
+    elif backend == "stacked":
+        from .launch.stacked import launch
     else:
         launch = torchrun_backend.launch
     return launch

@@ -10,6 +10,7 @@ A run file has three tables, one per dataclass::
 from __future__ import annotations
 
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -19,7 +20,8 @@ import tomli_w
 
 from .errors import ConfigError, expected
 
-BACKENDS = ("threads", "processes", "torchrun")
+BACKENDS = ("threads", "processes", "torchrun", "stacked")
+DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LOSSES = ("cross_entropy", "mse")
 ACTIVATIONS = ("relu", "tanh", "gelu", "sigmoid", "leaky_relu", "silu")
@@ -106,6 +108,8 @@ class TrainConfig:
     loss: str | None = None
     seed: int = 0
     timeout: float = 300.0
+    replicas_per_worker: int = 1   # > 1: each process holds that many stacked replicas
+    device: str = "cpu"            # where backend="stacked" trains: "cpu", "cuda" or "cuda:N"
 
     def __post_init__(self) -> None:
         from . import partitions, penalties, schedules, strategies  # late: none imports this module
@@ -137,6 +141,28 @@ class TrainConfig:
         object.__setattr__(self, "schedule", schedules.parse(self.schedule))
         object.__setattr__(self, "penalty", penalties.parse_penalty(self.penalty))
         object.__setattr__(self, "constraint", penalties.parse_constraint(self.constraint))
+        self._check_stacking()
+
+    def _check_stacking(self) -> None:
+        """replicas_per_worker and device, which only some backends use (see unison.stacked)."""
+        check_int("replicas_per_worker", self.replicas_per_worker, minimum=1)
+        if self.replicas_per_worker > 1 and self.backend not in ("processes", "torchrun"):
+            raise ConfigError(f"replicas_per_worker={self.replicas_per_worker} applies to backend='processes' "
+                              f"or 'torchrun' (each worker process holds that many stacked replicas); with "
+                              f"backend={self.backend!r} use replicas_per_worker=1 (on 'stacked', workers= is "
+                              "the number of stacked replicas)")
+        if self.replicas_per_worker > 1 and self.strategy.shares_model:
+            raise ConfigError(f"strategy {self.strategy.spec()!r} cannot run with replicas_per_worker="
+                              f"{self.replicas_per_worker}: its workers must all update one shared model, and "
+                              "stacked replicas are separate copies; use replicas_per_worker=1")
+        if self.replicas_per_worker > 1 and self.strategy.world_size(self.replicas_per_worker) == 1:
+            raise ConfigError(f"strategy {self.strategy.spec()!r} trains one replica; replicas_per_worker="
+                              f"{self.replicas_per_worker} needs a strategy with several (sync, periodic, ...)")
+        if not isinstance(self.device, str) or not DEVICE.fullmatch(self.device):
+            raise ConfigError(expected("device", self.device, "'cpu', 'cuda' or 'cuda:N'"))
+        if self.device != "cpu" and self.backend != "stacked":
+            raise ConfigError(f"device={self.device!r} applies to backend='stacked'; threads and processes "
+                              "train on the CPU, and torchrun puts each rank on cuda:LOCAL_RANK by itself")
 
     def fit_kwargs(self) -> dict[str, Any]:
         """These settings as keyword arguments of unison.fit()."""

@@ -4,6 +4,9 @@ Per step: take this replica's next batch, forward, loss + penalty, backward, let
 handle the gradients (sync averages them), set the scheduled lr, optimizer step, project onto
 the constraint; then ask the strategy whether a round ends, and if so merge, project, (rank 0)
 evaluate, sum the round's statistics over replicas and record.
+
+The loop never assumes one replica per call: on the stacked backend ``build`` makes an object
+holding R replicas (unison.stacked) whose losses, sample counts and distances are [R] tensors.
 """
 
 from __future__ import annotations
@@ -99,13 +102,21 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Callab
 
 
 class Replica:
-    """A worker's copy of the model with its own optimizer, and flat views for exchanging it."""
+    """A worker's copy of the model with its own optimizer, and flat views for exchanging it.
+
+    unison.stacked.StackedReplica offers the same interface for R replicas at once: there the
+    per-replica quantities (flat views, losses, sample counts, distances) carry a leading
+    replica dimension, ``local_shape`` is (R,) and ``ranks`` lists R ranks.
+    """
+
+    local_shape: tuple[int, ...] = ()   # the shape of one loss, sample count or distance
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable,
                  device: torch.device, *, penalty: Penalty | None = None,
                  constraint: Constraint | None = None, schedule: Schedule | None = None,
-                 validation: tuple[torch.Tensor, torch.Tensor, str] | None = None):
+                 validation: tuple[torch.Tensor, torch.Tensor, str] | None = None, rank: int = 0):
         self.model, self.optimizer, self.loss_fn, self.device = model, optimizer, loss_fn, device
+        self.ranks = (rank,)           # the replica ranks whose shares this object trains on
         self.penalty, self.constraint, self.schedule = penalty, constraint, schedule
         self.validation = validation   # (x, y, task): what greedy soups score candidates on
         self.parameters = list(model.parameters())
@@ -119,6 +130,16 @@ class Replica:
         self.strategy_state: dict[str, Any] = {}  # what a strategy keeps per replica (diloco's θ)
         self._scratch: nn.Module | None = None
 
+    def gradients(self, x: torch.Tensor, y: torch.Tensor, batches: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """Gradients on this step's batch (``batches`` holds one index tensor per rank in
+        ``ranks``); returns (loss, samples). A share that is used up gives no gradient and
+        (0, 0): the replica may still take a shared step."""
+        (batch,) = batches
+        if not len(batch):
+            self.optimizer.zero_grad(set_to_none=True)
+            return torch.zeros((), device=self.device), 0
+        return self.forward_backward(x[batch], y[batch]), len(batch)
+
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Gradients of loss + penalty; returns the loss alone (the data term J)."""
         self.optimizer.zero_grad(set_to_none=True)
@@ -126,8 +147,12 @@ class Replica:
         (loss + self.penalty(self.trainable) if self.penalty is not None else loss).backward()
         return loss.detach()
 
-    def optimizer_step(self, steps_per_epoch: int, total_steps: int) -> None:
-        """The scheduled lr for this global step, the optimizer's step, then the projection."""
+    def optimizer_step(self, steps_per_epoch: int, total_steps: int, *, shared: bool = False,
+                       samples: int = 1) -> None:
+        """The scheduled lr for this global step, the optimizer's step, then the projection;
+        only if the step is ``shared`` by all replicas or this replica had ``samples``."""
+        if not (shared or samples):
+            return
         if self.schedule is not None:
             factor = self.schedule.factor(self.step - 1, steps_per_epoch, total_steps)
             for group, initial in zip(self.optimizer.param_groups, self.initial_lrs):
@@ -206,26 +231,39 @@ class Outcome:
     startup_s: float                  # fit() called -> first training step (rank 0)
 
 
-def run(job: Job, comm: Communicator, device: torch.device | None = None) -> Outcome:
-    """Train one replica to the end; every rank of a run calls this with its communicator."""
-    device = device or torch.device("cpu")
-    config, data, strategy, partition = job.config, job.data, job.config.strategy, job.config.partition
-    rank, world_size, batch_size = comm.rank, comm.world_size, config.batch_size
+def build_replica(job: Job, comm: Communicator, device: torch.device, loss_fn: Callable,
+                  validation: tuple[torch.Tensor, torch.Tensor, str] | None) -> Replica:
+    """This rank's replica: a copy of the start model, made identical on every rank by a
+    broadcast from rank 0 (or, for a strategy that ``shares_model``, the start model's storage)."""
+    config = job.config
     model = copy.deepcopy(job.model).to(device)  # threads share job.model: never train it in place
-    if strategy.shares_model:
+    if config.strategy.shares_model:
         _share_storage(model, job.model)
     else:
         with torch.no_grad():  # identical starts by construction, whatever each rank built
             for tensor in list(model.parameters()) + list(model.buffers()):
                 comm.broadcast(tensor, src=0)
+    return Replica(model, build_optimizer(model.parameters(), config, job.optimizer), loss_fn, device,
+                   penalty=config.penalty, constraint=config.constraint, schedule=config.schedule,
+                   validation=validation, rank=comm.rank)
+
+
+def run(job: Job, comm: Communicator, device: torch.device | None = None,
+        build: Callable[..., Replica] = build_replica) -> Outcome:
+    """Train one replica to the end; every rank of a run calls this with its communicator.
+
+    ``build`` makes the replica; the stacked backend passes one that makes R replicas at once
+    (unison.stacked), with a communicator that reduces over them (comm/stacked.py).
+    """
+    device = device or torch.device("cpu")
+    config, data, strategy, partition = job.config, job.data, job.config.strategy, job.config.partition
+    rank, world_size, batch_size = comm.rank, comm.world_size, config.batch_size
     loss_fn = resolve_loss(job.loss, data.task)
     x, y = (data.x, data.y) if device.type == "cpu" else (data.x.to(device), data.y.to(device))
     validation = None
     if data.x_val is not None:
         validation = (data.x_val.to(device), data.y_val.to(device), data.task)
-    replica = Replica(model, build_optimizer(model.parameters(), config, job.optimizer), loss_fn, device,
-                      penalty=config.penalty, constraint=config.constraint, schedule=config.schedule,
-                      validation=validation)
+    replica = build(job, comm, device, loss_fn, validation)
     n = len(x)
     steps_per_epoch = max(math.ceil(size / batch_size) for size in partition.sizes(n, world_size))
     total_steps = steps_per_epoch * config.epochs
@@ -233,12 +271,13 @@ def run(job: Job, comm: Communicator, device: torch.device | None = None) -> Out
     progress = _progress_bar(job, strategy, rank)
     strategy.begin(replica, comm)
 
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    loss_sum = torch.zeros(replica.local_shape, dtype=torch.float64, device=device)
     samples_seen = last_round_step = 0
 
     def end_round() -> None:
         nonlocal samples_seen, last_round_step
-        round_samples = float(replica.samples_since_merge)  # the merge's weight is the round's samples
+        # the merge's weight is the round's samples
+        round_samples = torch.as_tensor(replica.samples_since_merge, dtype=torch.float64, device=device)
         distance = strategy.merge_replicas(replica, comm)
         replica.project()  # a robust merge need not stay inside the constraint set
         # Evaluated before the statistics are summed: no replica trains on while rank 0 reads
@@ -246,9 +285,8 @@ def run(job: Job, comm: Communicator, device: torch.device | None = None) -> Out
         metrics = {}
         if rank == 0 and validation is not None:
             metrics = evaluate(replica.model, validation[0], validation[1], loss_fn, data.task)
-        stats = torch.stack([loss_sum, torch.tensor(round_samples, dtype=torch.float64, device=device),
-                             distance.to(torch.float64)])
-        loss_total, samples, distance_total = comm.all_reduce_sum(stats).tolist()
+        stats = torch.stack([loss_sum, round_samples, distance.to(torch.float64)], dim=-1)
+        loss_total, samples, distance_total = comm.all_reduce_sum(stats).reshape(-1, 3)[0].tolist()
         samples_seen += int(samples)
         record = {"epoch": round(replica.step / steps_per_epoch, 4), "step": replica.step,
                   "wall_s": time.time() - job.started, "samples": samples_seen,
@@ -263,17 +301,13 @@ def run(job: Job, comm: Communicator, device: torch.device | None = None) -> Out
 
     startup_s = time.time() - job.started
     for epoch in range(config.epochs):
-        order = partition.indices(n, world_size, rank, epoch, config.seed).to(device)
+        orders = [partition.indices(n, world_size, r, epoch, config.seed).to(device) for r in replica.ranks]
         for i in range(steps_per_epoch):
-            batch = order[i * batch_size:(i + 1) * batch_size]
-            count = len(batch)
-            if count:
-                loss_sum += replica.forward_backward(x[batch], y[batch]) * count
-            else:  # this replica's share is used up; it may still take a shared step
-                replica.optimizer.zero_grad(set_to_none=True)
+            loss, count = replica.gradients(x, y, [order[i * batch_size:(i + 1) * batch_size] for order in orders])
+            loss_sum += loss * count
             replica.step += 1
-            if strategy.on_gradients(replica, comm, replica.step, count) or count:
-                replica.optimizer_step(steps_per_epoch, total_steps)
+            shared = strategy.on_gradients(replica, comm, replica.step, count)
+            replica.optimizer_step(steps_per_epoch, total_steps, shared=shared, samples=count)
             replica.samples_since_merge += count
             if strategy.round_ends(replica.step, epoch_end=False):
                 end_round()

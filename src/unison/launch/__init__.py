@@ -9,10 +9,14 @@ CAPABILITIES = {
     "threads": frozenset({"shared_memory"}),
     "processes": frozenset({"shared_memory"}),
     "torchrun": frozenset(),
+    "stacked": frozenset(),
 }
+# Why a backend lacks a capability, by (capability, backend).
 CAPABILITY_REASONS = {
-    "shared_memory": "it needs one model held in one machine's shared memory, and torchrun's "
-                     "workers may run on different machines",
+    ("shared_memory", "torchrun"): "it needs one model held in one machine's shared memory, and "
+                                   "torchrun's workers may run on different machines",
+    ("shared_memory", "stacked"): "its workers must all update one shared model, and stacked replicas "
+                                  "are separate copies trained as one batched computation",
 }
 
 

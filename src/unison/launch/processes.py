@@ -23,6 +23,7 @@ from ..comm import torch_dist
 from ..comm.base import PeerFailed
 from ..errors import ConfigError, UnisonError, WorkerError
 from ..replica import Job, Outcome, run
+from . import stacked as stacked_backend
 from . import threads as threads_backend
 from . import threads_per_worker
 
@@ -31,6 +32,8 @@ GRACE_S = 3.0  # how long a worker may take to stop when asked before it is kill
 
 def launch(job: Job, world_size: int) -> Outcome:
     if world_size == 1:  # one worker needs no process of its own, nor its start-up time
+        if job.config.replicas_per_worker > 1:
+            return stacked_backend.launch(job, job.config.replicas_per_worker)
         return threads_backend.launch(job, 1)
     _check_importable(job)
     job.data.share_memory_()
@@ -158,7 +161,8 @@ def _work(rank: int, world_size: int, port: int, job: Job, pipe) -> None:
         torch.set_num_threads(threads_per_worker(world_size))
         torch.manual_seed(job.config.seed + rank)
         comm = torch_dist.join(rank, world_size, port, job.config.timeout)
-        outcome = run(job, comm)
+        replicas = job.config.replicas_per_worker
+        outcome = run(job, comm) if replicas == 1 else stacked_backend.run_stacked(job, comm, replicas)
         if rank == 0:
             # Sent as bytes: tensors sent through a pipe would live in this process's shared
             # memory, which ends with it.

@@ -13,6 +13,7 @@ import torch
 
 from ..comm import torch_dist
 from ..replica import Job, Outcome, run
+from . import stacked as stacked_backend
 from . import threads_per_worker
 
 
@@ -34,7 +35,8 @@ def launch(job: Job, world_size: int) -> Outcome:
     comm, device, owned = torch_dist.join_from_environment(job.config.timeout)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(job.config.seed + comm.rank)
-        outcome = run(job, comm, device)
+        replicas = job.config.replicas_per_worker
+        outcome = run(job, comm, device) if replicas == 1 else stacked_backend.run_stacked(job, comm, replicas, device)
     shared = comm.broadcast_object({"history": outcome.history, "startup_s": outcome.startup_s}, src=0)
     if owned:
         torch_dist.leave()

@@ -82,23 +82,33 @@ def check_every(name: str, every: Any) -> None:
         raise ConfigError(expected(f"{name}.every", every, "an integer >= 1 or 'epoch'"))
 
 
+def merge_weight(samples: int | torch.Tensor) -> float | torch.Tensor:
+    """A replica's weight in a merge: its samples as a float, or (stacked replicas) one per row."""
+    return samples if isinstance(samples, torch.Tensor) else float(samples)
+
+
 def combined(replica: "Replica", comm: "Communicator", rule: merges.Merge, vector: torch.Tensor,
-             weight: float) -> torch.Tensor:
+             weight: float | torch.Tensor) -> torch.Tensor:
     """Every replica's ``vector`` combined by ``rule``; the same result on every rank.
 
     ``mean`` is one weighted all-reduce. Other rules gather every vector (the weight rides
     along as one extra element), rank 0 combines them and broadcasts the result, so that every
     rank holds bit-identical weights even across machines that round differently. A replica
     that trained on nothing since the last merge still votes: it holds the last merged state.
+
+    Shape-agnostic: ``vector`` is one replica's [P] or, for stacked replicas, [R, P] with one
+    weight per row; the result has the shape of ``vector``.
     """
     if isinstance(rule, merges.Mean):
         return comm.all_reduce_mean(vector.clone(), weight)
-    gathered = comm.all_gather(torch.cat([vector, vector.new_tensor([weight])]))
-    if comm.rank != 0:
-        return comm.broadcast(torch.empty_like(vector), src=0)
-    states, weights = [g[:-1] for g in gathered], [float(g[-1]) for g in gathered]
-    score = replica.score if rule.needs_validation else None
-    return comm.broadcast(rule.combine(states, weights, score=score).contiguous(), src=0)
+    weights_column = torch.as_tensor(weight, dtype=vector.dtype, device=vector.device)
+    weights_column = weights_column.expand(vector.shape[:-1]).unsqueeze(-1)
+    gathered = comm.all_gather(torch.cat([vector, weights_column], dim=-1))
+    merged = torch.empty_like(vector)
+    if comm.rank == 0:
+        states, weights = [g[:-1] for g in gathered], [float(g[-1]) for g in gathered]
+        merged[...] = rule.combine(states, weights, score=replica.score if rule.needs_validation else None)
+    return comm.broadcast(merged, src=0)
 
 
 def merge_states(replica: "Replica", comm: "Communicator", rule: merges.Merge = merges.Mean(), *,
@@ -109,15 +119,16 @@ def merge_states(replica: "Replica", comm: "Communicator", rule: merges.Merge = 
     (FedAvg's weighting; equal shares make it the plain mean). With ``parameters=False`` only
     buffers (BatchNorm statistics) are averaged, for strategies whose parameters are identical
     by construction. Optimizer state is then kept (as torch's model averagers do), reset, or
-    averaged. Returns the Euclidean distance of this replica's parameters to the merge.
+    averaged. Returns the Euclidean distance of this replica's parameters to the merge (one
+    per row for stacked replicas).
     """
-    distance = torch.zeros((), device=replica.device)
-    weight = float(replica.samples_since_merge)
+    weight = merge_weight(replica.samples_since_merge)
     state = replica.state_vector(parameters=parameters)
+    distance = torch.zeros(state.shape[:-1], device=replica.device)
     if state.numel():
         n = replica.num_parameters if parameters else 0
         merged = combined(replica, comm, rule if parameters else merges.Mean(), state, weight)
-        distance = torch.linalg.vector_norm(state[:n] - merged[:n])
+        distance = torch.linalg.vector_norm(state[..., :n] - merged[..., :n], dim=-1)
         replica.load_state_vector(merged, parameters=parameters)
     if optimizer_state == "reset":
         replica.optimizer.state.clear()
@@ -133,4 +144,4 @@ def combine_gradients(replica: "Replica", comm: "Communicator", weight: int,
     """Replace every gradient by the combination over replicas. With ``mean`` (weighted by
     batch size) it is the update of one large batch, θ ← θ − α·(1/b)·Σ∇J(θ; xᵢ, yᵢ), as in
     DistributedDataParallel; a robust rule here is Blanchard et al.'s setting."""
-    replica.load_grad_vector(combined(replica, comm, rule, replica.grad_vector(), float(weight)))
+    replica.load_grad_vector(combined(replica, comm, rule, replica.grad_vector(), merge_weight(weight)))

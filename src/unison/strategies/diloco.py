@@ -9,7 +9,7 @@ import torch
 
 from .. import merges
 from ..errors import ConfigError, expected
-from .base import Strategy, check_every, combined, parse_merge
+from .base import Strategy, check_every, combined, merge_weight, parse_merge
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,9 @@ class DiLoCo(Strategy):
 
     def begin(self, replica, comm):
         # The outer optimizer holds the global parameters θ as one flat tensor; every replica
-        # keeps an identical copy, so the outer step needs no communication of its own.
-        theta = torch.nn.Parameter(replica.state_vector()[:replica.num_parameters].clone())
+        # keeps an identical copy, so the outer step needs no communication of its own
+        # (stacked replicas keep one row each: [R, P], stepped elementwise).
+        theta = torch.nn.Parameter(replica.state_vector()[..., :replica.num_parameters].clone())
         outer = torch.optim.SGD([theta], lr=self.outer_lr, momentum=self.outer_momentum,
                                 nesterov=self.nesterov and self.outer_momentum > 0)
         replica.strategy_state[self.name] = (theta, outer)
@@ -62,13 +63,13 @@ class DiLoCo(Strategy):
         theta, outer = replica.strategy_state[self.name]
         n = replica.num_parameters
         state = replica.state_vector()
-        merged = combined(replica, comm, self.merge, state, float(replica.samples_since_merge))
-        distance = torch.linalg.vector_norm(state[:n] - merged[:n])
-        theta.grad = theta.detach() - merged[:n]   # the pseudo-gradient
+        merged = combined(replica, comm, self.merge, state, merge_weight(replica.samples_since_merge))
+        distance = torch.linalg.vector_norm(state[..., :n] - merged[..., :n], dim=-1)
+        theta.grad = theta.detach() - merged[..., :n]   # the pseudo-gradient
         outer.step()
-        merged[:n] = theta.detach()
+        merged[..., :n] = theta.detach()
         replica.load_state_vector(merged)
         replica.project()  # projected outer SGD: θ itself stays inside the constraint set
         with torch.no_grad():
-            theta.copy_(replica.state_vector()[:n])
+            theta.copy_(replica.state_vector()[..., :n])
         return distance
