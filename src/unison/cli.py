@@ -71,7 +71,8 @@ def _train(args: argparse.Namespace) -> int:
                           "or choose another --out")
 
     t = cfg.train
-    data = prepare(cfg.data.dataset, seed=t.seed, val_fraction=cfg.data.val_fraction, loss=t.loss)
+    data = prepare(cfg.data.dataset, seed=t.seed, val_fraction=cfg.data.val_fraction, loss=t.loss,
+                   label=cfg.data.label)
 
     def model():  # a factory: fit() builds it under the run's seed, so runs repeat
         return mlp(data.features, list(cfg.model.hidden), data.outputs, activation=cfg.model.activation,
