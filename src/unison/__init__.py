@@ -2,9 +2,10 @@
 
 from . import history, merges, models, partitions, strategies
 from .api import Result, fit
+from .comparison import Comparison, compare
 from .errors import CheckpointError, ConfigError, DataError, UnisonError, WorkerError
 
 __version__ = "0.1.0"
 
-__all__ = ["fit", "Result", "strategies", "merges", "partitions", "models",
+__all__ = ["fit", "compare", "Result", "Comparison", "strategies", "merges", "partitions", "models",
            "UnisonError", "ConfigError", "DataError", "WorkerError", "CheckpointError"]

@@ -207,10 +207,15 @@ def load(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> RunConfig:
         raise ConfigError(f"run file {str(path)!r} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"run file {str(path)!r} is not valid TOML: {exc}") from None
+    return from_dict(raw, parse_sets(sets))
+
+
+def parse_sets(sets: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``["train.lr=0.1"]`` → ``{"train.lr": 0.1}``: values are TOML literals or bare strings."""
     overrides = {}
     for item in sets:
         key, eq, value = item.partition("=")
         if not eq:
             raise ConfigError(expected("--set", item, "key=value, e.g. train.lr=0.1"))
         overrides[key.strip()] = _parse_value(value.strip())
-    return from_dict(raw, overrides)
+    return overrides
