@@ -232,12 +232,15 @@ def test_cli_compare_bad_flags_print_one_line_and_exit_2(tmp_path, csv_file, cap
 def test_cli_compare_run_file_with_a_compare_table(tmp_path, csv_file, capsys):
     run_file = tmp_path / "run.toml"
     run_file.write_text(f'[data]\ndataset = "{csv_file}"\n[train]\nbackend = "threads"\nepochs = 2\nbatch_size = 8\n'
-                        '[compare]\nstrategies = ["single", "oneshot"]\ntarget = 0.5\ncolour = "red"\n')
+                        '[compare]\nstrategies = ["single", "oneshot"]\ntarget = 0.5\ncolour = "red"\n'
+                        '[compare.runs."oneshot, same data"]\nstrategy = "oneshot"\npartition = "full"\n')
     assert main(["compare", str(run_file), "--out", str(tmp_path / "a")]) == 2
     assert "unknown setting compare.colour" in capsys.readouterr().err
     run_file.write_text(run_file.read_text().replace('colour = "red"\n', ""))
     assert main(["compare", str(run_file), "--out", str(tmp_path / "a"), "--quiet"]) == 0
-    assert "time to 50.00% (s)" in (tmp_path / "a" / "summary.md").read_text()
+    table = (tmp_path / "a" / "summary.md").read_text()
+    assert "time to 50.00% (s)" in table and "| oneshot, same data | 2 |" in table
+    assert config.load(tmp_path / "a" / "oneshot-same-data" / "config.toml").train.partition.spec() == "full"
     # the resolved config.toml runs again as a run file
     assert main(["compare", str(tmp_path / "a" / "config.toml"), "--out", str(tmp_path / "b"), "--quiet"]) == 0
     assert (tmp_path / "b" / "summary.md").read_text().count("\n|") == (tmp_path / "a" / "summary.md").read_text().count("\n|")

@@ -96,5 +96,9 @@ def test_runner_up_and_start_up_sentences():
     verdict = summary.verdict(summary.summarise(histories))
     assert "1.50× the speed of single (3.00 s), 1.10× the speed of the runner-up sync (2.20 s)." in verdict
     assert "Start-up was over half the time to target for sync (1.80 s of 2.20 s)." in verdict
+    tied = dict(HISTORIES, sync=records([1.9, 2.2], [0.8, 0.95]))
+    assert "Best final validation accuracy: periodic, sync, 95.00%." in summary.verdict(summary.summarise(tied))
+    same = {"a": records([1.0], [0.9]), "b": records([2.0], [0.9])}
+    assert "Every run ended at 90.00% validation accuracy." in summary.verdict(summary.summarise(same))
     nobody = summary.verdict(summary.summarise(HISTORIES, target=0.99))
     assert nobody.startswith("No strategy reached the target (99.00%).")

@@ -341,9 +341,14 @@ def load_settings(raw: Mapping[str, Any], overrides: Mapping[str, Any] | None = 
 
 
 def runs_from_options(options: Mapping[str, Any]) -> Any:
-    """The strategies argument of compare() from a [compare] table (None: the default list)."""
-    runs = options.get("runs")
-    if runs:
-        order = options.get("strategies") or list(runs)
-        return {label: {k: v for k, v in runs[label].items() if k != "dir"} for label in order if label in runs}
-    return options.get("strategies")
+    """The strategies argument of compare() from a [compare] table: the specs in
+    ``strategies`` in order, then the labelled runs of ``[compare.runs.<label>]`` (a label
+    listed in both takes the table's settings). None when neither is given: the default."""
+    runs = options.get("runs") or {}
+    strategies = options.get("strategies")
+    if not runs:
+        return strategies
+    listed = split_specs(strategies) if isinstance(strategies, str) else list(strategies or [])
+    order = listed + [label for label in runs if label not in listed]
+    return {label: {k: v for k, v in runs[label].items() if k != "dir"} if label in runs else label
+            for label in order}

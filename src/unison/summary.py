@@ -210,8 +210,13 @@ def verdict(summary: Summary) -> str:
                      f"runner-up {runner_up.label} ({runner_up.time_to_target_s:.2f} s)")
         sentences.append(text + ".")
     if best_final is not None:
-        sentences.append(f"Best final validation {'accuracy' if higher_is_better(metric) else 'loss'}: "
-                         f"{best_final.label}, {metric_text(best_final.final, metric)}.")
+        name = "accuracy" if higher_is_better(metric) else "loss"
+        tied = [r.label for r in finals if r.final == best_final.final]
+        if len(tied) == len(summary.rows) > 1:
+            sentences.append(f"Every run ended at {metric_text(best_final.final, metric)} validation {name}.")
+        else:
+            sentences.append(f"Best final validation {name}: {', '.join(tied)}, "
+                             f"{metric_text(best_final.final, metric)}.")
     missed = [r.label for r in summary.rows if r.time_to_target_s is None]
     if missed and reached:
         sentences.append(f"Not reached by: {', '.join(missed)}.")
