@@ -53,7 +53,7 @@ def main() -> None:
         SmallConvNet,                 # a factory: built once under the seed, copied to every replica
         (images, labels), val=0.2,    # your arrays; 20% held out for validation, stratified
         strategies=args.strategies, workers=args.workers, backend=args.backend, epochs=args.epochs,
-        batch_size=32, optimizer="adam", lr=3e-3, momentum=0.0, out=args.out)
+        batch_size=32, optimizer="adam", lr=3e-3, out=args.out)
     print(comparison.table())
     print(f"winner: {comparison.winner}; report: {comparison.out / 'report.html'}")
 

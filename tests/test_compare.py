@@ -267,3 +267,10 @@ def test_compare_on_processes_from_the_command_line(tmp_path, csv_file):
     assert [(r["strategy"], r["workers"]) for r in rows] == [("single", "1"), ("periodic(every=epoch)", "2")]
     assert float(rows[1]["startup_s"]) > 0.1  # spawned processes take a while to start
     assert np.isfinite(float(rows[1]["best"]))
+
+
+def test_momentum_defaults_to_0_9_for_sgd_only(tmp_path, blobs, small_model):
+    adam = run_compare(tmp_path, blobs, small_model, strategies="single", optimizer="adam", lr=0.01)
+    assert adam.results["single"].config.momentum == 0.0
+    sgd = run_compare(tmp_path, blobs, small_model, strategies="single", out=tmp_path / "sgd")
+    assert sgd.results["single"].config.momentum == 0.9

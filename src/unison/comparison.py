@@ -138,7 +138,7 @@ def compare(model: nn.Module | Callable[[], nn.Module] | ModelConfig | None = No
             backend: str = _TRAIN["backend"], partition: Any = _TRAIN["partition"],
             epochs: int = _TRAIN["epochs"], batch_size: int = _TRAIN["batch_size"],
             optimizer: str | Callable = _TRAIN["optimizer"], lr: float = _TRAIN["lr"],
-            momentum: float = _TRAIN["momentum"], weight_decay: float = 0.0,
+            momentum: float | None = None, weight_decay: float = 0.0,
             loss: str | Callable | None = None, seed: int = _TRAIN["seed"], label: str | None = None,
             target: float | None = None, target_fraction: float = summaries.TARGET_FRACTION,
             out: str | Path | None = None, overwrite: bool = False, progress: bool = True,
@@ -151,9 +151,12 @@ def compare(model: nn.Module | Callable[[], nn.Module] | ModelConfig | None = No
     single, sync, periodic(every=epoch), periodic(every=16), oneshot and every other
     registered strategy. ``target``: the validation accuracy (loss, for regression) that
     times are measured to; by default ``target_fraction`` of single's best accuracy.
-    ``out``: default runs/<date-time>-compare. Other arguments as unison.fit.
+    ``momentum``: None means 0.9 with SGD and 0 with other optimizers. ``out``: default
+    runs/<date-time>-compare. Other arguments as unison.fit.
     """
     runs = plan(strategies)
+    if momentum is None:
+        momentum = _TRAIN["momentum"] if optimizer == "sgd" else 0.0
     if backend not in BACKENDS:
         raise ConfigError(expected("backend", backend, BACKENDS) + "; compare runs its strategies one after "
                           "another in this process (under torchrun, use `unison train` per strategy)")
@@ -333,10 +336,10 @@ def load_settings(raw: Mapping[str, Any], overrides: Mapping[str, Any] | None = 
     is not used) plus an optional [compare] table: strategies, target, target_fraction, runs."""
     raw = dict(raw)
     options = dict(raw.pop("compare", {}) or {})
-    accepted = ("strategies", "target", "target_fraction", "reference", "runs", "skipped", "machine", "model")
+    settings, recorded = ("strategies", "runs", "target", "target_fraction"), ("reference", "skipped", "machine", "model")
     for key in options:
-        if key not in accepted:
-            raise ConfigError(f"unknown setting compare.{key}; accepted: {', '.join(accepted[:5])}")
+        if key not in settings + recorded:  # what compare records in config.toml is read back and ignored
+            raise ConfigError(f"unknown setting compare.{key}; accepted: {', '.join(settings)}")
     return from_dict(raw, overrides), options
 
 
