@@ -274,3 +274,13 @@ def test_momentum_defaults_to_0_9_for_sgd_only(tmp_path, blobs, small_model):
     assert adam.results["single"].config.momentum == 0.0
     sgd = run_compare(tmp_path, blobs, small_model, strategies="single", out=tmp_path / "sgd")
     assert sgd.results["single"].config.momentum == 0.9
+
+
+def test_report_on_a_train_run_directory(tmp_path, csv_file, capsys):
+    run_file = tmp_path / "run.toml"
+    run_file.write_text(f'[data]\ndataset = "{csv_file}"\n[train]\nstrategy = "sync"\nbackend = "threads"\n'
+                        'epochs = 2\nbatch_size = 8\n')
+    assert main(["train", str(run_file), "--out", str(tmp_path / "t"), "--quiet"]) == 0
+    assert main(["report", str(tmp_path / "t")]) == 0
+    assert "| sync | 2 | 2 |" in (tmp_path / "t" / "summary.md").read_text()
+    assert (tmp_path / "t" / "report.html").exists()

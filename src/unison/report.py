@@ -45,7 +45,8 @@ class Loaded:
 
 
 def load(run_dir: str | Path) -> Loaded:
-    """Read a comparison directory (see the module docstring)."""
+    """Read a comparison directory (see the module docstring); a `unison train` run directory
+    reads as a comparison of one run."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ConfigError(f"run directory {str(run_dir)!r} does not exist")
@@ -54,6 +55,8 @@ def load(run_dir: str | Path) -> Loaded:
     if runs:
         dirs = {label: run_dir / runs[label]["dir"] for label in settings["compare"].get("strategies", runs)
                 if label in runs}
+    elif (run_dir / HISTORY_FILE).is_file():  # one run, as `unison train` writes it
+        dirs = {str(settings.get("train", {}).get("strategy", run_dir.name)): run_dir}
     else:  # no config: every sub-directory with a history, by name
         dirs = {path.parent.name: path.parent for path in sorted(run_dir.glob(f"*/{HISTORY_FILE}"))}
     loaded = Loaded(histories={}, settings=settings, skipped=dict(settings.get("compare", {}).get("skipped", {})))
