@@ -272,8 +272,10 @@ def test_compare_on_processes_from_the_command_line(tmp_path, csv_file):
 def test_momentum_defaults_to_0_9_for_sgd_only(tmp_path, blobs, small_model):
     adam = run_compare(tmp_path, blobs, small_model, strategies="single", optimizer="adam", lr=0.01)
     assert adam.results["single"].config.momentum == 0.0
-    sgd = run_compare(tmp_path, blobs, small_model, strategies="single", out=tmp_path / "sgd")
-    assert sgd.results["single"].config.momentum == 0.9
+    sgd = run_compare(tmp_path, blobs, small_model, strategies="single,sync", out=tmp_path / "sgd",
+                      weight_decay=0.01, timeout=60.0)  # other fit() settings reach every run
+    for result in sgd.results.values():
+        assert (result.config.momentum, result.config.weight_decay, result.config.timeout) == (0.9, 0.01, 60.0)
 
 
 def test_report_on_a_train_run_directory(tmp_path, csv_file, capsys):
@@ -284,3 +286,29 @@ def test_report_on_a_train_run_directory(tmp_path, csv_file, capsys):
     assert main(["report", str(tmp_path / "t")]) == 0
     assert "| sync | 2 | 2 |" in (tmp_path / "t" / "summary.md").read_text()
     assert (tmp_path / "t" / "report.html").exists()
+
+
+def test_every_train_setting_is_a_fit_keyword_so_compare_can_pass_it_through():
+    import inspect
+
+    fit_parameters = inspect.signature(unison.fit).parameters
+    assert set(compare_module.TRAIN_FIELDS) <= set(fit_parameters)
+
+
+def test_an_unknown_training_setting_is_refused(tmp_path, blobs, small_model, no_training):
+    with pytest.raises(ConfigError, match="no setting 'colour'.*weight_decay"):
+        run_compare(tmp_path, blobs, small_model, colour="red")
+
+
+def test_a_registered_strategy_that_needs_options_is_left_out_of_the_default_with_a_reason(
+        tmp_path, blobs, small_model, monkeypatch, capsys):
+    class NeedsOptions(Oneshot):
+        name = "picky"
+
+        def __init__(self, rate):
+            pass
+
+    monkeypatch.setitem(unison.strategies.REGISTRY, "picky", NeedsOptions)
+    result = run_compare(tmp_path, blobs, small_model, strategies=None, epochs=1)
+    assert "picky" not in result.results and "default options" in result.skipped["picky"]
+    assert "picky: skipped, it cannot be built with its default options" in capsys.readouterr().err

@@ -126,6 +126,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     import tomllib
+    from dataclasses import fields
 
     from .comparison import DEFAULTS, compare, load_settings, runs_from_options
     from .report import REPORT_HTML
@@ -145,13 +146,12 @@ def _compare(args: argparse.Namespace) -> int:
     cfg, options = load_settings(raw, overrides)
     strategies = args.strategies if args.strategies is not None else runs_from_options(options)
     target = args.target if args.target is not None else options.get("target")
-    d, t = cfg.data, cfg.train
-    result = compare(cfg.model, d.dataset, d.val_fraction, label=d.label, strategies=strategies,
-                     workers=t.workers, backend=t.backend, partition=t.partition, epochs=t.epochs,
-                     batch_size=t.batch_size, optimizer=t.optimizer, lr=t.lr, momentum=t.momentum,
-                     weight_decay=t.weight_decay, loss=t.loss, seed=t.seed, timeout=t.timeout, target=target,
+    # Every [train] setting but the strategy applies to every run (compare forwards them to fit).
+    train = {f.name: getattr(cfg.train, f.name) for f in fields(cfg.train) if f.name != "strategy"}
+    result = compare(cfg.model, cfg.data.dataset, cfg.data.val_fraction, label=cfg.data.label,
+                     strategies=strategies, target=target,
                      target_fraction=options.get("target_fraction", TARGET_FRACTION), out=args.out,
-                     overwrite=args.overwrite, progress=not args.quiet, tensorboard=args.tensorboard)
+                     overwrite=args.overwrite, progress=not args.quiet, tensorboard=args.tensorboard, **train)
     print(result.table(), end="")
     print(f"report: {result.out / REPORT_HTML}")
     return 0

@@ -37,9 +37,10 @@ DEFAULT_STRATEGIES = ("single", "sync", "periodic(every=epoch)", "periodic(every
 DEFAULTS = {"data": {"dataset": "digits", "val_fraction": 0.2}, "model": {"hidden": [64]},
             "train": {"workers": 2, "backend": "processes", "partition": "shard", "epochs": 20,
                       "batch_size": 16, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "seed": 0}}
-# What one run of a comparison may set differently from the others.
-RUN_OPTIONS = ("strategy", "partition", "workers", "batch_size", "lr", "momentum", "weight_decay",
-               "optimizer", "epochs")
+# Every TrainConfig field is a keyword of fit(); compare passes them all through, so settings
+# added to TrainConfig later reach every run. A run may set any of them but these differently.
+TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+RUN_OPTIONS = tuple(name for name in TRAIN_FIELDS if name not in ("backend", "seed", "timeout"))
 BACKENDS = ("threads", "processes")
 _TRAIN = DEFAULTS["train"]
 
@@ -79,11 +80,20 @@ class Run:
         return re.sub(r"[^A-Za-z0-9_.]+", "-", self.label).strip("-.") or "run"
 
 
-def plan(strategies: Any = None) -> list[Run]:
+def plan(strategies: Any = None) -> tuple[list[Run], dict[str, str]]:
     """Runs from None (the default list), ``"a,b"``, a list of specs or Strategy objects, or a
-    mapping label → spec, Strategy, or a dict of run options (strategy, partition, workers, ...)."""
+    mapping label → spec, Strategy, or a dict of run options (strategy, partition, workers, ...).
+    Also returns the registered strategies the default list leaves out, with the reason: those
+    that cannot be built without options."""
+    unavailable: dict[str, str] = {}
     if strategies is None:
-        strategies = default_strategies()
+        strategies = []
+        for spec in default_strategies():
+            try:
+                parse(spec)
+                strategies.append(spec)
+            except (ConfigError, TypeError) as exc:
+                unavailable[spec] = f"it cannot be built with its default options ({exc})"
     if isinstance(strategies, str):
         strategies = split_specs(strategies)
     elif isinstance(strategies, Strategy):
@@ -110,7 +120,7 @@ def plan(strategies: Any = None) -> list[Run]:
         runs.append(run)
     if not runs:
         raise ConfigError(expected("strategies", strategies, "at least one strategy, e.g. 'single,sync'"))
-    return runs
+    return runs, unavailable
 
 
 @dataclasses.dataclass
@@ -138,11 +148,10 @@ def compare(model: nn.Module | Callable[[], nn.Module] | ModelConfig | None = No
             backend: str = _TRAIN["backend"], partition: Any = _TRAIN["partition"],
             epochs: int = _TRAIN["epochs"], batch_size: int = _TRAIN["batch_size"],
             optimizer: str | Callable = _TRAIN["optimizer"], lr: float = _TRAIN["lr"],
-            momentum: float | None = None, weight_decay: float = 0.0,
-            loss: str | Callable | None = None, seed: int = _TRAIN["seed"], label: str | None = None,
+            momentum: float | None = None, seed: int = _TRAIN["seed"], label: str | None = None,
             target: float | None = None, target_fraction: float = summaries.TARGET_FRACTION,
             out: str | Path | None = None, overwrite: bool = False, progress: bool = True,
-            tensorboard: bool = False, timeout: float = 300.0) -> Comparison:
+            tensorboard: bool = False, **train: Any) -> Comparison:
     """Train ``model`` on ``data`` once per strategy and write the comparison to ``out``.
 
     ``model``: an nn.Module, a factory, a ModelConfig (an MLP sized to the data) or None (an
@@ -152,19 +161,24 @@ def compare(model: nn.Module | Callable[[], nn.Module] | ModelConfig | None = No
     registered strategy. ``target``: the validation accuracy (loss, for regression) that
     times are measured to; by default ``target_fraction`` of single's best accuracy.
     ``momentum``: None means 0.9 with SGD and 0 with other optimizers. ``out``: default
-    runs/<date-time>-compare. Other arguments as unison.fit.
+    runs/<date-time>-compare. Every other training setting of unison.fit (weight_decay, loss,
+    timeout, ...) is accepted as a keyword and applies to every run.
     """
-    runs = plan(strategies)
-    if momentum is None:
-        momentum = _TRAIN["momentum"] if optimizer == "sgd" else 0.0
+    runs, skipped = plan(strategies)
     if backend not in BACKENDS:
         raise ConfigError(expected("backend", backend, BACKENDS) + "; compare runs its strategies one after "
                           "another in this process (under torchrun, use `unison train` per strategy)")
-    common = dict(workers=workers, backend=backend, partition=partition, epochs=epochs, batch_size=batch_size,
-                  optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay, loss=loss,
-                  seed=seed, timeout=timeout)
+    unknown = [key for key in train if key not in TRAIN_FIELDS or key == "strategy"]
+    if unknown:
+        raise ConfigError(f"compare() has no setting {unknown[0]!r}; accepted training settings: "
+                          f"{', '.join(name for name in TRAIN_FIELDS if name != 'strategy')}")
+    if momentum is None:
+        momentum = _TRAIN["momentum"] if optimizer == "sgd" else 0.0
+    common = train | dict(workers=workers, backend=backend, partition=partition, epochs=epochs,
+                          batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum, seed=seed)
     configs = {run.label: _train_config(common | run.options | {"strategy": run.strategy}) for run in runs}
     check_float("target_fraction", target_fraction, low=0.0, high=1.0, low_open=True, high_open=False)
+    loss = train.get("loss")
     train_data = prepare(data, val, seed=seed, loss=loss if isinstance(loss, str) else None, label=label)
     if train_data.x_val is None:
         raise ConfigError("compare needs validation data to judge the strategies: pass val= (a fraction "
@@ -183,22 +197,19 @@ def compare(model: nn.Module | Callable[[], nn.Module] | ModelConfig | None = No
     settings = _settings(train_data, data, val, label, model_table, model, common, runs, target, target_fraction)
     scratch = rundir.scratch_for(out)
     results: dict[str, Result] = {}
-    skipped: dict[str, str] = {}
+    for name, reason in skipped.items():
+        print(f"{name}: skipped, {reason}", file=sys.stderr)
     try:
         scratch.mkdir(parents=True)
-        _warm_up(build_model, train_data, configs[runs[0].label], optimizer, loss)
+        _warm_up(build_model, train_data, configs[runs[0].label], common)
         for number, run in enumerate(runs, start=1):
             config = configs[run.label]
             reason = _cannot_run(config)
             if reason is None:
                 try:
                     started = time.time()
-                    result = fit(build_model, train_data, strategy=config.strategy, workers=config.workers,
-                                 backend=backend, partition=config.partition, epochs=config.epochs,
-                                 batch_size=config.batch_size, optimizer=optimizer if callable(optimizer)
-                                 else config.optimizer, lr=config.lr, momentum=config.momentum,
-                                 weight_decay=config.weight_decay, loss=loss, seed=seed, progress=progress,
-                                 log_dir=scratch / run.dir_name, timeout=timeout)
+                    result = fit(build_model, train_data, **_fit_arguments(config, common),
+                                 progress=progress, log_dir=scratch / run.dir_name)
                 except ConfigError as exc:
                     reason = f"refused: {exc}"
                 except WorkerError as exc:
@@ -228,16 +239,15 @@ def compare(model: nn.Module | Callable[[], nn.Module] | ModelConfig | None = No
     return Comparison(results=results, summary=summary, skipped=skipped, out=out)
 
 
-def _warm_up(model: Any, data, config: TrainConfig, optimizer: Any, loss: Any) -> None:
+def _warm_up(model: Any, data, config: TrainConfig, common: dict[str, Any]) -> None:
     """Train one worker for a moment on a few samples, so that one-off costs of this process
     (torch imports its compiler stack lazily at the first optimizer step, about a second) are
     not charged to whichever run comes first. Its failures are left to the real runs."""
     n = 2 * config.batch_size
     sample = dataclasses.replace(data, x=data.x[:n], y=data.y[:n], x_val=data.x_val[:n], y_val=data.y_val[:n])
+    arguments = _fit_arguments(config, common) | {"strategy": "single", "backend": "threads", "epochs": 1}
     try:
-        fit(model, sample, strategy="single", backend="threads", epochs=1, batch_size=config.batch_size,
-            optimizer=optimizer if callable(optimizer) else config.optimizer, lr=config.lr,
-            momentum=config.momentum, loss=loss, seed=config.seed, progress=False)
+        fit(model, sample, **arguments, progress=False)
     except UnisonError:
         pass
 
@@ -246,9 +256,19 @@ def _train_config(values: dict[str, Any]) -> TrainConfig:
     """A TrainConfig for one run: every value checked now, before any worker starts."""
     values = dict(values)
     for key in ("optimizer", "loss"):
-        if callable(values[key]):
+        if callable(values.get(key)):
             values[key] = "custom"
     return TrainConfig(**values)
+
+
+def _fit_arguments(config: TrainConfig, common: dict[str, Any]) -> dict[str, Any]:
+    """fit()'s keywords for a run: its checked settings, with the caller's own optimizer and
+    loss callables where the config only says "custom"."""
+    arguments = {name: getattr(config, name) for name in TRAIN_FIELDS}
+    for key in ("optimizer", "loss"):
+        if callable(common.get(key)):
+            arguments[key] = common[key]
+    return arguments
 
 
 def _cannot_run(config: TrainConfig) -> str | None:
