@@ -21,10 +21,10 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
-# The main job: the seed's XOR demo, then digits trained by per-epoch averaging on 4 workers.
+# The main job: every strategy on digits, side by side; writes runs/<date-time>-compare/
+# with summary.md, plots and report.html.
 run: install
-	$(PY) -m unison demo xor
-	$(PY) -m unison train examples/digits.toml --overwrite --out runs/digits
+	$(PY) -m unison compare
 
 test: install-dev
 	$(PY) -m pytest

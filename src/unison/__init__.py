@@ -2,9 +2,11 @@
 
 from . import history, merges, models, partitions, penalties, schedules, strategies
 from .api import Result, fit
+from .comparison import Comparison, compare
 from .errors import CheckpointError, ConfigError, DataError, UnisonError, WorkerError
 
 __version__ = "0.1.0"
 
-__all__ = ["fit", "Result", "strategies", "merges", "partitions", "penalties", "schedules", "models", "history",
+__all__ = ["fit", "compare", "Result", "Comparison", "strategies", "merges", "partitions", "penalties",
+           "schedules", "models", "history",
            "UnisonError", "ConfigError", "DataError", "WorkerError", "CheckpointError"]

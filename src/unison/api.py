@@ -17,7 +17,7 @@ from torch import nn
 from .config import TrainConfig
 from .data import CLASSIFICATION, TrainData, prepare
 from .errors import ConfigError, DataError, expected
-from .history import write_jsonl
+from .history import with_throughput, write_jsonl
 from .launch import CAPABILITIES, CAPABILITY_REASONS
 from .launch import torchrun as torchrun_backend
 from .replica import Job, build_optimizer, resolve_loss
@@ -167,7 +167,8 @@ def fit(model: nn.Module | Callable[[], nn.Module], data: Any, val: Any = None, 
 
     merged = copy.deepcopy(start_model)
     merged.load_state_dict(outcome.state)
-    result = Result(model=merged, history=outcome.history, config=config, workers=world_size,
+    result = Result(model=merged, history=with_throughput(outcome.history, outcome.startup_s),
+                    config=config, workers=world_size,
                     startup_s=outcome.startup_s, wall_s=time.time() - started, data_name=train.name)
     if log_path is not None:
         write_jsonl(log_path / HISTORY_FILE, result.history)

@@ -1,4 +1,5 @@
-"""`unison train|demo`: a thin layer that maps a TOML run file and flags onto fit().
+"""`unison train|compare|report|demo`: a thin layer that maps TOML run files and flags onto
+fit() and compare().
 
 Every unison error becomes one line on stderr and exit status 2, never a traceback.
 """
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from . import config as run_config
 from .errors import ConfigError, UnisonError
+from .rundir import replace_dir as _replace_dir
 
 
 class _Parser(argparse.ArgumentParser):
@@ -33,6 +35,30 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    compare = commands.add_parser(
+        "compare", help="train with several strategies and report which reaches a good model fastest",
+        description="With no arguments: digits, an MLP, 2 workers on processes, the default strategies "
+                    "and every other registered one.")
+    compare.add_argument("run_file", nargs="?", help="TOML with [data], [model], [train] and [compare] "
+                         "tables (default: the embedded digits comparison)")
+    compare.add_argument("--strategies", help="comma-separated, e.g. 'single,sync,periodic(every=8)'")
+    compare.add_argument("--dataset", help="a built-in name, 'synthetic(samples=..)' or a .csv/.npz/.pt file")
+    compare.add_argument("--workers", type=int, help="workers per run (single always uses one)")
+    compare.add_argument("--backend", help="threads, processes or stacked")
+    compare.add_argument("--epochs", type=int, help="epochs per run")
+    compare.add_argument("--target", type=float, help="validation accuracy to time (default: 98%% of "
+                         "single's best)")
+    compare.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a setting, e.g. --set train.lr=0.1 (repeatable)")
+    compare.add_argument("--out", help="output directory (default runs/<date-time>-compare)")
+    compare.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    compare.add_argument("--quiet", action="store_true", help="no progress output")
+    compare.add_argument("--tensorboard", action="store_true",
+                         help="also write TensorBoard scalars (needs the tensorboard extra)")
+
+    report = commands.add_parser("report", help="rebuild a comparison's summary, plots and report.html")
+    report.add_argument("run_dir", help="a directory written by `unison compare`")
+
     demo = commands.add_parser("demo", help="the seed's sample run")
     demo.add_argument("name", choices=["xor"], help="which demo")
     demo.add_argument("--backend", default="threads", choices=run_config.BACKENDS[:2])
@@ -42,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return _train(args) if args.command == "train" else _demo(args)
+        return {"train": _train, "compare": _compare, "report": _report, "demo": _demo}[args.command](args)
     except UnisonError as exc:
         print(f"unison: error: {exc}", file=sys.stderr)
         return 2
@@ -71,7 +97,8 @@ def _train(args: argparse.Namespace) -> int:
                           "or choose another --out")
 
     t = cfg.train
-    data = prepare(cfg.data.dataset, seed=t.seed, val_fraction=cfg.data.val_fraction, loss=t.loss)
+    data = prepare(cfg.data.dataset, seed=t.seed, val_fraction=cfg.data.val_fraction, loss=t.loss,
+                   label=cfg.data.label)
 
     def model():  # a factory: fit() builds it under the run's seed, so runs repeat
         return mlp(data.features, list(cfg.model.hidden), data.outputs, activation=cfg.model.activation,
@@ -94,15 +121,47 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move ``new`` to ``target``; an old ``target`` is removed only once ``new`` is in place."""
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        target.rename(old)
-    new.rename(target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def _compare(args: argparse.Namespace) -> int:
+    import tomllib
+    from dataclasses import fields
+
+    from .comparison import DEFAULTS, compare, load_settings, runs_from_options
+    from .report import REPORT_HTML
+    from .summary import TARGET_FRACTION
+
+    raw: dict = DEFAULTS
+    if args.run_file:
+        try:
+            raw = tomllib.loads(Path(args.run_file).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"run file {args.run_file!r} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"run file {args.run_file!r} is not valid TOML: {exc}") from None
+    flags = {"data.dataset": args.dataset, "train.workers": args.workers, "train.backend": args.backend,
+             "train.epochs": args.epochs}
+    overrides = run_config.parse_sets(args.sets) | {k: v for k, v in flags.items() if v is not None}
+    cfg, options = load_settings(raw, overrides)
+    strategies = args.strategies if args.strategies is not None else runs_from_options(options)
+    target = args.target if args.target is not None else options.get("target")
+    # Every [train] setting but the strategy applies to every run (compare forwards them to fit).
+    train = {f.name: getattr(cfg.train, f.name) for f in fields(cfg.train) if f.name != "strategy"}
+    result = compare(cfg.model, cfg.data.dataset, cfg.data.val_fraction, label=cfg.data.label,
+                     strategies=strategies, target=target,
+                     target_fraction=options.get("target_fraction", TARGET_FRACTION), out=args.out,
+                     overwrite=args.overwrite, progress=not args.quiet, tensorboard=args.tensorboard, **train)
+    print(result.table(), end="")
+    print(f"report: {result.out / REPORT_HTML}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from . import report
+    from .summary import markdown
+
+    summary = report.build(args.run_dir)
+    print(markdown(summary), end="")
+    print(f"report: {Path(args.run_dir) / report.REPORT_HTML}")
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -49,15 +49,19 @@ def check_choice(field_name: str, value: Any, choices: tuple[str, ...]) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    """Which data set to train on and how much of it to hold out for validation."""
+    """Which data set to train on (a built-in name, ``synthetic(samples=..)`` or a .csv/.npz/.pt
+    file), which CSV column holds the labels (default the last), and how much to hold out."""
 
     dataset: str = "digits"
     val_fraction: float = 0.2
+    label: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.dataset, str) or not self.dataset:
             raise ConfigError(expected("data.dataset", self.dataset, "a built-in name or a file path"))
         check_float("data.val_fraction", self.val_fraction, low=0.0, high=1.0)
+        if self.label is not None and (not isinstance(self.label, str) or not self.label):
+            raise ConfigError(expected("data.label", self.label, "the name of a CSV column"))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -246,10 +250,15 @@ def load(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> RunConfig:
         raise ConfigError(f"run file {str(path)!r} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"run file {str(path)!r} is not valid TOML: {exc}") from None
+    return from_dict(raw, parse_sets(sets))
+
+
+def parse_sets(sets: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``["train.lr=0.1"]`` → ``{"train.lr": 0.1}``: values are TOML literals or bare strings."""
     overrides = {}
     for item in sets:
         key, eq, value = item.partition("=")
         if not eq:
             raise ConfigError(expected("--set", item, "key=value, e.g. train.lr=0.1"))
         overrides[key.strip()] = _parse_value(value.strip())
-    return from_dict(raw, overrides)
+    return overrides

@@ -7,12 +7,15 @@ Python on the training path, and on the processes backend the tensors sit in sha
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from . import datafiles
 from .errors import DataError, expected
 
 CLASSIFICATION, REGRESSION = "classification", "regression"
@@ -81,6 +84,67 @@ BUILTINS: dict[str, Callable[[], tuple[np.ndarray, np.ndarray]]] = {
 }
 
 
+SYNTHETIC_OPTIONS = {"samples": 10000, "features": 20, "classes": 4}
+_SYNTHETIC = re.compile(r"\s*synthetic\s*(?:\((.*)\))?\s*")
+
+
+def synthetic_options(spec: str) -> dict[str, int] | None:
+    """The options of ``"synthetic(samples=5000, classes=3)"`` (defaults filled in), or None
+    when ``spec`` does not name the synthetic set."""
+    match = _SYNTHETIC.fullmatch(spec)
+    if not match:
+        return None
+    options = dict(SYNTHETIC_OPTIONS)
+    for item in filter(str.strip, (match.group(1) or "").split(",")):
+        key, eq, value = (part.strip() for part in item.partition("="))
+        if key not in SYNTHETIC_OPTIONS or not eq:
+            raise DataError(f"data={spec!r}: option {item.strip()!r} is not accepted; expected key=value "
+                            f"with key one of {', '.join(SYNTHETIC_OPTIONS)}")
+        try:
+            options[key] = int(value)
+        except ValueError:
+            raise DataError(expected(f"synthetic.{key}", value, "an integer")) from None
+    minimums = {"samples": 10, "features": 2, "classes": 2}
+    for key, low in minimums.items():
+        if options[key] < low:
+            raise DataError(expected(f"synthetic.{key}", options[key], f"an integer >= {low}"))
+    if options["samples"] < 5 * options["classes"]:
+        raise DataError(f"synthetic.samples={options['samples']} is too few for {options['classes']} classes; "
+                        f"expected at least {5 * options['classes']}")
+    return options
+
+
+def _synthetic(samples: int, features: int, classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's make_classification: class clusters on the corners of a hypercube in
+    the informative features, plus noise features; reproducible (random_state=0)."""
+    from sklearn.datasets import make_classification
+
+    informative = min(features, max(2, features // 2, math.ceil(math.log2(2 * classes))))
+    if 2 * classes > 2 ** informative:
+        raise DataError(f"synthetic: {classes} classes need more than {features} features "
+                        f"(at least {math.ceil(math.log2(2 * classes))})")
+    return make_classification(n_samples=samples, n_features=features, n_informative=informative,
+                               n_redundant=0, n_classes=classes, random_state=0)
+
+
+def is_builtin(name: str) -> bool:
+    return name in BUILTINS or synthetic_options(name) is not None
+
+
+def _named(name: str, label: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw (X, y) of a built-in set, the synthetic set, or a data file."""
+    if name in BUILTINS:
+        x_np, y_np = BUILTINS[name]()
+    elif (options := synthetic_options(name)) is not None:
+        x_np, y_np = _synthetic(**options)
+    elif datafiles.is_data_file(name):
+        return datafiles.read(name, label)
+    else:
+        raise DataError(expected("data", name, tuple(BUILTINS) + ("synthetic(samples=, features=, classes=)",
+                                                                  "a .csv, .npz or .pt file")))
+    return torch.from_numpy(np.asarray(x_np, dtype=np.float32)), torch.from_numpy(np.asarray(y_np))
+
+
 def _to_tensor(value: Any, field: str) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value.detach().cpu()
@@ -145,30 +209,30 @@ def _targets(y: torch.Tensor, loss: str | None, field: str) -> tuple[torch.Tenso
 
 
 def prepare(data: Any, val: Any = None, *, seed: int = 0, val_fraction: float = 0.2,
-            loss: str | None = None) -> TrainData:
+            loss: str | None = None, label: str | None = None) -> TrainData:
     """Check and convert training (and validation) data.
 
-    ``data``: a built-in name, an (X, y) pair, or a torch Dataset. ``val``: the same forms, a
-    fraction of ``data`` to hold out, or None (built-in names then hold out ``val_fraction``;
-    other data gets no validation set). Built-in sets are standardised with statistics of
-    their training split only.
+    ``data``: a built-in name, ``"synthetic(samples=, features=, classes=)"``, the path of a
+    .csv/.npz/.pt file (``label``: the CSV label column, default the last), an (X, y) pair, or
+    a torch Dataset. ``val``: the same forms, a fraction of ``data`` to hold out, or None
+    (named sets and files then hold out ``val_fraction``; other data gets no validation set).
+    Named sets and files are standardised with statistics of their training split only.
     """
     if isinstance(data, TrainData):
         return data
+    if label is not None and not (isinstance(data, str) and data.lower().endswith(".csv")):
+        raise DataError(f"label={label!r} names a column of a .csv file; data={_short(data)} is not one")
     name = "data"
     standardise = False
     if isinstance(data, str):
-        if data not in BUILTINS:
-            raise DataError(expected("data", data, tuple(BUILTINS)))
+        x, y = _named(data, label)
         name, standardise = data, True
-        x_np, y_np = BUILTINS[data]()
-        x, y = torch.from_numpy(np.asarray(x_np, dtype=np.float32)), torch.from_numpy(np.asarray(y_np))
         if val is None:
             val = val_fraction
     else:
         x, y = _split_pair(data, "data")
-    _check_pair(x, y, "data")
-    y, task = _targets(y, loss, "data")
+    _check_pair(x, y, name)
+    y, task = _targets(y, loss, name)
     x = x.float()
 
     x_val = y_val = None
@@ -199,6 +263,10 @@ def prepare(data: Any, val: Any = None, *, seed: int = 0, val_fraction: float = 
     return TrainData(x.contiguous(), y.contiguous(),
                      None if x_val is None else x_val.contiguous(),
                      None if y_val is None else y_val.contiguous(), task, num_classes, name, mean, std)
+
+
+def _short(data: Any) -> str:
+    return repr(data) if isinstance(data, str) else type(data).__name__
 
 
 def _holdout(x: torch.Tensor, y: torch.Tensor, fraction: float, seed: int, task: str):

@@ -1,0 +1,379 @@
+"""compare(): the same model, data and seed trained with several strategies, one run after
+another, then a summary, plots and an HTML report of which reached a good model fastest.
+
+Everything is checked before the first worker starts. A strategy the backend cannot run (or
+whose settings it refuses) is skipped with the reason printed; a run whose workers fail is
+reported as failed and the comparison goes on. The output directory is written in scratch
+and appears only when complete; an existing one is replaced only with ``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import tomli_w
+import torch
+from torch import nn
+
+from . import history, report, rundir
+from . import summary as summaries
+from .api import Result, fit
+from .config import DataConfig, ModelConfig, RunConfig, TrainConfig, check_float, from_dict
+from .data import prepare
+from .errors import ConfigError, UnisonError, WorkerError, expected
+from .launch import CAPABILITIES, cpu_cores
+from .models import mlp
+from .strategies import REGISTRY, Strategy, parse
+
+# The embedded default: digits, an MLP with one hidden layer of 64, 2 workers on processes.
+DEFAULT_STRATEGIES = ("single", "sync", "periodic(every=epoch)", "periodic(every=16)", "oneshot")
+DEFAULTS = {"data": {"dataset": "digits", "val_fraction": 0.2}, "model": {"hidden": [64]},
+            "train": {"workers": 2, "backend": "processes", "partition": "shard", "epochs": 20,
+                      "batch_size": 16, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "seed": 0}}
+# Every TrainConfig field is a keyword of fit(); compare passes them all through, so settings
+# added to TrainConfig later reach every run. A run may set any of them but these differently.
+TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+# A run may differ from the others in anything but the seed (same data split and start) and
+# the timeout; its backend may differ too, e.g. periodic on processes against periodic stacked.
+RUN_OPTIONS = tuple(name for name in TRAIN_FIELDS if name not in ("seed", "timeout"))
+BACKENDS = ("threads", "processes", "stacked")
+_TRAIN = DEFAULTS["train"]
+
+
+def default_strategies() -> list[str]:
+    """The default list plus every other registered strategy, with its default options: a
+    strategy added to unison.strategies.REGISTRY later joins the comparison by itself."""
+    covered = {parse(spec).name for spec in DEFAULT_STRATEGIES}
+    return list(DEFAULT_STRATEGIES) + [name for name in REGISTRY if name not in covered]
+
+
+def split_specs(text: str) -> list[str]:
+    """``"sync,periodic(every=8, warmup=2)"`` → ``["sync", "periodic(every=8, warmup=2)"]``:
+    commas inside parentheses belong to a strategy's options."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    parts.append(current)
+    return [part.strip() for part in parts if part.strip()]
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One run of a comparison: a label, its strategy and what it sets differently."""
+
+    label: str
+    strategy: Strategy
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def dir_name(self) -> str:
+        return re.sub(r"[^A-Za-z0-9_.]+", "-", self.label).strip("-.") or "run"
+
+
+def plan(strategies: Any = None) -> tuple[list[Run], dict[str, str]]:
+    """Runs from None (the default list), ``"a,b"``, a list of specs or Strategy objects, or a
+    mapping label → spec, Strategy, or a dict of run options (strategy, partition, workers, ...).
+    Also returns the registered strategies the default list leaves out, with the reason: those
+    that cannot be built without options."""
+    unavailable: dict[str, str] = {}
+    if strategies is None:
+        strategies = []
+        for spec in default_strategies():
+            try:
+                parse(spec)
+                strategies.append(spec)
+            except (ConfigError, TypeError) as exc:
+                unavailable[spec] = f"it cannot be built with its default options ({exc})"
+    if isinstance(strategies, str):
+        strategies = split_specs(strategies)
+    elif isinstance(strategies, Strategy):
+        strategies = [strategies]
+    if isinstance(strategies, Mapping):
+        items = list(strategies.items())
+    elif isinstance(strategies, (list, tuple)):
+        items = [(s.spec() if isinstance(s, Strategy) else str(s).strip(), s) for s in strategies]
+    else:
+        raise ConfigError(expected("strategies", strategies, "names such as 'single,sync', a list of "
+                                   "names or Strategy objects, or a mapping label -> strategy"))
+    runs, seen = [], set()
+    for label, value in items:
+        options = dict(value) if isinstance(value, Mapping) else {"strategy": value}
+        unknown = [key for key in options if key not in RUN_OPTIONS]
+        if unknown or "strategy" not in options:
+            raise ConfigError(f"run {label!r}: " + (f"unknown option {unknown[0]!r}" if unknown else
+                              "no strategy") + f"; accepted: {', '.join(RUN_OPTIONS)}")
+        label = str(label)
+        run = Run(label, parse(options.pop("strategy")), options)
+        if label in seen or run.dir_name in {r.dir_name for r in runs}:
+            raise ConfigError(f"strategies: {label!r} is listed twice; give each run its own label")
+        seen.add(label)
+        runs.append(run)
+    if not runs:
+        raise ConfigError(expected("strategies", strategies, "at least one strategy, e.g. 'single,sync'"))
+    return runs, unavailable
+
+
+@dataclasses.dataclass
+class Comparison:
+    """What compare() returns: each run's Result, the summary table and where it was written."""
+
+    results: dict[str, Result]
+    summary: summaries.Summary
+    skipped: dict[str, str]
+    out: Path
+
+    def table(self) -> str:
+        """The summary as Markdown (the table, the target and the verdict)."""
+        return summaries.markdown(self.summary)
+
+    @property
+    def winner(self) -> str | None:
+        """The label of the run that reached the target first (None if none did)."""
+        reached = [r for r in self.summary.rows if r.time_to_target_s is not None]
+        return min(reached, key=lambda r: r.time_to_target_s).label if reached else None
+
+
+def compare(model: nn.Module | Callable[[], nn.Module] | ModelConfig | None = None, data: Any = "digits",
+            val: Any = None, *, strategies: Any = None, workers: int = _TRAIN["workers"],
+            backend: str = _TRAIN["backend"], partition: Any = _TRAIN["partition"],
+            epochs: int = _TRAIN["epochs"], batch_size: int = _TRAIN["batch_size"],
+            optimizer: str | Callable = _TRAIN["optimizer"], lr: float = _TRAIN["lr"],
+            momentum: float | None = None, seed: int = _TRAIN["seed"], label: str | None = None,
+            target: float | None = None, target_fraction: float = summaries.TARGET_FRACTION,
+            out: str | Path | None = None, overwrite: bool = False, progress: bool = True,
+            tensorboard: bool = False, **train: Any) -> Comparison:
+    """Train ``model`` on ``data`` once per strategy and write the comparison to ``out``.
+
+    ``model``: an nn.Module, a factory, a ModelConfig (an MLP sized to the data) or None (an
+    MLP with one hidden layer of 64). ``data``/``val``/``label``: as unison.fit and
+    unison.data.prepare; a validation set is required. ``strategies``: see plan(); by default
+    single, sync, periodic(every=epoch), periodic(every=16), oneshot and every other
+    registered strategy. ``target``: the validation accuracy (loss, for regression) that
+    times are measured to; by default ``target_fraction`` of single's best accuracy.
+    ``momentum``: None means 0.9 with SGD and 0 with other optimizers. ``out``: default
+    runs/<date-time>-compare. Every other training setting of unison.fit (weight_decay, loss,
+    timeout, ...) is accepted as a keyword and applies to every run.
+    """
+    runs, skipped = plan(strategies)
+    if backend not in BACKENDS:
+        raise ConfigError(expected("backend", backend, BACKENDS) + "; compare runs its strategies one after "
+                          "another in this process (under torchrun, use `unison train` per strategy)")
+    unknown = [key for key in train if key not in TRAIN_FIELDS or key == "strategy"]
+    if unknown:
+        raise ConfigError(f"compare() has no setting {unknown[0]!r}; accepted training settings: "
+                          f"{', '.join(name for name in TRAIN_FIELDS if name != 'strategy')}")
+    if momentum is None:
+        momentum = _TRAIN["momentum"] if optimizer == "sgd" else 0.0
+    common = train | dict(workers=workers, backend=backend, partition=partition, epochs=epochs,
+                          batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum, seed=seed)
+    configs = {run.label: _train_config(common | run.options | {"strategy": run.strategy}) for run in runs}
+    check_float("target_fraction", target_fraction, low=0.0, high=1.0, low_open=True, high_open=False)
+    loss = train.get("loss")
+    train_data = prepare(data, val, seed=seed, loss=loss if isinstance(loss, str) else None, label=label)
+    if train_data.x_val is None:
+        raise ConfigError("compare needs validation data to judge the strategies: pass val= (a fraction "
+                          "such as 0.2, or (X, y)) or a named data set (which holds out 20%)")
+    if target is not None:
+        if train_data.task == "classification":
+            check_float("target", target, low=0.0, high=1.0, low_open=True, high_open=False)
+        else:
+            check_float("target", target, low=0.0, low_open=True)
+    out = Path(out) if out is not None else rundir.default_out("compare")
+    rundir.check_free(out, overwrite)
+    if tensorboard:
+        history.tensorboard_writer_class()  # ConfigError now, not after the first run
+    model_table, build_model = _model(model, train_data)
+
+    settings = _settings(train_data, data, val, label, model_table, model, common, runs, target, target_fraction)
+    scratch = rundir.scratch_for(out)
+    results: dict[str, Result] = {}
+    for name, reason in skipped.items():
+        print(f"{name}: skipped, {reason}", file=sys.stderr)
+    try:
+        scratch.mkdir(parents=True)
+        _warm_up(build_model, train_data, configs[runs[0].label], common)
+        for number, run in enumerate(runs, start=1):
+            config = configs[run.label]
+            reason = _cannot_run(config)
+            if reason is None:
+                try:
+                    started = time.time()
+                    result = fit(build_model, train_data, **_fit_arguments(config, common),
+                                 progress=progress, log_dir=scratch / run.dir_name)
+                except ConfigError as exc:
+                    reason = f"refused: {exc}"
+                except WorkerError as exc:
+                    reason = f"failed: {exc}"
+            if reason is not None:
+                skipped[run.label] = reason
+                shutil.rmtree(scratch / run.dir_name, ignore_errors=True)
+                print(f"[{number}/{len(runs)}] {run.label}: skipped, {reason}", file=sys.stderr)
+                continue
+            results[run.label] = result
+            _write_run(scratch / run.dir_name, settings, config, result)
+            if tensorboard:
+                history.write_tensorboard(result.history, scratch / "tensorboard" / run.dir_name, started=started)
+            if progress:
+                print(f"[{number}/{len(runs)}] {run.label}: {_line(result)}", flush=True)
+        if not results:
+            first = next(iter(skipped.values()))
+            error = WorkerError if first.startswith("failed") else ConfigError
+            raise error(f"no strategy could run; {next(iter(skipped))}: {first}")
+        if skipped:
+            settings["compare"]["skipped"] = skipped
+        (scratch / report.CONFIG_FILE).write_text(_toml(settings))
+        summary = report.build(scratch)
+        rundir.replace_dir(scratch, out)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return Comparison(results=results, summary=summary, skipped=skipped, out=out)
+
+
+def _warm_up(model: Any, data, config: TrainConfig, common: dict[str, Any]) -> None:
+    """Train one worker for a moment on a few samples, so that one-off costs of this process
+    (torch imports its compiler stack lazily at the first optimizer step, about a second) are
+    not charged to whichever run comes first. Its failures are left to the real runs."""
+    n = 2 * config.batch_size
+    sample = dataclasses.replace(data, x=data.x[:n], y=data.y[:n], x_val=data.x_val[:n], y_val=data.y_val[:n])
+    arguments = _fit_arguments(config, common) | {"strategy": "single", "backend": "threads", "epochs": 1}
+    try:
+        fit(model, sample, **arguments, progress=False)
+    except UnisonError:
+        pass
+
+
+def _train_config(values: dict[str, Any]) -> TrainConfig:
+    """A TrainConfig for one run: every value checked now, before any worker starts."""
+    values = dict(values)
+    for key in ("optimizer", "loss"):
+        if callable(values.get(key)):
+            values[key] = "custom"
+    return TrainConfig(**values)
+
+
+def _fit_arguments(config: TrainConfig, common: dict[str, Any]) -> dict[str, Any]:
+    """fit()'s keywords for a run: its checked settings, with the caller's own optimizer and
+    loss callables where the config only says "custom"."""
+    arguments = {name: getattr(config, name) for name in TRAIN_FIELDS}
+    for key in ("optimizer", "loss"):
+        if callable(common.get(key)):
+            arguments[key] = common[key]
+    return arguments
+
+
+def _cannot_run(config: TrainConfig) -> str | None:
+    missing = config.strategy.needs - CAPABILITIES[config.backend]
+    if missing:
+        return (f"it needs {', '.join(sorted(missing))}, which backend {config.backend!r} lacks")
+    return None
+
+
+def _model(model: Any, data) -> tuple[dict[str, Any] | None, Any]:
+    """The model to train (a module or factory) and its [model] table when it is an MLP."""
+    if model is None:
+        model = ModelConfig(hidden=tuple(DEFAULTS["model"]["hidden"]))
+    if not isinstance(model, ModelConfig):
+        return None, model
+    table = RunConfig(model=model).to_dict()["model"]
+
+    def build() -> nn.Module:
+        return mlp(data.features, list(model.hidden), data.outputs, activation=model.activation,
+                   dropout=model.dropout, batchnorm=model.batchnorm)
+    return table, build
+
+
+def _settings(train_data, data, val, label, model_table, model, common, runs, target, fraction) -> dict:
+    """The resolved settings written to config.toml: tables a compare run file also takes."""
+    data_table: dict[str, Any] = {"dataset": data if isinstance(data, str) else train_data.name}
+    if isinstance(val, float) or (val is None and isinstance(data, str)):
+        data_table["val_fraction"] = DataConfig().val_fraction if val is None else val
+    if label is not None:
+        data_table["label"] = label
+    train = {k: v for k, v in RunConfig(train=_train_config(common | {"strategy": "single"}))
+             .to_dict()["train"].items() if k != "strategy"}
+    compare_table: dict[str, Any] = {
+        "strategies": [run.label for run in runs],
+        "reference": next((run.label for run in runs if run.strategy.name == "single"), runs[0].label),
+        "target_fraction": fraction,
+        "runs": {run.label: {"dir": run.dir_name, "strategy": run.strategy.spec(),
+                             **{k: _plain(v) for k, v in run.options.items()}} for run in runs},
+        "machine": {"cores": cpu_cores(), "python": platform.python_version(), "torch": torch.__version__,
+                    "platform": platform.platform(terse=True)},
+    }
+    if target is not None:
+        compare_table["target"] = target
+    if model_table is None:
+        compare_table["model"] = f"custom: {type(model).__name__ if isinstance(model, nn.Module) else 'factory'}"
+    settings: dict[str, Any] = {"data": data_table}
+    if model_table is not None:
+        settings["model"] = model_table
+    return settings | {"train": train, "compare": compare_table}
+
+
+def _plain(value: Any) -> Any:
+    return value.spec() if hasattr(value, "spec") else value
+
+
+def _toml(settings: dict[str, Any]) -> str:
+    note = ""
+    if "model" not in settings:
+        note = "# The model was a Python object; this file records the other settings only.\n"
+    return note + tomli_w.dumps(settings)
+
+
+def _write_run(path: Path, settings: dict[str, Any], config: TrainConfig, result: Result) -> None:
+    """Beside fit()'s history.jsonl and model.safetensors: the run's config.toml (the format
+    `unison train` reads) and its summary.txt."""
+    tables = {"data": settings["data"], "train": RunConfig(train=config).to_dict()["train"]}
+    if "model" in settings:
+        tables["model"] = settings["model"]
+    (path / report.CONFIG_FILE).write_text(tomli_w.dumps(tables))
+    (path / "summary.txt").write_text(result.summary() + "\n")
+
+
+def _line(result: Result) -> str:
+    final = result.final
+    metric = "val_acc" if "val_acc" in final else "val_loss"
+    value = summaries.metric_text(final.get(metric), metric)
+    best = summaries.metric_text(summaries.best(result.history, metric), metric)
+    name = "val acc" if metric == "val_acc" else "val loss"
+    return (f"final {name} {value} (best {best}), {result.wall_s:.1f} s "
+            f"(start-up {result.startup_s:.1f} s), {len(result.history)} round(s)")
+
+
+def load_settings(raw: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> tuple[RunConfig, dict]:
+    """A compare run file: [data], [model] and [train] as for `unison train` (train.strategy
+    is not used) plus an optional [compare] table: strategies, target, target_fraction, runs."""
+    raw = dict(raw)
+    options = dict(raw.pop("compare", {}) or {})
+    settings, recorded = ("strategies", "runs", "target", "target_fraction"), ("reference", "skipped", "machine", "model")
+    for key in options:
+        if key not in settings + recorded:  # what compare records in config.toml is read back and ignored
+            raise ConfigError(f"unknown setting compare.{key}; accepted: {', '.join(settings)}")
+    return from_dict(raw, overrides), options
+
+
+def runs_from_options(options: Mapping[str, Any]) -> Any:
+    """The strategies argument of compare() from a [compare] table: the specs in
+    ``strategies`` in order, then the labelled runs of ``[compare.runs.<label>]`` (a label
+    listed in both takes the table's settings). None when neither is given: the default."""
+    runs = options.get("runs") or {}
+    strategies = options.get("strategies")
+    if not runs:
+        return strategies
+    listed = split_specs(strategies) if isinstance(strategies, str) else list(strategies or [])
+    order = listed + [label for label in runs if label not in listed]
+    return {label: {k: v for k, v in runs[label].items() if k != "dir"} if label in runs else label
+            for label in order}

@@ -1,0 +1,285 @@
+"""A comparison's summary, plots and self-contained HTML report, built from its directory alone.
+
+A comparison directory holds ``config.toml`` (the settings; its ``[compare]`` table lists the
+runs in order, each run's sub-directory, and what was skipped) and per run a sub-directory
+with ``config.toml`` and ``history.jsonl``. build() reads only those files, so ``unison
+report DIR`` after the fact writes exactly what ``unison compare`` wrote at the end of its run.
+Plots use matplotlib's object API (Figure + Agg canvas): no pyplot state, no display needed.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import summary as summaries
+from .errors import ConfigError
+from .history import read_jsonl
+
+CONFIG_FILE, HISTORY_FILE = "config.toml", "history.jsonl"
+SUMMARY_MD, SUMMARY_CSV, REPORT_HTML = "summary.md", "summary.csv", "report.html"
+LOSS_PLOT, DIVERGENCE_PLOT, THROUGHPUT_PLOT = "val_loss_vs_epoch.png", "divergence_vs_round.png", "throughput.png"
+
+
+def time_plot_name(metric: str) -> str:
+    return f"{metric}_vs_time.png"
+
+
+@dataclass
+class Loaded:
+    """What a comparison directory says: the runs' histories in order and how they were run."""
+
+    histories: dict[str, list[dict[str, Any]]]
+    workers: dict[str, int] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)      # the top config.toml
+    skipped: dict[str, str] = field(default_factory=dict)       # label -> why it did not run
+
+    @property
+    def compare(self) -> dict[str, Any]:
+        return self.settings.get("compare", {})
+
+
+def load(run_dir: str | Path) -> Loaded:
+    """Read a comparison directory (see the module docstring); a `unison train` run directory
+    reads as a comparison of one run."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"run directory {str(run_dir)!r} does not exist")
+    settings = _toml(run_dir / CONFIG_FILE) if (run_dir / CONFIG_FILE).is_file() else {}
+    runs = settings.get("compare", {}).get("runs", {})
+    if runs:
+        dirs = {label: run_dir / runs[label]["dir"] for label in settings["compare"].get("strategies", runs)
+                if label in runs}
+    elif (run_dir / HISTORY_FILE).is_file():  # one run, as `unison train` writes it
+        dirs = {str(settings.get("train", {}).get("strategy", run_dir.name)): run_dir}
+    else:  # no config: every sub-directory with a history, by name
+        dirs = {path.parent.name: path.parent for path in sorted(run_dir.glob(f"*/{HISTORY_FILE}"))}
+    loaded = Loaded(histories={}, settings=settings, skipped=dict(settings.get("compare", {}).get("skipped", {})))
+    for label, path in dirs.items():
+        if not (path / HISTORY_FILE).is_file():
+            continue
+        records = read_jsonl(path / HISTORY_FILE)
+        if records:
+            loaded.histories[label] = records
+            workers = _world_size(path / CONFIG_FILE)
+            if workers is not None:
+                loaded.workers[label] = workers
+    if not loaded.histories:
+        raise ConfigError(f"run directory {str(run_dir)!r} holds no run histories (*/{HISTORY_FILE}); "
+                          "expected a directory written by `unison compare`")
+    return loaded
+
+
+def _toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+
+
+def _world_size(config_path: Path) -> int | None:
+    """How many replicas a run had: its strategy decides (single: 1) given the workers asked for."""
+    if not config_path.is_file():
+        return None
+    train = _toml(config_path).get("train", {})
+    if "workers" not in train:
+        return None
+    try:
+        from .strategies import parse
+        return parse(train.get("strategy", "periodic")).world_size(train["workers"])
+    except ConfigError:  # a strategy this version does not know: report what was asked for
+        return train["workers"]
+
+
+def summarise(loaded: Loaded) -> summaries.Summary:
+    options = loaded.compare
+    return summaries.summarise(loaded.histories, workers=loaded.workers, target=options.get("target"),
+                               reference=options.get("reference"),
+                               fraction=options.get("target_fraction", summaries.TARGET_FRACTION))
+
+
+def build(run_dir: str | Path) -> summaries.Summary:
+    """Write summary.md, summary.csv, the plots and report.html into ``run_dir``."""
+    run_dir = Path(run_dir)
+    loaded = load(run_dir)
+    summary = summarise(loaded)
+    (run_dir / SUMMARY_MD).write_text(summaries.markdown(summary) + _skipped_markdown(loaded.skipped))
+    (run_dir / SUMMARY_CSV).write_text(summaries.csv_text(summary))
+    plots = write_plots(loaded.histories, summary, run_dir)
+    (run_dir / REPORT_HTML).write_text(html_report(loaded, summary, {name: run_dir / name for name in plots}))
+    return summary
+
+
+def _skipped_markdown(skipped: dict[str, str]) -> str:
+    if not skipped:
+        return ""
+    return "\nNot run:\n\n" + "".join(f"- {label}: {why}\n" for label, why in skipped.items())
+
+
+# ---- plots -------------------------------------------------------------------------------------
+
+def _figure(title: str, xlabel: str, ylabel: str):
+    from matplotlib.figure import Figure  # imported on demand: it takes half a second
+
+    figure = Figure(figsize=(7, 4.2), dpi=100, layout="constrained")
+    axes = figure.add_subplot()
+    axes.set_title(title)
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.grid(True, alpha=0.3)
+    return figure, axes
+
+
+def _colours(labels) -> dict[str, str]:
+    """One colour per run, the same in every plot."""
+    palette = [f"C{i}" for i in range(10)]
+    return {label: palette[i % len(palette)] for i, label in enumerate(labels)}
+
+
+def _save(figure, path: Path) -> None:
+    figure.savefig(path, format="png", metadata={"Software": None})  # same bytes for the same data
+
+
+def write_plots(histories: dict[str, list[dict[str, Any]]], summary: summaries.Summary,
+                out: Path) -> list[str]:
+    """The four plots as PNG files in ``out``; returns their file names."""
+    colours, metric = _colours(histories), summary.metric
+    percent = summaries.higher_is_better(metric)
+    scale = 100.0 if percent else 1.0
+    name = "validation accuracy (%)" if percent else "validation loss"
+
+    figure, axes = _figure(f"{name.split(' (')[0].capitalize()} against wall time (start-up included)",
+                           "wall time (s)", name)
+    for label, records in histories.items():
+        points = [(r["wall_s"], r[metric] * scale) for r in records if r.get(metric) is not None]
+        if points:
+            axes.plot(*zip(*points), marker="o", markersize=3, label=label, color=colours[label])
+    if summary.target is not None:
+        axes.axhline(summary.target * scale, color="grey", linestyle="--", linewidth=1,
+                     label=f"target ({summary.target_note})")
+    axes.legend(fontsize="small")
+    _save(figure, out / time_plot_name(metric))
+
+    figure, axes = _figure("Validation loss against epoch", "epoch", "validation loss")
+    for label, records in histories.items():
+        points = [(r["epoch"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
+        if points:
+            axes.plot(*zip(*points), marker="o", markersize=3, label=label, color=colours[label])
+    if all(r["val_loss"] > 0 for records in histories.values() for r in records if r.get("val_loss") is not None):
+        axes.set_yscale("log")
+    axes.legend(fontsize="small")
+    _save(figure, out / LOSS_PLOT)
+
+    figure, axes = _figure("Replica divergence before each merge", "round",
+                           "mean distance of replicas to their mean")
+    zero = []
+    for label, records in histories.items():
+        distances = [r.get("divergence", 0.0) for r in records]
+        if not any(distances):
+            zero.append(label)
+            continue
+        axes.plot(range(1, len(distances) + 1), distances, marker="o", markersize=3, label=label,
+                  color=colours[label])
+    if len(zero) < len(histories):
+        axes.set_yscale("log")
+        axes.legend(fontsize="small")
+    if zero:
+        axes.text(0.01, 0.01, f"zero throughout (replicas identical): {', '.join(zero)}",
+                  transform=axes.transAxes, fontsize="small", color="grey")
+    _save(figure, out / DIVERGENCE_PLOT)
+
+    figure, axes = _figure("Training throughput (start-up excluded)", "samples per second", "")
+    labels = [row.label for row in summary.rows]
+    rates = [row.samples_per_s for row in summary.rows]
+    bars = axes.barh(labels, rates, color=[colours[label] for label in labels])
+    axes.bar_label(bars, labels=[f"{rate:,.0f}" for rate in rates], padding=3, fontsize="small")
+    axes.invert_yaxis()  # first run on top, as in the table
+    axes.margins(x=0.15)
+    _save(figure, out / THROUGHPUT_PLOT)
+    return [time_plot_name(metric), LOSS_PLOT, DIVERGENCE_PLOT, THROUGHPUT_PLOT]
+
+
+# ---- HTML --------------------------------------------------------------------------------------
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; padding: 0 1rem;
+       color: #222; line-height: 1.45; }
+table { border-collapse: collapse; margin: 1rem 0; font-size: 0.9rem; }
+th, td { border: 1px solid #ccc; padding: 0.3rem 0.6rem; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+th { background: #f3f3f3; }
+.verdict { font-size: 1.1rem; background: #eef6ee; padding: 0.8rem 1rem; border-radius: 6px; }
+img { max-width: 100%; }
+dl { display: grid; grid-template-columns: max-content auto; gap: 0.2rem 1rem; }
+dt { font-weight: 600; }
+"""
+
+
+def _markdown_bold(text: str) -> str:
+    return re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", html.escape(text))
+
+
+def _settings_list(settings: dict[str, Any]) -> list[tuple[str, str]]:
+    data, model, train = (settings.get(k, {}) for k in ("data", "model", "train"))
+    compare = settings.get("compare", {})
+    items = [("data", f"{data.get('dataset', '?')} (validation: {data.get('val_fraction', '?')} held out)")]
+    if model:
+        items.append(("model", f"MLP, hidden layers {model.get('hidden')}, {model.get('activation', 'relu')}"))
+    elif compare.get("model"):
+        items.append(("model", str(compare["model"])))
+    if train:
+        items.append(("training", ", ".join(f"{k}={v}" for k, v in train.items() if k != "timeout")))
+    runs = compare.get("runs", {})
+    if compare.get("strategies"):
+        items.append(("runs", ", ".join(compare["strategies"])))
+    for label in compare.get("strategies", []):
+        extra = {k: v for k, v in runs.get(label, {}).items() if k not in ("dir", "strategy")}
+        if extra:  # a run with settings of its own
+            extra = {"strategy": runs[label].get("strategy")} | extra
+            items.append((f"run {label}", ", ".join(f"{k}={v}" for k, v in extra.items())))
+    machine = compare.get("machine", {})
+    if machine:
+        items.append(("machine", ", ".join(f"{k}: {v}" for k, v in machine.items())))
+    return items
+
+
+def html_report(loaded: Loaded, summary: summaries.Summary, plots: dict[str, Path]) -> str:
+    """One HTML file with everything inline: settings, table, verdict, plots (base64 PNG)."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in summaries.headers(summary))
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in summaries.cells(row, summary.metric))
+                   + "</tr>" for row in summary.rows)
+    settings = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>"
+                       for k, v in _settings_list(loaded.settings))
+    skipped = "".join(f"<li>{html.escape(label)}: {html.escape(why)}</li>" for label, why in loaded.skipped.items())
+    images = "".join(
+        f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,'
+        f'{base64.b64encode(path.read_bytes()).decode("ascii")}"></figure>' for name, path in plots.items())
+    target = summaries.metric_text(summary.target, summary.metric)
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>unison comparison</title>
+<style>{_STYLE}</style></head><body>
+<h1>unison comparison</h1>
+<p class="verdict">{_markdown_bold(summaries.verdict(summary))}</p>
+<h2>What was run</h2>
+<p>The same model, data and seed trained once per strategy, one run after another on this machine.
+Each run's merged model was evaluated on the validation set at every round end (a merge).</p>
+<dl>{settings}</dl>
+{f"<p>Not run:</p><ul>{skipped}</ul>" if skipped else ""}
+<h2>Results</h2>
+<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>
+<p>Target: {html.escape(target)} ({html.escape(summary.target_note)}). Time to target is the wall time
+from the start of a run, process start-up included, to the first round end at which the merged model
+reached the target; speedup is {html.escape(str(summary.reference))}'s time divided by the run's.
+The merged model is measured at round ends only (see the rounds column): a run with more rounds is
+measured more often, and its time to target is found more precisely.
+samples/s counts training samples of all workers per second after start-up; comm MB/worker is what
+each worker sent (ring all-reduce accounting).</p>
+<h2>Plots</h2>
+{images}
+</body></html>
+"""
