@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -143,24 +144,32 @@ def _worker(rank, world, port, data, epochs, started, average_every, queue):
         if average_every == "epoch":
             average()
         if rank == 0:
-            records.append({"epoch": epoch + 1, "wall_s": time.time() - started,
-                            "val_acc": accuracy(net, x_test, y_test)})
+            record = {"epoch": epoch + 1, "wall_s": time.time() - started}
+            if x_test is not None:
+                record["val_acc"] = accuracy(net, x_test, y_test)
+            records.append(record)
     dist.barrier()
     if rank == 0:
         queue.put({"records": records, "startup_s": first_step})
     dist.destroy_process_group()
+    # gloo's threads can abort the interpreter's teardown (SIGABRT) after the work is done;
+    # torch.multiprocessing would report that as a failure. Leave without it.
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def multiprocess_loop(x, y, x_test, y_test, *, workers: int, epochs: int,
                       average_every: int | str | None = None) -> dict:
     """Hand-written torch.distributed baselines on gloo, spawned like torchrun would: raw
     DistributedDataParallel (``average_every=None``), or local SGD averaging parameters every
-    ``average_every`` steps or each ``"epoch"``. Returns rank 0's records and start-up."""
+    ``average_every`` steps or each ``"epoch"``. Returns rank 0's records and start-up;
+    without test data (``x_test=None``) nothing is evaluated."""
     import torch.multiprocessing as mp
 
     started = time.time()
     for tensor in (x, y, x_test, y_test):
-        tensor.share_memory_()
+        if tensor is not None:
+            tensor.share_memory_()
     context = mp.get_context("spawn")
     queue = context.SimpleQueue()
     mp.start_processes(_worker, args=(workers, _free_port(), (x, y, x_test, y_test), epochs, started,
