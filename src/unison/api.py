@@ -98,6 +98,9 @@ def fit(model: nn.Module | Callable[[], nn.Module], data: Any, val: Any = None, 
     Everything is checked before any worker starts; problems raise unison.errors exceptions.
     """
     started = time.time()
+    if backend == "processes":  # workers' interpreter starts now, while the data is prepared
+        from .launch import processes
+        processes.prestart()
     torchrun_size = torchrun_backend.world_size()
     if backend == "torchrun":
         if torchrun_size is None:
@@ -134,6 +137,8 @@ def fit(model: nn.Module | Callable[[], nn.Module], data: Any, val: Any = None, 
         raise ConfigError(f"log_dir={str(log_path)!r} already holds a run ({HISTORY_FILE} or {MODEL_FILE}); "
                           "choose another directory")
 
+    if config.optimizer == "custom" and not callable(optimizer):
+        build_optimizer([], config, None)  # raises: 'custom' names a callable that was not given
     if config.loss == "custom" and not callable(loss):
         resolve_loss(loss, CLASSIFICATION)  # raises: 'custom' names a callable that was not given
     train = prepare(data, val, seed=seed, loss=loss if isinstance(loss, str) else None)
@@ -153,9 +158,9 @@ def fit(model: nn.Module | Callable[[], nn.Module], data: Any, val: Any = None, 
         from .launch import stacked as stacked_backend
         stacked_backend.check(config, start_model, train, optimizer if callable(optimizer) else None,
                               loss if callable(loss) else None)
-    else:
-        build_optimizer(copy.deepcopy(start_model).parameters(), config,
-                        optimizer if callable(optimizer) else None)
+    elif callable(optimizer):  # a named one is fully checked by TrainConfig; building one here
+        # would cost the caller torch's lazy import of torch._dynamo (~0.7 s) for nothing
+        build_optimizer(copy.deepcopy(start_model).parameters(), config, optimizer)
 
     if log_path is not None:
         log_path.mkdir(parents=True, exist_ok=True)
