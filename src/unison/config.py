@@ -10,6 +10,7 @@ A run file has three tables, one per dataclass::
 from __future__ import annotations
 
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -23,6 +24,8 @@ BACKENDS = ("threads", "processes", "torchrun")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LOSSES = ("cross_entropy", "mse")
 ACTIVATIONS = ("relu", "tanh", "gelu", "sigmoid", "leaky_relu", "silu")
+NAN_POLICIES = ("stop", "skip", "rollback")
+_DURATION_UNITS = {"s": 1.0, "sec": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0}
 
 
 def check_int(field_name: str, value: Any, *, minimum: int) -> None:
@@ -101,6 +104,11 @@ class TrainConfig:
     loss: str | None = None
     seed: int = 0
     timeout: float = 300.0
+    # Reliability: checkpoints (see unison.checkpoint) and what a non-finite loss does.
+    checkpoint_every: int | str | None = None   # rounds (an int) or a duration: "90s", "10min", "1h"
+    checkpoint_dir: str | None = None
+    keep_checkpoints: int = 2
+    nan: str = "stop"
 
     def __post_init__(self) -> None:
         from . import partitions, strategies  # late: both import nothing from here
@@ -121,9 +129,38 @@ class TrainConfig:
             check_choice("loss", self.loss, LOSSES)
         check_int("seed", self.seed, minimum=0)
         check_float("timeout", self.timeout, low=0.0, low_open=True)
+        self._check_reliability()
         # parse() raises ConfigError naming the accepted names and options.
         object.__setattr__(self, "strategy", strategies.parse(self.strategy))
         object.__setattr__(self, "partition", partitions.parse(self.partition))
+
+    def _check_reliability(self) -> None:
+        check_choice("nan", self.nan, NAN_POLICIES)
+        check_int("keep_checkpoints", self.keep_checkpoints, minimum=1)
+        if self.checkpoint_dir is not None and (not isinstance(self.checkpoint_dir, str) or not self.checkpoint_dir):
+            raise ConfigError(expected("checkpoint_dir", self.checkpoint_dir, "a directory path"))
+        if self.checkpoint_every is None:
+            if self.checkpoint_dir is not None:  # a directory alone means: after every round
+                object.__setattr__(self, "checkpoint_every", 1)
+            return
+        checkpoint_schedule(self.checkpoint_every)
+        if self.checkpoint_dir is None:
+            raise ConfigError(f"checkpoint_every={self.checkpoint_every!r} needs checkpoint_dir "
+                              "(a directory for the checkpoints)")
+
+
+def checkpoint_schedule(every: int | str) -> tuple[str, float]:
+    """("rounds", n) for an integer, ("seconds", s) for a duration such as "90s" or "10min"."""
+    if isinstance(every, int) and not isinstance(every, bool) and every >= 1:
+        return "rounds", float(every)
+    if isinstance(every, str):
+        match = re.fullmatch(r"(\d+(?:\.\d*)?)\s*([a-z]*)", every.strip().lower())
+        if match and match.group(2) in ("round", "rounds") and match.group(1).isdigit():
+            return checkpoint_schedule(int(match.group(1)))
+        if match and match.group(2) in _DURATION_UNITS and float(match.group(1)) > 0:
+            return "seconds", float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    raise ConfigError(expected("checkpoint_every", every, "an integer >= 1 (rounds) or a duration "
+                               "such as '90s', '10min', '1h' (the first round end after it)"))
 
 
 @dataclass(frozen=True, kw_only=True)

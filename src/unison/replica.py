@@ -20,8 +20,10 @@ from torch import nn
 from .comm.base import Communicator
 from .config import TrainConfig
 from .data import CLASSIFICATION, TrainData
-from .errors import ConfigError
+from .errors import ConfigError, UnisonError, WorkerError
 from .history import History
+from .nonfinite import GOOD, ROLLED_BACK, NonFiniteGuard
+from .recovery import Checkpointer
 
 
 def _flatten(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -102,11 +104,19 @@ class Replica:
         self.num_parameters = sum(p.numel() for p in self.trainable)
         self.step = 0                  # optimizer steps taken, counted across epochs
         self.samples_since_merge = 0   # the replica's weight in the next merge
+        # The last batch, to explain a failed step; in_forward: the failure is in the next step.
+        self.last_input = self.last_output = self.last_target = None
+        self.in_forward = False
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.in_forward = True
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss_fn(self.model(x), y)
+        self.last_input, self.last_output, self.last_target = x, None, y
+        output = self.model(x)
+        self.last_output = output.detach() if isinstance(output, torch.Tensor) else output
+        loss = self.loss_fn(output, y)
         loss.backward()
+        self.in_forward = False
         return loss.detach()
 
     def state_vector(self, parameters: bool = True) -> torch.Tensor:
@@ -154,6 +164,7 @@ class Job:
     started: float = 0.0              # time.time() when fit() was called
     progress: bool = False
     history_path: str | None = None   # rank 0 appends one JSON line per round
+    resume: Any = None                # a unison.checkpoint.Checkpoint to continue from
 
 
 @dataclass
@@ -164,7 +175,36 @@ class Outcome:
 
 
 def run(job: Job, comm: Communicator, device: torch.device | None = None) -> Outcome:
-    """Train one replica to the end; every rank of a run calls this with its communicator."""
+    """Train one replica to the end; every rank of a run calls this with its communicator.
+
+    An exception from the model, the loss or the optimizer comes back as a WorkerError that
+    names this replica, the step and the shapes involved (the traceback is its ``cause``).
+    """
+    where: dict[str, Any] = {}
+    try:
+        return _run(job, comm, device, where)
+    except UnisonError:
+        raise
+    except Exception as exc:
+        raise _step_failure(exc, comm.rank, where) from exc
+
+
+def _step_failure(exc: Exception, rank: int, where: dict[str, Any]) -> WorkerError:
+    import traceback
+
+    replica = where.get("replica")
+    if replica is None:
+        return WorkerError(f"worker {rank} failed before training: {type(exc).__name__}: {exc}",
+                           rank=rank, cause=traceback.format_exc())
+    shapes = ""
+    if replica.in_forward and isinstance(replica.last_output, torch.Tensor):  # the loss failed
+        shapes = (f" (model output of shape {tuple(replica.last_output.shape)}, "
+                  f"targets of shape {tuple(replica.last_target.shape)})")
+    return WorkerError(f"worker {rank} failed at step {replica.step + replica.in_forward}{shapes}: "
+                       f"{type(exc).__name__}: {exc}", rank=rank, cause=traceback.format_exc())
+
+
+def _run(job: Job, comm: Communicator, device: torch.device | None, where: dict[str, Any]) -> Outcome:
     device = device or torch.device("cpu")
     config, data, strategy, partition = job.config, job.data, job.config.strategy, job.config.partition
     rank, world_size, batch_size = comm.rank, comm.world_size, config.batch_size
@@ -174,6 +214,7 @@ def run(job: Job, comm: Communicator, device: torch.device | None = None) -> Out
             comm.broadcast(tensor, src=0)
     loss_fn = resolve_loss(job.loss, data.task)
     replica = Replica(model, build_optimizer(model.parameters(), config, job.optimizer), loss_fn, device)
+    where["replica"] = replica
     x, y = (data.x, data.y) if device.type == "cpu" else (data.x.to(device), data.y.to(device))
     n = len(x)
     steps_per_epoch = max(math.ceil(size / batch_size) for size in partition.sizes(n, world_size))
@@ -182,8 +223,20 @@ def run(job: Job, comm: Communicator, device: torch.device | None = None) -> Out
 
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     samples_seen = last_round_step = 0
+    # Reliability (unison.recovery, unison.nonfinite): continue from a checkpoint, write them at
+    # round ends, and agree on every step whether it was finite.
+    checkpointer = Checkpointer(job, comm, replica, steps_per_epoch)
+    guard = NonFiniteGuard(config.nan, replica, comm)
+    resumed = checkpointer.restore(guard)
+    start_epoch, start_index, wall_offset = 0, 0, 0.0
+    if resumed is not None:
+        last_round_step, samples_seen, wall_offset = resumed.step, resumed.samples_seen, resumed.wall_s
+        history.records = list(resumed.history)
+        start_epoch, start_index = ((resumed.step // steps_per_epoch, 0) if resumed.epoch_end else
+                                    ((resumed.step - 1) // steps_per_epoch, (resumed.step - 1) % steps_per_epoch + 1))
+    guard.remember_merged_state()
 
-    def end_round() -> None:
+    def end_round(epoch_end: bool) -> None:
         nonlocal samples_seen, last_round_step
         round_samples = float(replica.samples_since_merge)  # the merge's weight is the round's samples
         distance = strategy.merge(replica, comm)
@@ -192,9 +245,9 @@ def run(job: Job, comm: Communicator, device: torch.device | None = None) -> Out
         loss_total, samples, distance_total = comm.all_reduce_sum(stats).tolist()
         samples_seen += int(samples)
         record = {"epoch": round(replica.step / steps_per_epoch, 4), "step": replica.step,
-                  "wall_s": time.time() - job.started, "samples": samples_seen,
+                  "wall_s": time.time() - job.started + wall_offset, "samples": samples_seen,
                   "train_loss": loss_total / max(samples, 1.0), "divergence": distance_total / world_size,
-                  "comm_bytes": comm.bytes_sent}
+                  "comm_bytes": comm.bytes_sent, **guard.counters()}
         if rank == 0 and data.x_val is not None:
             record.update(evaluate(replica.model, data.x_val, data.y_val, loss_fn, data.task))
         history.append(record)
@@ -203,29 +256,44 @@ def run(job: Job, comm: Communicator, device: torch.device | None = None) -> Out
         loss_sum.zero_()
         replica.samples_since_merge = 0
         last_round_step = replica.step
+        guard.remember_merged_state()
+        checkpointer.round_ended(epoch_end=epoch_end, samples_seen=samples_seen, history=history.records,
+                                 guard=guard)
 
     startup_s = time.time() - job.started
-    for epoch in range(config.epochs):
+    if progress is not None and start_epoch:
+        progress.update(start_epoch)
+    for epoch in range(start_epoch, config.epochs):
         order = partition.indices(n, world_size, rank, epoch, config.seed).to(device)
-        for i in range(steps_per_epoch):
+        for i in range(start_index if epoch == start_epoch else 0, steps_per_epoch):
             batch = order[i * batch_size:(i + 1) * batch_size]
             count = len(batch)
+            loss = None
             if count:
-                loss_sum += replica.forward_backward(x[batch], y[batch]) * count
+                loss = replica.forward_backward(x[batch], y[batch])
             else:  # this replica's share is used up; it may still take a shared step
                 replica.optimizer.zero_grad(set_to_none=True)
             replica.step += 1
-            if strategy.on_gradients(replica, comm, replica.step, count) or count:
-                replica.optimizer.step()
-            replica.samples_since_merge += count
+            guard.before_exchange(loss)
+            shared = strategy.on_gradients(replica, comm, replica.step, count)
+            verdict = guard.check(shared)  # the same on every rank; a bad step is handled there
+            if verdict == GOOD:
+                if shared or count:
+                    replica.optimizer.step()
+                if count:
+                    loss_sum += loss * count
+                replica.samples_since_merge += count
+            elif verdict == ROLLED_BACK:
+                loss_sum.zero_()
             if strategy.round_ends(replica.step, epoch_end=False):
-                end_round()
+                end_round(epoch_end=False)
         if strategy.round_ends(replica.step, epoch_end=True):
-            end_round()
+            end_round(epoch_end=True)
         if progress is not None:
             progress.update(1)
     if last_round_step != replica.step:  # a last merge, unless one just happened
-        end_round()
+        end_round(epoch_end=True)
+    checkpointer.finish()
     if progress is not None:
         progress.close()
     state = {k: v.detach().to("cpu", copy=True) for k, v in replica.model.state_dict().items()}
