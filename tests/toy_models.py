@@ -92,3 +92,12 @@ class Misbehaves(nn.Module):
         if self.how == "shape":
             return out[:, :2]
         return out
+
+
+def blobs_data():
+    """The ``blobs`` fixture's data (tests/conftest.py), for scripts that run outside pytest."""
+    g = torch.Generator().manual_seed(1)
+    centres = torch.randn(3, 8, generator=g) * 2
+    y = torch.arange(96) % 3
+    x = centres[y] + torch.randn(96, 8, generator=g)
+    return x, y

@@ -26,6 +26,7 @@ from .replica import Job, build_optimizer
 
 
 HISTORY_FILE, MODEL_FILE = "history.jsonl", "model.safetensors"
+RESUME_HINT = "resume=True continues from it"
 
 
 @dataclass
@@ -122,6 +123,9 @@ def fit(model: nn.Module | Callable[[], nn.Module], data: Any, val: Any = None, 
         weight_decay=weight_decay, loss="custom" if callable(loss) else loss, seed=seed, timeout=timeout,
         checkpoint_every=checkpoint_every, nan=nan, keep_checkpoints=keep_checkpoints,
         checkpoint_dir=str(checkpoint_dir) if isinstance(checkpoint_dir, Path) else checkpoint_dir)
+    if config.checkpoint_every is not None and config.checkpoint_dir is None:
+        raise ConfigError(f"checkpoint_every={config.checkpoint_every!r} needs checkpoint_dir (or log_dir, "
+                          "whose checkpoints/ is then used)")
     missing = config.strategy.needs - CAPABILITIES[backend]
     if missing:
         raise ConfigError(f"strategy {config.strategy.spec()!r} needs {', '.join(sorted(missing))}, "
@@ -202,7 +206,7 @@ def _name_checkpoint(exc: WorkerError, directory: str | None) -> None:
     path = checkpoints.latest_valid_path(directory)
     if path is not None:
         exc.checkpoint = str(path)
-        hint = f"last checkpoint: {path} (resume=True continues from it)"
+        hint = f"last checkpoint: {path} ({RESUME_HINT})"
     elif directory is not None:
         hint = f"no checkpoint was written to {directory} before the failure"
     else:

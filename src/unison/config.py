@@ -143,10 +143,7 @@ class TrainConfig:
             if self.checkpoint_dir is not None:  # a directory alone means: after every round
                 object.__setattr__(self, "checkpoint_every", 1)
             return
-        checkpoint_schedule(self.checkpoint_every)
-        if self.checkpoint_dir is None:
-            raise ConfigError(f"checkpoint_every={self.checkpoint_every!r} needs checkpoint_dir "
-                              "(a directory for the checkpoints)")
+        checkpoint_schedule(self.checkpoint_every)  # without a directory, fit() and the CLI pick one
 
 
 def checkpoint_schedule(every: int | str) -> tuple[str, float]:

@@ -127,8 +127,25 @@ def join_from_environment(timeout: float) -> tuple[TorchDistComm, torch.device, 
         device, backend = torch.device("cpu"), "gloo"
     created = not dist.is_initialized()
     if created:
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout), **_attempt_store(timeout))
     return TorchDistComm(timeout), device, created
+
+
+def _attempt_store(timeout: float) -> dict:
+    """The store of this torchrun attempt, with keys of its own.
+
+    torchrun's agent hosts one store for all restarts of a group and torch's env:// rendezvous
+    adds no per-attempt prefix, so a restarted group could read the first attempt's (dead)
+    addresses and fail to connect. Prefixing the keys with the restart count rules that out.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}  # rank 0 hosts a fresh store each attempt: nothing stale to read
+    env = torchrun_environment()
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), int(env["WORLD_SIZE"]), is_master=False,
+                          timeout=timedelta(seconds=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return {"store": dist.PrefixStore(f"unison/attempt-{attempt}/", store), "rank": int(env["RANK"]),
+            "world_size": int(env["WORLD_SIZE"])}
 
 
 def leave() -> None:
