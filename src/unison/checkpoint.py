@@ -144,6 +144,8 @@ def steps_on_disk(directory: str | Path) -> list[int]:
 def load(path: str | Path) -> Checkpoint:
     """Read and verify one checkpoint directory; CheckpointError says what is wrong."""
     path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
         manifest = json.loads((path / MANIFEST).read_bytes())
         listed = manifest["files"]

@@ -4,7 +4,7 @@ contributes, and how a run continues from one so that it ends exactly as if neve
 Checkpoints are taken at round ends, after the merge: the model is then the merged one on
 every replica, and a round's sums are empty. Each replica contributes what is its own: its
 optimizer state (momentum, Adam's moments and step, the learning rate), its integer buffers,
-its RNG states and its bytes-sent count. They travel to rank 0 as safetensors bytes (one
+its RNG states, its bytes-sent count and its non-finite counters. They travel to rank 0 as safetensors bytes (one
 all-gather), and rank 0 alone writes the files (unison.checkpoint), as torch distributed
 checkpoint has one coordinator write the metadata. Data order needs nothing: every replica
 recomputes its indices from (seed, epoch, rank).
@@ -127,7 +127,7 @@ class Checkpointer:
         self.comm.bytes_sent = int(meta["bytes_sent"])
         state = checkpoint.state
         replica.step, replica.samples_since_merge = checkpoint.step, 0
-        guard.load_state(state["nan"])
+        guard.load_state(meta["nan"])
         self.rounds, self.saved_step = int(state["rounds"]), checkpoint.step
         history = state["history"]
         return Resumed(step=checkpoint.step, epoch_end=bool(state["epoch_end"]),
@@ -149,7 +149,7 @@ class Checkpointer:
         """Training is over: its last round end is checkpointed too, so that a finished run can
         be continued with more epochs."""
         if self.directory and self._latest and self.saved_step != self.replica.step:
-            self._save(**self._latest)
+            self._save(**(self._latest | {"epoch_end": True}))
 
     def _due(self) -> bool:
         if self.kind == "rounds":
@@ -164,7 +164,7 @@ class Checkpointer:
               guard: "NonFiniteGuard") -> None:
         replica, comm = self.replica, self.comm
         with uncounted(comm):
-            blobs = gather_bytes(comm, self._replica_bytes(), replica.device)
+            blobs = gather_bytes(comm, self._replica_bytes(guard), replica.device)
         self.last_saved, self.saved_step = time.monotonic(), replica.step
         if comm.rank != 0:
             return
@@ -172,12 +172,12 @@ class Checkpointer:
             self._fingerprint = data_fingerprint(self.job.data)
         state = {"world_size": comm.world_size, "steps_per_epoch": self.steps_per_epoch,
                  "epoch_end": epoch_end, "samples_seen": samples_seen, "rounds": self.rounds,
-                 "nan": guard.state(), "history": history, "config": config_record(self.job.config),
+                 "history": history, "config": config_record(self.job.config),
                  "data": self._fingerprint}
         files.save(self.directory, replica.step, state, replica.model.state_dict(), blobs,
                    keep=self.job.config.keep_checkpoints)
 
-    def _replica_bytes(self) -> bytes:
+    def _replica_bytes(self, guard: "NonFiniteGuard") -> bytes:
         """This replica's own state as safetensors bytes; JSON parts in its metadata."""
         replica = self.replica
         tensors, optimizer_meta = files.flatten_optimizer(replica.optimizer.state_dict(), _OPTIMIZER)
@@ -189,7 +189,7 @@ class Checkpointer:
             tensors[_RNG + "cuda"] = torch.cuda.get_rng_state(replica.device)
         for name, value in getattr(replica, "strategy_state", {}).items():
             tensors[_STRATEGY + name] = value.detach().cpu().clone()
-        meta = {"optimizer": optimizer_meta, "bytes_sent": self.comm.bytes_sent}
+        meta = {"optimizer": optimizer_meta, "bytes_sent": self.comm.bytes_sent, "nan": guard.state()}
         return save_tensors(tensors, metadata={files.REPLICA_META: json.dumps(meta)})
 
 

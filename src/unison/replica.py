@@ -238,16 +238,21 @@ def _run(job: Job, comm: Communicator, device: torch.device | None, where: dict[
 
     def end_round(epoch_end: bool) -> None:
         nonlocal samples_seen, last_round_step
+        if guard.rolled_back_at_round_end():  # a local step was not finite: undo the round
+            loss_sum.zero_()
+            last_round_step = replica.step
+            return
         round_samples = float(replica.samples_since_merge)  # the merge's weight is the round's samples
         distance = strategy.merge(replica, comm)
         stats = torch.stack([loss_sum, torch.tensor(round_samples, dtype=torch.float64, device=device),
-                             distance.to(torch.float64)])
-        loss_total, samples, distance_total = comm.all_reduce_sum(stats).tolist()
+                             distance.to(torch.float64),
+                             torch.tensor(float(guard.discarded), dtype=torch.float64, device=device)])
+        loss_total, samples, distance_total, discarded = comm.all_reduce_sum(stats).tolist()
         samples_seen += int(samples)
         record = {"epoch": round(replica.step / steps_per_epoch, 4), "step": replica.step,
                   "wall_s": time.time() - job.started + wall_offset, "samples": samples_seen,
                   "train_loss": loss_total / max(samples, 1.0), "divergence": distance_total / world_size,
-                  "comm_bytes": comm.bytes_sent, **guard.counters()}
+                  "comm_bytes": comm.bytes_sent, **guard.counters(int(discarded))}
         if rank == 0 and data.x_val is not None:
             record.update(evaluate(replica.model, data.x_val, data.y_val, loss_fn, data.task))
         history.append(record)
@@ -276,7 +281,7 @@ def _run(job: Job, comm: Communicator, device: torch.device | None, where: dict[
             replica.step += 1
             guard.before_exchange(loss)
             shared = strategy.on_gradients(replica, comm, replica.step, count)
-            verdict = guard.check(shared)  # the same on every rank; a bad step is handled there
+            verdict = guard.check(shared)  # a bad step is handled there (see unison.nonfinite)
             if verdict == GOOD:
                 if shared or count:
                     replica.optimizer.step()

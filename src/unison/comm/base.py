@@ -58,6 +58,11 @@ class Communicator(ABC):
     def barrier(self) -> None:
         """Return once every rank has arrived."""
 
+    def peer_failed(self) -> bool:
+        """Whether another worker is known to have failed already (without communicating).
+        Lets a replica between collectives stop early; False where the launcher stops it."""
+        return False
+
     def all_reduce_mean(self, tensor: torch.Tensor, weight: float | torch.Tensor = 1.0) -> torch.Tensor:
         """Replace ``tensor`` by sum_r(w_r·x_r) / sum_r(w_r), in one collective; return it.
 

@@ -40,6 +40,9 @@ class ThreadComm(Communicator):
         super().__init__(rank=rank, world_size=group.world_size)
         self.group = group
 
+    def peer_failed(self) -> bool:
+        return self.group.aborted
+
     def _enter(self) -> None:
         self.group.entered[self.rank] += 1
 
