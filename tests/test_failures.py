@@ -146,3 +146,61 @@ def test_torchrun_restarts_the_group_which_resumes_from_its_checkpoint(blobs, tm
                                batch_size=8, lr=0.1, momentum=0.9, progress=False)
     saved = load_file(out)
     assert max(float((saved[k] - v).abs().max()) for k, v in uninterrupted.model.state_dict().items()) <= 1e-6
+
+
+CLI_RUN = """
+[data]
+dataset = "xor"
+[model]
+hidden = [8]
+[train]
+strategy = "periodic(every=epoch)"
+workers = 2
+epochs = 60
+batch_size = 8
+lr = 0.05
+momentum = 0.9
+checkpoint_every = 3
+"""
+
+
+def worker_of_rank(agent_pid: int, rank: int) -> int | None:
+    for child in Path(f"/proc/{agent_pid}/task/{agent_pid}/children").read_text().split():
+        try:
+            environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ:
+            return int(child)
+    return None
+
+
+def test_unison_train_under_torchrun_resumes_by_itself_after_a_worker_is_killed(tmp_path):
+    run_file, out = tmp_path / "run.toml", tmp_path / "out"
+    run_file.write_text(CLI_RUN)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "--max-restarts", "1", "--monitor-interval", "0.2", "-m", "unison", "train", str(run_file),
+               "--out", str(out), "--quiet"]
+    agent = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        checkpoints = tmp_path / ".out.partial" / "checkpoints"
+        deadline = time.monotonic() + 120
+        while not files.steps_on_disk(checkpoints) and time.monotonic() < deadline and agent.poll() is None:
+            time.sleep(0.05)
+        victim = worker_of_rank(agent.pid, 1)
+        assert victim and files.steps_on_disk(checkpoints), "the run ended before it could be interrupted"
+        os.kill(victim, signal.SIGKILL)
+        stdout, stderr = agent.communicate(timeout=150)
+    finally:
+        agent.kill()
+    assert agent.returncode == 0, stdout[-2000:] + stderr[-3000:]
+    assert "failed (exitcode: -9) local_rank: 1" in stderr  # the agent saw the kill and restarted the group
+    history = unison.history.read_jsonl(out / "history.jsonl")
+    assert [r["step"] for r in history] == [26 * e for e in range(1, 61)]  # 410 samples, 2 x 8 a step
+
+    data = unison.data.prepare("xor")
+    uninterrupted = unison.fit(lambda: unison.models.mlp(2, [8], 2), data, strategy="periodic(every=epoch)",
+                               workers=2, backend="threads", epochs=60, batch_size=8, lr=0.05, momentum=0.9,
+                               progress=False)
+    saved = load_file(out / "model.safetensors")
+    assert max(float((saved[k] - v).abs().max()) for k, v in uninterrupted.model.state_dict().items()) <= 1e-6

@@ -154,7 +154,7 @@ def fit(model: nn.Module | Callable[[], nn.Module], data: Any, val: Any = None, 
                             optimizer if callable(optimizer) else None)
     if config.checkpoint_dir is not None:  # its settings must fit in JSON: fail now, not mid-run
         checkpoints.flatten_optimizer(probe.state_dict(), "")
-    resume_from = _resume_point(config, resume, train, start_model, world_size)
+    resume_from = _resume_point(config, resume, train, start_model, world_size, rank0)
 
     if log_path is not None:
         log_path.mkdir(parents=True, exist_ok=True)
@@ -180,15 +180,17 @@ def fit(model: nn.Module | Callable[[], nn.Module], data: Any, val: Any = None, 
 
 
 def _resume_point(config: TrainConfig, resume: bool, data: TrainData, model: nn.Module,
-                  world_size: int) -> checkpoints.Checkpoint | None:
-    """The checkpoint to continue from, verified and checked against this run; or None."""
+                  world_size: int, rank0: bool) -> checkpoints.Checkpoint | None:
+    """The checkpoint to continue from, verified and checked against this run; or None.
+    Every rank reads it (a shared filesystem across machines); only rank 0, the writer,
+    refuses a fresh run into a directory with checkpoints (the others would race with it)."""
     directory = config.checkpoint_dir
     if directory is None:
         if resume:
             raise ConfigError("resume=True needs checkpoint_dir (the directory holding the run's checkpoints)")
         return None
     if not resume:
-        if checkpoints.steps_on_disk(directory):
+        if rank0 and checkpoints.steps_on_disk(directory):
             raise ConfigError(f"checkpoint_dir={directory!r} already holds checkpoints of a run; pass "
                               "resume=True to continue it, or choose another directory")
         return None

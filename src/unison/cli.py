@@ -77,9 +77,12 @@ def _train(args: argparse.Namespace) -> int:
     out = resume_out or Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-train")
     t = cfg.train
     checkpointing = t.checkpoint_every is not None or t.checkpoint_dir is not None
+    if checkpointing and under_torchrun and not (args.out or args.resume or t.checkpoint_dir):
+        raise ConfigError("checkpoints under torchrun need --out: every rank, and a restarted group, "
+                          "must find the same run directory (the default name has the time in it)")
     # Train into a scratch directory; the run directory appears (or is replaced) only on success.
     scratch = unfinished.scratch_for(out, checkpointing=checkpointing, resume=bool(args.resume),
-                                     overwrite=args.overwrite, restarted=restart_count() > 0)
+                                     overwrite=args.overwrite, restarted=restart_count() > 0, rank0=rank0)
     if checkpointing and rank0:  # written first: `--resume` reads it back
         scratch.mkdir(parents=True, exist_ok=True)
         (scratch / unfinished.CONFIG_FILE).write_text(cfg.to_toml())
@@ -109,7 +112,8 @@ def _train(args: argparse.Namespace) -> int:
             exc.args = (str(exc).replace(RESUME_HINT, f"`unison train --resume {out}` continues from it"),)
         raise
     finally:
-        if not (checkpointing and not succeeded):  # an unfinished run with checkpoints is kept
+        # Rank 0's directory; an unfinished run with checkpoints is kept for --resume.
+        if rank0 and not (checkpointing and not succeeded):
             shutil.rmtree(scratch, ignore_errors=True)
     if rank0:
         print(result.summary())

@@ -30,8 +30,15 @@ def run_dir_of(path: str | Path) -> Path:
     return path
 
 
-def scratch_for(out: Path, *, checkpointing: bool, resume: bool, overwrite: bool, restarted: bool) -> Path:
-    """The directory this run trains in; refuses what would lose or mix up an earlier run."""
+def scratch_for(out: Path, *, checkpointing: bool, resume: bool, overwrite: bool, restarted: bool,
+                rank0: bool = True) -> Path:
+    """The directory this run trains in; refuses what would lose or mix up an earlier run.
+
+    Only rank 0 checks (and may clear an old partial run): it alone writes there, and the other
+    ranks of a torchrun group would race with it.
+    """
+    if not rank0:
+        return partial_dir(out) if checkpointing else out.parent / f".{out.name}.partial-{os.getpid()}"
     if out.exists() and not overwrite:
         raise ConfigError(f"run directory {str(out)!r} already exists; pass --overwrite to replace it "
                           "or choose another --out")
