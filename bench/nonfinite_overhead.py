@@ -1,6 +1,7 @@
 """What the per-step non-finite check costs: time per training step with it and without it.
 
-    python bench/nonfinite_overhead.py [--repeats 3] [--epochs 10]
+    python bench/nonfinite_overhead.py [--repeats 3] [--epochs 10]   # end to end, 2 workers
+    python bench/nonfinite_overhead.py --micro                       # the check alone, 1 thread
 
 The check is one pass over the gradients (their sums) and one host sync per step, with no
 collective: on shared steps (sync) the verdict rides on the gradient all-reduce, on local steps
@@ -33,12 +34,56 @@ def per_step_ms(strategy: str, backend: str, hidden: list[int], batch: int, epoc
     return 1000 * (result.history[-1]["wall_s"] - result.startup_s) / steps
 
 
+def micro() -> None:
+    """The check's own cost per step next to one replica's step, in one thread: what a busy
+    machine cannot blur (the end-to-end table includes everything, noise too)."""
+    import time
+
+    import torch
+
+    from unison.comm.base import Solo
+    from unison.replica import Replica
+
+    torch.set_num_threads(1)
+    print(f"{'model':<18} {'batch':>5} {'step':>10} {'check':>10} {'share':>7}")
+    for hidden, batch in (([64], 16), ([512, 512], 64), ([2048, 2048], 256)):
+        torch.manual_seed(0)
+        model = mlp(64, hidden, 10)
+        replica = Replica(model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9),
+                          torch.nn.functional.cross_entropy, torch.device("cpu"))
+        guard = nonfinite.NonFiniteGuard("stop", replica, Solo())
+        x, y = torch.randn(batch, 64), torch.randint(0, 10, (batch,))
+
+        def timed(body, repeats=300):
+            best = float("inf")
+            for _ in range(5):
+                start = time.perf_counter()
+                for _ in range(repeats):
+                    body()
+                best = min(best, (time.perf_counter() - start) / repeats)
+            return best
+
+        def step():
+            replica.forward_backward(x, y)
+            replica.optimizer.step()
+
+        loss = replica.forward_backward(x, y)
+        step_s = timed(step, 50)
+        check_s = timed(lambda: (guard.before_exchange(loss), guard.check(shared=False)))
+        name = "64-" + "x".join(map(str, hidden)) + "-10"
+        print(f"{name:<18} {batch:>5} {step_s * 1e6:>8.0f}us {check_s * 1e6:>8.1f}us {check_s / step_s:>7.1%}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--micro", action="store_true", help="the check alone, next to one replica's step")
     parser.add_argument("--one", nargs=4, help=argparse.SUPPRESS)  # strategy backend hidden batch
     args = parser.parse_args()
+    if args.micro:
+        micro()
+        return
     if args.one:
         strategy, backend, hidden, batch = args.one
         print(per_step_ms(strategy, backend, [int(h) for h in hidden.split("x")], int(batch), args.epochs))

@@ -2,9 +2,9 @@
 
 from . import history, merges, models, partitions, strategies
 from .api import Result, fit
-from .errors import CheckpointError, ConfigError, DataError, UnisonError, WorkerError
+from .errors import CheckpointError, ConfigError, DataError, NonFiniteError, UnisonError, WorkerError
 
 __version__ = "0.1.0"
 
 __all__ = ["fit", "Result", "strategies", "merges", "partitions", "models",
-           "UnisonError", "ConfigError", "DataError", "WorkerError", "CheckpointError"]
+           "UnisonError", "ConfigError", "DataError", "WorkerError", "NonFiniteError", "CheckpointError"]

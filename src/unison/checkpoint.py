@@ -72,7 +72,8 @@ def save(directory: str | Path, step: int, state: dict[str, Any], model: dict[st
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    files = {MODEL: save_tensors({k: v.detach().cpu().contiguous() for k, v in model.items()}),
+    # copies: safetensors refuses tensors that share memory (tied weights)
+    files = {MODEL: save_tensors({k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.items()}),
              STATE: json.dumps({"format": FORMAT, "step": step, **state}).encode()}
     files.update({replica_file(rank): blob for rank, blob in enumerate(replicas)})
     final = directory / directory_name(step)
