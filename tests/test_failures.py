@@ -156,7 +156,7 @@ hidden = [8]
 [train]
 strategy = "periodic(every=epoch)"
 workers = 2
-epochs = 60
+epochs = 150
 batch_size = 8
 lr = 0.05
 momentum = 0.9
@@ -196,11 +196,11 @@ def test_unison_train_under_torchrun_resumes_by_itself_after_a_worker_is_killed(
     assert agent.returncode == 0, stdout[-2000:] + stderr[-3000:]
     assert "failed (exitcode: -9) local_rank: 1" in stderr  # the agent saw the kill and restarted the group
     history = unison.history.read_jsonl(out / "history.jsonl")
-    assert [r["step"] for r in history] == [26 * e for e in range(1, 61)]  # 410 samples, 2 x 8 a step
+    assert [r["step"] for r in history] == [26 * e for e in range(1, 151)]  # 410 samples, 2 x 8 a step
 
     data = unison.data.prepare("xor")
     uninterrupted = unison.fit(lambda: unison.models.mlp(2, [8], 2), data, strategy="periodic(every=epoch)",
-                               workers=2, backend="threads", epochs=60, batch_size=8, lr=0.05, momentum=0.9,
+                               workers=2, backend="threads", epochs=150, batch_size=8, lr=0.05, momentum=0.9,
                                progress=False)
     saved = load_file(out / "model.safetensors")
     assert max(float((saved[k] - v).abs().max()) for k, v in uninterrupted.model.state_dict().items()) <= 1e-6
