@@ -3,6 +3,7 @@ same model and history as the run never interrupted."""
 
 import json
 import shutil
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -151,3 +152,23 @@ def test_resume_with_no_checkpoint_yet_starts_from_the_beginning(blobs, small_mo
     with pytest.warns(files.CheckpointWarning, match="starting from the beginning"):
         resumed = fit(small_model, blobs, checkpoint_dir=tmp_path / "empty", resume=True)
     assert max_abs_diff(resumed.model, fit(small_model, blobs).model) == 0
+
+
+@dataclass(frozen=True)
+class CountsMerges(Periodic):
+    """A strategy with state of its own, as DiLoCo's outer momentum: a count of its merges."""
+
+    def merge(self, replica, comm):
+        count = replica.strategy_state.setdefault("merges", torch.zeros(()))
+        count += 1
+        return super().merge(replica, comm)
+
+
+def test_a_strategys_own_state_is_checkpointed_and_restored(blobs, small_model, tmp_path):
+    fit(small_model, blobs, strategy=CountsMerges(every=4), checkpoint_dir=tmp_path / "all", keep_checkpoints=9)
+    assert [float(files.load(tmp_path / "all" / files.directory_name(step)).replicas[1]["strategy/merges"])
+            for step in (4, 8, 18)] == [1.0, 2.0, 5.0]
+    shutil.rmtree(tmp_path / "all" / "ckpt-000000018")
+    fit(small_model, blobs, strategy=CountsMerges(every=4), checkpoint_dir=tmp_path / "all", resume=True)
+    final = files.load(tmp_path / "all" / "ckpt-000000018")
+    assert float(final.replicas[0]["strategy/merges"]) == 5.0  # 4 before the resume, 1 after

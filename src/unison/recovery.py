@@ -4,7 +4,8 @@ contributes, and how a run continues from one so that it ends exactly as if neve
 Checkpoints are taken at round ends, after the merge: the model is then the merged one on
 every replica, and a round's sums are empty. Each replica contributes what is its own: its
 optimizer state (momentum, Adam's moments and step, the learning rate), its integer buffers,
-its RNG states, its bytes-sent count and its non-finite counters. They travel to rank 0 as safetensors bytes (one
+its RNG states, its bytes-sent count, its non-finite counters and whatever tensors the strategy
+keeps in ``replica.strategy_state``. They travel to rank 0 as safetensors bytes (one
 all-gather), and rank 0 alone writes the files (unison.checkpoint), as torch distributed
 checkpoint has one coordinator write the metadata. Data order needs nothing: every replica
 recomputes its indices from (seed, epoch, rank).
@@ -122,8 +123,9 @@ class Checkpointer:
         torch.set_rng_state(tensors[_RNG + "cpu"])
         if replica.device.type == "cuda" and _RNG + "cuda" in tensors:
             torch.cuda.set_rng_state(tensors[_RNG + "cuda"], replica.device)
-        for name, value in getattr(replica, "strategy_state", {}).items():
-            value.copy_(tensors[_STRATEGY + name])
+        for key, value in tensors.items():
+            if key.startswith(_STRATEGY):
+                replica.strategy_state[key[len(_STRATEGY):]] = value.to(replica.device)
         self.comm.bytes_sent = int(meta["bytes_sent"])
         state = checkpoint.state
         replica.step, replica.samples_since_merge = checkpoint.step, 0
@@ -187,8 +189,8 @@ class Checkpointer:
         tensors[_RNG + "cpu"] = torch.get_rng_state()
         if replica.device.type == "cuda":
             tensors[_RNG + "cuda"] = torch.cuda.get_rng_state(replica.device)
-        for name, value in getattr(replica, "strategy_state", {}).items():
-            tensors[_STRATEGY + name] = value.detach().cpu().clone()
+        for name, value in replica.strategy_state.items():
+            tensors[_STRATEGY + name] = value.detach().to("cpu", copy=True)
         meta = {"optimizer": optimizer_meta, "bytes_sent": self.comm.bytes_sent, "nan": guard.state()}
         return save_tensors(tensors, metadata={files.REPLICA_META: json.dumps(meta)})
 

@@ -104,6 +104,8 @@ class Replica:
         self.num_parameters = sum(p.numel() for p in self.trainable)
         self.step = 0                  # optimizer steps taken, counted across epochs
         self.samples_since_merge = 0   # the replica's weight in the next merge
+        # A strategy's own tensors (e.g. an outer optimizer's momentum); checkpoints keep them.
+        self.strategy_state: dict[str, torch.Tensor] = {}
         # The last batch, to explain a failed step; in_forward: the failure is in the next step.
         self.last_input = self.last_output = self.last_target = None
         self.in_forward = False
