@@ -2,6 +2,8 @@
 
 import os
 import signal
+import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -49,3 +51,53 @@ class DiesOnRank1(nn.Module):
                 raise OddError(7, "bad batch")
             raise RuntimeError("boom in the forward pass")
         return self.linear(x)
+
+
+def current_rank() -> int:
+    """This worker's rank on any backend: the process group's, or the thread's name."""
+    if dist.is_initialized():
+        return dist.get_rank()
+    name = threading.current_thread().name
+    return int(name.rsplit("-", 1)[1]) if name.startswith("unison-worker-") else 0
+
+
+class Misbehaves(nn.Module):
+    """A linear model that, on replica ``rank``, misbehaves in its ``at``-th training forward pass:
+    "nan" returns NaN outputs, "hang" sleeps ``seconds`` (stops calling collectives), "exit"
+    ends the process (only while TORCHELASTIC_RESTART_COUNT is unset or 0: a torchrun restart
+    then trains normally), "shape" returns one logit too few. ``times`` bad passes in a row."""
+
+    def __init__(self, how: str, rank: int = 1, at: int = 4, times: int = 1, seconds: float = 0.0,
+                 delay: float = 0.0):
+        super().__init__()
+        self.linear = nn.Linear(8, 3)
+        self.how, self.rank, self.at, self.times, self.seconds, self.delay = how, rank, at, times, seconds, delay
+        self.calls = 0
+
+    def forward(self, x):
+        out = self.linear(x)
+        if not self.training:  # fit()'s probe and validation
+            return out
+        self.calls += 1
+        if self.delay:
+            time.sleep(self.delay)
+        if current_rank() != self.rank or not self.at <= self.calls < self.at + self.times:
+            return out
+        if self.how == "nan":
+            return out * float("nan")
+        if self.how == "hang":
+            time.sleep(self.seconds)
+        if self.how == "exit" and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+            os._exit(3)
+        if self.how == "shape":
+            return out[:, :2]
+        return out
+
+
+def blobs_data():
+    """The ``blobs`` fixture's data (tests/conftest.py), for scripts that run outside pytest."""
+    g = torch.Generator().manual_seed(1)
+    centres = torch.randn(3, 8, generator=g) * 2
+    y = torch.arange(96) % 3
+    x = centres[y] + torch.randn(96, 8, generator=g)
+    return x, y

@@ -3,10 +3,10 @@
 from . import history, merges, models, partitions, penalties, schedules, strategies
 from .api import Result, fit
 from .comparison import Comparison, compare
-from .errors import CheckpointError, ConfigError, DataError, UnisonError, WorkerError
+from .errors import CheckpointError, ConfigError, DataError, NonFiniteError, UnisonError, WorkerError
 
 __version__ = "0.1.0"
 
 __all__ = ["fit", "compare", "Result", "Comparison", "strategies", "merges", "partitions", "penalties",
            "schedules", "models", "history",
-           "UnisonError", "ConfigError", "DataError", "WorkerError", "CheckpointError"]
+           "UnisonError", "ConfigError", "DataError", "WorkerError", "NonFiniteError", "CheckpointError"]

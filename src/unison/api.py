@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -14,16 +15,19 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from . import checkpoint as checkpoints
 from .config import TrainConfig
 from .data import CLASSIFICATION, TrainData, prepare
-from .errors import ConfigError, DataError, expected
+from .errors import ConfigError, DataError, WorkerError, expected
 from .history import with_throughput, write_jsonl
 from .launch import CAPABILITIES, CAPABILITY_REASONS
 from .launch import torchrun as torchrun_backend
+from .recovery import check_resumable
 from .replica import Job, build_optimizer, resolve_loss
 
 
 HISTORY_FILE, MODEL_FILE = "history.jsonl", "model.safetensors"
+RESUME_HINT = "resume=True continues from it"
 
 
 @dataclass
@@ -82,7 +86,9 @@ def fit(model: nn.Module | Callable[[], nn.Module], data: Any, val: Any = None, 
         nesterov: bool = False, weight_decay: float = 0.0, schedule: Any = None,
         penalty: Any = None, constraint: Any = None, loss: str | Callable | None = None, seed: int = 0,
         progress: bool = True, log_dir: str | Path | None = None, timeout: float = 300.0,
-        device: str = "cpu", replicas_per_worker: int = 1) -> Result:
+        device: str = "cpu", replicas_per_worker: int = 1,
+        checkpoint_every: int | str | None = None, checkpoint_dir: str | Path | None = None,
+        keep_checkpoints: int = 2, nan: str = "stop", resume: bool = False) -> Result:
     """Train ``workers`` replicas of ``model`` on ``data`` with ``strategy`` and merge them.
 
     ``model``: an nn.Module (its weights are every replica's start) or a zero-argument factory
@@ -96,6 +102,12 @@ def fit(model: nn.Module | Callable[[], nn.Module], data: Any, val: Any = None, 
     process, on ``device`` ("cpu", "cuda", "cuda:N"); ``replicas_per_worker=R`` makes each
     process of backend "processes" or "torchrun" hold R stacked replicas (unison.stacked).
     Everything is checked before any worker starts; problems raise unison.errors exceptions.
+
+    Reliability: ``checkpoint_every`` (rounds, or a duration such as "10min") writes a
+    checkpoint into ``checkpoint_dir`` (default ``log_dir/checkpoints``) at round ends, keeping
+    the newest ``keep_checkpoints``; ``resume=True`` continues from the newest valid one (a
+    restarted torchrun group does so by itself). ``nan``: "stop", "skip" or "rollback" (see
+    unison.nonfinite). ``timeout``: seconds any collective may wait for a peer.
     """
     started = time.time()
     if backend == "processes":  # workers' interpreter starts now, while the data is prepared
@@ -110,13 +122,24 @@ def fit(model: nn.Module | Callable[[], nn.Module], data: Any, val: Any = None, 
         if workers not in (None, torchrun_size):
             raise ConfigError(expected("workers", workers, f"{torchrun_size} (torchrun's WORLD_SIZE) or None"))
         workers = torchrun_size
+    if checkpoint_dir is None and checkpoint_every is not None and log_dir is not None:
+        checkpoint_dir = Path(log_dir) / "checkpoints"
+    if not isinstance(resume, bool):
+        raise ConfigError(expected("resume", resume, "True or False"))
+    # A group that torchrun restarted continues from its checkpoint by itself.
+    resume = resume or (backend == "torchrun" and torchrun_backend.restart_count() > 0 and checkpoint_dir is not None)
     config = TrainConfig(
         strategy=strategy, workers=2 if workers is None else workers, backend=backend,
         partition=partition, epochs=epochs, batch_size=batch_size,
         optimizer="custom" if callable(optimizer) else optimizer, lr=lr, momentum=momentum,
         nesterov=nesterov, weight_decay=weight_decay, schedule=schedule, penalty=penalty,
         constraint=constraint, loss="custom" if callable(loss) else loss, seed=seed, timeout=timeout,
-        replicas_per_worker=replicas_per_worker, device=device)
+        replicas_per_worker=replicas_per_worker, device=device,
+        checkpoint_every=checkpoint_every, nan=nan, keep_checkpoints=keep_checkpoints,
+        checkpoint_dir=str(checkpoint_dir) if isinstance(checkpoint_dir, Path) else checkpoint_dir)
+    if config.checkpoint_every is not None and config.checkpoint_dir is None:
+        raise ConfigError(f"checkpoint_every={config.checkpoint_every!r} needs checkpoint_dir (or log_dir, "
+                          "whose checkpoints/ is then used)")
     missing = config.strategy.needs - CAPABILITIES[backend]
     if missing:
         why = "; ".join(f"{need}: {CAPABILITY_REASONS.get((need, backend), need)}" for need in sorted(missing))
@@ -133,7 +156,7 @@ def fit(model: nn.Module | Callable[[], nn.Module], data: Any, val: Any = None, 
     # Only rank 0 writes the log; an earlier run's files there are never overwritten.
     rank0 = backend != "torchrun" or torchrun_backend.is_rank0()
     log_path = Path(log_dir) if log_dir is not None and rank0 else None
-    if log_path is not None and any((log_path / name).exists() for name in (HISTORY_FILE, MODEL_FILE)):
+    if log_path is not None and not resume and any((log_path / name).exists() for name in (HISTORY_FILE, MODEL_FILE)):
         raise ConfigError(f"log_dir={str(log_path)!r} already holds a run ({HISTORY_FILE} or {MODEL_FILE}); "
                           "choose another directory")
 
@@ -158,17 +181,27 @@ def fit(model: nn.Module | Callable[[], nn.Module], data: Any, val: Any = None, 
         from .launch import stacked as stacked_backend
         stacked_backend.check(config, start_model, train, optimizer if callable(optimizer) else None,
                               loss if callable(loss) else None)
-    elif callable(optimizer):  # a named one is fully checked by TrainConfig; building one here
-        # would cost the caller torch's lazy import of torch._dynamo (~0.7 s) for nothing
-        build_optimizer(copy.deepcopy(start_model).parameters(), config, optimizer)
+    elif callable(optimizer) or config.checkpoint_dir is not None:
+        # (a named optimizer is fully checked by TrainConfig; building one here without need would
+        # cost the caller torch's lazy import of torch._dynamo, ~0.7 s)
+        probe = build_optimizer(copy.deepcopy(start_model).parameters(), config,
+                                optimizer if callable(optimizer) else None)
+        if config.checkpoint_dir is not None:  # its settings must fit in JSON: fail now, not mid-run
+            checkpoints.flatten_optimizer(probe.state_dict(), "")
+    resume_from = _resume_point(config, resume, train, start_model, world_size, rank0)
 
     if log_path is not None:
         log_path.mkdir(parents=True, exist_ok=True)
-        (log_path / HISTORY_FILE).touch()
+        write_jsonl(log_path / HISTORY_FILE, resume_from.state["history"] if resume_from else [])
     job = Job(config=config, data=train, model=start_model,
               optimizer=optimizer if callable(optimizer) else None, loss=loss if callable(loss) else None,
-              started=started, progress=progress, history_path=str(log_path / HISTORY_FILE) if log_path else None)
-    outcome = _launcher(backend)(job, world_size)
+              started=started, progress=progress, history_path=str(log_path / HISTORY_FILE) if log_path else None,
+              resume=resume_from)
+    try:
+        outcome = _launcher(backend)(job, world_size)
+    except WorkerError as exc:
+        _name_checkpoint(exc, config.checkpoint_dir)
+        raise
 
     merged = copy.deepcopy(start_model)
     merged.load_state_dict(outcome.state)
@@ -179,6 +212,43 @@ def fit(model: nn.Module | Callable[[], nn.Module], data: Any, val: Any = None, 
         write_jsonl(log_path / HISTORY_FILE, result.history)
         result.save_model(log_path / MODEL_FILE)
     return result
+
+
+def _resume_point(config: TrainConfig, resume: bool, data: TrainData, model: nn.Module,
+                  world_size: int, rank0: bool) -> checkpoints.Checkpoint | None:
+    """The checkpoint to continue from, verified and checked against this run; or None.
+    Every rank reads it (a shared filesystem across machines); only rank 0, the writer,
+    refuses a fresh run into a directory with checkpoints (the others would race with it)."""
+    directory = config.checkpoint_dir
+    if directory is None:
+        if resume:
+            raise ConfigError("resume=True needs checkpoint_dir (the directory holding the run's checkpoints)")
+        return None
+    if not resume:
+        if rank0 and checkpoints.steps_on_disk(directory):
+            raise ConfigError(f"checkpoint_dir={directory!r} already holds checkpoints of a run; pass "
+                              "resume=True to continue it, or choose another directory")
+        return None
+    found = checkpoints.load_latest(directory)  # warns about a corrupt newer one it skips
+    if found is None:
+        warnings.warn(f"resume: no checkpoint in {directory!r} yet; starting from the beginning",
+                      checkpoints.CheckpointWarning, stacklevel=3)
+        return None
+    check_resumable(found, config, data, model, world_size)
+    return found
+
+
+def _name_checkpoint(exc: WorkerError, directory: str | None) -> None:
+    """Add the checkpoint to resume from to a failed run's error (same exception, longer message)."""
+    path = checkpoints.latest_valid_path(directory)
+    if path is not None:
+        exc.checkpoint = str(path)
+        hint = f"last checkpoint: {path} ({RESUME_HINT})"
+    elif directory is not None:
+        hint = f"no checkpoint was written to {directory} before the failure"
+    else:
+        hint = "no checkpoint to resume from (set checkpoint_every= and checkpoint_dir= to write them)"
+    exc.args = (f"{exc.args[0] if exc.args else exc}; {hint}",) + tuple(exc.args[1:])
 
 
 def _launcher(backend: str):

@@ -7,7 +7,6 @@ Every unison error becomes one line on stderr and exit status 2, never a traceba
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import time
@@ -28,7 +27,9 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = commands.add_parser("train", help="train one run described by a TOML file")
-    train.add_argument("run_file", help="TOML with [data], [model] and [train] tables")
+    train.add_argument("run_file", nargs="?", help="TOML with [data], [model] and [train] tables")
+    train.add_argument("--resume", metavar="RUN_DIR",
+                       help="continue the unfinished run that had --out RUN_DIR from its last checkpoint")
     train.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                        help="override a setting, e.g. --set train.lr=0.1 (repeatable)")
     train.add_argument("--out", help="run directory (default runs/<date-time>-train)")
@@ -78,25 +79,39 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .api import fit
+    from . import unfinished
+    from .api import RESUME_HINT, fit
     from .data import prepare
-    from .launch.torchrun import is_rank0
+    from .errors import WorkerError
+    from .launch.torchrun import is_rank0, restart_count
     from .launch.torchrun import world_size as torchrun_world_size
     from .models import mlp
 
-    cfg = run_config.load(args.run_file, args.sets)
+    if (args.run_file is None) == (args.resume is None):
+        raise ConfigError("train needs a run file, or --resume RUN_DIR to continue an unfinished run (not both)")
+    if args.resume and args.out:
+        raise ConfigError("--resume RUN_DIR continues into RUN_DIR; leave out --out")
+    resume_out = unfinished.run_dir_of(args.resume) if args.resume else None
+    cfg = run_config.load(unfinished.resume_config(resume_out) if args.resume else args.run_file, args.sets)
     under_torchrun = torchrun_world_size() is not None
     if under_torchrun and cfg.train.backend != "torchrun":
         # The same run file works alone and under torchrun: torchrun decides the workers.
         cfg = run_config.from_dict(cfg.to_dict(), {"train.backend": "torchrun",
                                                    "train.workers": torchrun_world_size()})
     rank0 = is_rank0()
-    out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-train")
-    if out.exists() and not args.overwrite:
-        raise ConfigError(f"run directory {str(out)!r} already exists; pass --overwrite to replace it "
-                          "or choose another --out")
-
+    out = resume_out or Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-train")
     t = cfg.train
+    checkpointing = t.checkpoint_every is not None or t.checkpoint_dir is not None
+    if checkpointing and under_torchrun and not (args.out or args.resume or t.checkpoint_dir):
+        raise ConfigError("checkpoints under torchrun need --out: every rank, and a restarted group, "
+                          "must find the same run directory (the default name has the time in it)")
+    # Train into a scratch directory; the run directory appears (or is replaced) only on success.
+    scratch = unfinished.scratch_for(out, checkpointing=checkpointing, resume=bool(args.resume),
+                                     overwrite=args.overwrite, restarted=restart_count() > 0, rank0=rank0)
+    if checkpointing and rank0:  # written first: `--resume` reads it back
+        scratch.mkdir(parents=True, exist_ok=True)
+        (scratch / unfinished.CONFIG_FILE).write_text(cfg.to_toml())
+
     data = prepare(cfg.data.dataset, seed=t.seed, val_fraction=cfg.data.val_fraction, loss=t.loss,
                    label=cfg.data.label)
 
@@ -104,17 +119,25 @@ def _train(args: argparse.Namespace) -> int:
         return mlp(data.features, list(cfg.model.hidden), data.outputs, activation=cfg.model.activation,
                    dropout=cfg.model.dropout, batchnorm=cfg.model.batchnorm)
 
-    # Train into a scratch directory; the run directory appears (or is replaced) only on success.
-    scratch = out.parent / f".{out.name}.partial-{os.getpid()}"
+    succeeded = False
     try:
-        result = fit(model, data, **t.fit_kwargs(), progress=not args.quiet,
+        settings = t.fit_kwargs() | {
+            "checkpoint_dir": t.checkpoint_dir or (scratch / "checkpoints" if checkpointing else None)}
+        result = fit(model, data, **settings, progress=not args.quiet, resume=bool(args.resume),
                      log_dir=scratch)  # fit() writes it on rank 0 only
         if rank0:
             (scratch / "config.toml").write_text(cfg.to_toml())
             (scratch / "summary.txt").write_text(result.summary() + "\n")
             _replace_dir(scratch, out)
+        succeeded = True
+    except WorkerError as exc:
+        if exc.checkpoint:
+            exc.args = (str(exc).replace(RESUME_HINT, f"`unison train --resume {out}` continues from it"),)
+        raise
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        # Rank 0's directory; an unfinished run with checkpoints is kept for --resume.
+        if rank0 and not (checkpointing and not succeeded):
+            shutil.rmtree(scratch, ignore_errors=True)
     if rank0:
         print(result.summary())
         print(f"run directory: {out}")

@@ -25,6 +25,8 @@ DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LOSSES = ("cross_entropy", "mse")
 ACTIVATIONS = ("relu", "tanh", "gelu", "sigmoid", "leaky_relu", "silu")
+NAN_POLICIES = ("stop", "skip", "rollback")
+_DURATION_UNITS = {"s": 1.0, "sec": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0}
 
 
 def check_int(field_name: str, value: Any, *, minimum: int) -> None:
@@ -114,6 +116,11 @@ class TrainConfig:
     timeout: float = 300.0
     replicas_per_worker: int = 1   # > 1: each process holds that many stacked replicas
     device: str = "cpu"            # where backend="stacked" trains: "cpu", "cuda" or "cuda:N"
+    # Reliability: checkpoints (see unison.checkpoint) and what a non-finite loss does.
+    checkpoint_every: int | str | None = None   # rounds (an int) or a duration: "90s", "10min", "1h"
+    checkpoint_dir: str | None = None
+    keep_checkpoints: int = 2
+    nan: str = "stop"
 
     def __post_init__(self) -> None:
         from . import partitions, penalties, schedules, strategies  # late: none imports this module
@@ -139,6 +146,7 @@ class TrainConfig:
             check_choice("loss", self.loss, LOSSES)
         check_int("seed", self.seed, minimum=0)
         check_float("timeout", self.timeout, low=0.0, low_open=True)
+        self._check_reliability()
         # parse() raises ConfigError naming the accepted names and options.
         object.__setattr__(self, "strategy", strategies.parse(self.strategy))
         object.__setattr__(self, "partition", partitions.parse(self.partition))
@@ -159,6 +167,11 @@ class TrainConfig:
             raise ConfigError(f"strategy {self.strategy.spec()!r} cannot run with replicas_per_worker="
                               f"{self.replicas_per_worker}: its workers must all update one shared model, and "
                               "stacked replicas are separate copies; use replicas_per_worker=1")
+        stacking = self.backend == "stacked" or self.replicas_per_worker > 1
+        if stacking and (self.checkpoint_every is not None or self.nan == "rollback"):
+            raise ConfigError("checkpoint_every and nan='rollback' are not supported with stacked replicas "
+                              "(backend='stacked' or replicas_per_worker > 1) yet: their per-replica optimizer "
+                              "state is not saved; use backend='threads' or 'processes' with one replica each")
         if self.replicas_per_worker > 1 and self.strategy.world_size(self.replicas_per_worker) == 1:
             raise ConfigError(f"strategy {self.strategy.spec()!r} trains one replica; replicas_per_worker="
                               f"{self.replicas_per_worker} needs a strategy with several (sync, periodic, ...)")
@@ -171,6 +184,31 @@ class TrainConfig:
     def fit_kwargs(self) -> dict[str, Any]:
         """These settings as keyword arguments of unison.fit()."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def _check_reliability(self) -> None:
+        check_choice("nan", self.nan, NAN_POLICIES)
+        check_int("keep_checkpoints", self.keep_checkpoints, minimum=1)
+        if self.checkpoint_dir is not None and (not isinstance(self.checkpoint_dir, str) or not self.checkpoint_dir):
+            raise ConfigError(expected("checkpoint_dir", self.checkpoint_dir, "a directory path"))
+        if self.checkpoint_every is None:
+            if self.checkpoint_dir is not None:  # a directory alone means: after every round
+                object.__setattr__(self, "checkpoint_every", 1)
+            return
+        checkpoint_schedule(self.checkpoint_every)  # without a directory, fit() and the CLI pick one
+
+
+def checkpoint_schedule(every: int | str) -> tuple[str, float]:
+    """("rounds", n) for an integer, ("seconds", s) for a duration such as "90s" or "10min"."""
+    if isinstance(every, int) and not isinstance(every, bool) and every >= 1:
+        return "rounds", float(every)
+    if isinstance(every, str):
+        match = re.fullmatch(r"(\d+(?:\.\d*)?)\s*([a-z]*)", every.strip().lower())
+        if match and match.group(2) in ("round", "rounds") and match.group(1).isdigit():
+            return checkpoint_schedule(int(match.group(1)))
+        if match and match.group(2) in _DURATION_UNITS and float(match.group(1)) > 0:
+            return "seconds", float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    raise ConfigError(expected("checkpoint_every", every, "an integer >= 1 (rounds) or a duration "
+                               "such as '90s', '10min', '1h' (the first round end after it)"))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -18,12 +18,31 @@ class DataError(UnisonError, ValueError):
 
 
 class WorkerError(UnisonError, RuntimeError):
-    """A worker failed or died while training; names the rank and the cause."""
+    """A worker failed or died while training; names the rank and the cause.
 
-    def __init__(self, message: str, *, rank: int | None = None, cause: str | None = None):
+    ``checkpoint`` is the newest valid checkpoint of the run (set by fit()), to resume from.
+    """
+
+    def __init__(self, message: str, *, rank: int | None = None, cause: str | None = None,
+                 checkpoint: str | None = None):
         super().__init__(message)
         self.rank = rank
         self.cause = cause
+        self.checkpoint = checkpoint
+
+
+class NonFiniteError(WorkerError):
+    """A training step had a non-finite loss or gradient and the ``nan=`` policy stopped the run.
+
+    ``step`` is the global step; ``replicas`` the ranks whose loss was not finite (empty when
+    only the averaged gradient was).
+    """
+
+    def __init__(self, message: str, *, rank: int | None = None, cause: str | None = None,
+                 step: int | None = None, replicas: tuple[int, ...] = ()):
+        super().__init__(message, rank=rank, cause=cause)
+        self.step = step
+        self.replicas = tuple(replicas)
 
 
 class CheckpointError(UnisonError, OSError):

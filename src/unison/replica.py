@@ -24,9 +24,11 @@ from torch import nn
 from .comm.base import Communicator
 from .config import TrainConfig
 from .data import CLASSIFICATION, TrainData
-from .errors import ConfigError
+from .errors import ConfigError, UnisonError, WorkerError
 from .history import History
+from .nonfinite import GOOD, ROLLED_BACK, NonFiniteGuard
 from .penalties import Constraint, Penalty
+from .recovery import Checkpointer
 from .schedules import Schedule
 
 
@@ -127,8 +129,12 @@ class Replica:
         self.initial_lrs = [group["lr"] for group in optimizer.param_groups]
         self.step = 0                  # optimizer steps taken, counted across epochs
         self.samples_since_merge = 0   # the replica's weight in the next merge
-        self.strategy_state: dict[str, Any] = {}  # what a strategy keeps per replica (diloco's θ)
+        # A strategy's own tensors (diloco's θ and outer momentum); checkpoints keep them.
+        self.strategy_state: dict[str, torch.Tensor] = {}
         self._scratch: nn.Module | None = None
+        # The last batch, to explain a failed step; in_forward: the failure is in the next step.
+        self.last_input = self.last_output = self.last_target = None
+        self.in_forward = False
 
     def gradients(self, x: torch.Tensor, y: torch.Tensor, batches: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
         """Gradients on this step's batch (``batches`` holds one index tensor per rank in
@@ -142,9 +148,14 @@ class Replica:
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Gradients of loss + penalty; returns the loss alone (the data term J)."""
+        self.in_forward = True
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss_fn(self.model(x), y)
+        self.last_input, self.last_output, self.last_target = x, None, y
+        output = self.model(x)
+        self.last_output = output.detach() if isinstance(output, torch.Tensor) else output
+        loss = self.loss_fn(output, y)
         (loss + self.penalty(self.trainable) if self.penalty is not None else loss).backward()
+        self.in_forward = False
         return loss.detach()
 
     def optimizer_step(self, steps_per_epoch: int, total_steps: int, *, shared: bool = False,
@@ -222,6 +233,7 @@ class Job:
     started: float = 0.0              # time.time() when fit() was called
     progress: bool = False
     history_path: str | None = None   # rank 0 appends one JSON line per round
+    resume: Any = None                # a unison.checkpoint.Checkpoint to continue from
 
 
 @dataclass
@@ -249,12 +261,41 @@ def build_replica(job: Job, comm: Communicator, device: torch.device, loss_fn: C
 
 
 def run(job: Job, comm: Communicator, device: torch.device | None = None,
-        build: Callable[..., Replica] = build_replica) -> Outcome:
+        build: Callable[..., "Replica"] | None = None) -> Outcome:
     """Train one replica to the end; every rank of a run calls this with its communicator.
 
-    ``build`` makes the replica; the stacked backend passes one that makes R replicas at once
-    (unison.stacked), with a communicator that reduces over them (comm/stacked.py).
+    An exception from the model, the loss or the optimizer comes back as a WorkerError that
+    names this replica, the step and the shapes involved (the traceback is its ``cause``).
+    ``build`` makes the replica (default build_replica); the stacked backend passes one that
+    makes R replicas at once (unison.stacked), with a communicator that reduces over them.
     """
+    where: dict[str, Any] = {}
+    try:
+        return _run(job, comm, device, where, build or build_replica)
+    except UnisonError:
+        raise
+    except Exception as exc:
+        raise _step_failure(exc, comm.rank, where) from exc
+
+
+def _step_failure(exc: Exception, rank: int, where: dict[str, Any]) -> WorkerError:
+    import traceback
+
+    replica = where.get("replica")
+    if replica is None:
+        return WorkerError(f"worker {rank} failed before training: {type(exc).__name__}: {exc}",
+                           rank=rank, cause=traceback.format_exc())
+    shapes = ""
+    in_forward = getattr(replica, "in_forward", False)  # stacked replicas do not record their batch
+    if in_forward and isinstance(getattr(replica, "last_output", None), torch.Tensor):  # the loss failed
+        shapes = (f" (model output of shape {tuple(replica.last_output.shape)}, "
+                  f"targets of shape {tuple(replica.last_target.shape)})")
+    return WorkerError(f"worker {rank} failed at step {replica.step + in_forward}{shapes}: "
+                       f"{type(exc).__name__}: {exc}", rank=rank, cause=traceback.format_exc())
+
+
+def _run(job: Job, comm: Communicator, device: torch.device | None, where: dict[str, Any],
+         build: Callable[..., "Replica"]) -> Outcome:
     device = device or torch.device("cpu")
     config, data, strategy, partition = job.config, job.data, job.config.strategy, job.config.partition
     rank, world_size, batch_size = comm.rank, comm.world_size, config.batch_size
@@ -264,6 +305,7 @@ def run(job: Job, comm: Communicator, device: torch.device | None = None,
     if data.x_val is not None:
         validation = (data.x_val.to(device), data.y_val.to(device), data.task)
     replica = build(job, comm, device, loss_fn, validation)
+    where["replica"] = replica
     n = len(x)
     steps_per_epoch = max(math.ceil(size / batch_size) for size in partition.sizes(n, world_size))
     total_steps = steps_per_epoch * config.epochs
@@ -273,9 +315,25 @@ def run(job: Job, comm: Communicator, device: torch.device | None = None,
 
     loss_sum = torch.zeros(replica.local_shape, dtype=torch.float64, device=device)
     samples_seen = last_round_step = 0
+    # Reliability (unison.recovery, unison.nonfinite): continue from a checkpoint, write them at
+    # round ends, and agree on every step whether it was finite.
+    checkpointer = Checkpointer(job, comm, replica, steps_per_epoch)
+    guard = NonFiniteGuard(config.nan, replica, comm)
+    resumed = checkpointer.restore(guard)
+    start_epoch, start_index, wall_offset = 0, 0, 0.0
+    if resumed is not None:
+        last_round_step, samples_seen, wall_offset = resumed.step, resumed.samples_seen, resumed.wall_s
+        history.records = list(resumed.history)
+        start_epoch, start_index = ((resumed.step // steps_per_epoch, 0) if resumed.epoch_end else
+                                    ((resumed.step - 1) // steps_per_epoch, (resumed.step - 1) % steps_per_epoch + 1))
+    guard.remember_merged_state()
 
-    def end_round() -> None:
+    def end_round(epoch_end: bool) -> None:
         nonlocal samples_seen, last_round_step
+        if guard.rolled_back_at_round_end():  # a local step was not finite: undo the round
+            loss_sum.zero_()
+            last_round_step = replica.step
+            return
         # the merge's weight is the round's samples
         round_samples = torch.as_tensor(replica.samples_since_merge, dtype=torch.float64, device=device)
         distance = strategy.merge_replicas(replica, comm)
@@ -285,38 +343,53 @@ def run(job: Job, comm: Communicator, device: torch.device | None = None,
         metrics = {}
         if rank == 0 and validation is not None:
             metrics = evaluate(replica.model, validation[0], validation[1], loss_fn, data.task)
-        stats = torch.stack([loss_sum, round_samples, distance.to(torch.float64)], dim=-1)
-        loss_total, samples, distance_total = comm.all_reduce_sum(stats).reshape(-1, 3)[0].tolist()
+        discarded = torch.zeros_like(round_samples)  # per process: in its first row only
+        discarded.view(-1)[0] = float(guard.discarded)
+        stats = torch.stack([loss_sum, round_samples, distance.to(torch.float64), discarded], dim=-1)
+        loss_total, samples, distance_total, discarded = comm.all_reduce_sum(stats).reshape(-1, 4)[0].tolist()
         samples_seen += int(samples)
         record = {"epoch": round(replica.step / steps_per_epoch, 4), "step": replica.step,
-                  "wall_s": time.time() - job.started, "samples": samples_seen,
+                  "wall_s": time.time() - job.started + wall_offset, "samples": samples_seen,
                   "train_loss": loss_total / max(samples, 1.0), "divergence": distance_total / world_size,
-                  "comm_bytes": comm.bytes_sent, "lr": replica.optimizer.param_groups[0]["lr"], **metrics}
+                  "comm_bytes": comm.bytes_sent, "lr": replica.optimizer.param_groups[0]["lr"],
+                  **guard.counters(int(discarded)), **metrics}
         history.append(record)
         if progress is not None:
             progress.set_postfix({k: f"{record[k]:.4g}" for k in ("train_loss", "val_acc") if k in record})
         loss_sum.zero_()
         replica.samples_since_merge = 0
         last_round_step = replica.step
+        guard.remember_merged_state()
+        checkpointer.round_ended(epoch_end=epoch_end, samples_seen=samples_seen, history=history.records,
+                                 guard=guard)
 
     startup_s = time.time() - job.started
-    for epoch in range(config.epochs):
+    if progress is not None and start_epoch:
+        progress.update(start_epoch)
+    for epoch in range(start_epoch, config.epochs):
         orders = [partition.indices(n, world_size, r, epoch, config.seed).to(device) for r in replica.ranks]
-        for i in range(steps_per_epoch):
+        for i in range(start_index if epoch == start_epoch else 0, steps_per_epoch):
             loss, count = replica.gradients(x, y, [order[i * batch_size:(i + 1) * batch_size] for order in orders])
-            loss_sum += loss * count
             replica.step += 1
+            # stacked replicas give one loss per replica: their sum is finite exactly when all are
+            guard.before_exchange(loss.sum() if loss.dim() else loss)
             shared = strategy.on_gradients(replica, comm, replica.step, count)
-            replica.optimizer_step(steps_per_epoch, total_steps, shared=shared, samples=count)
-            replica.samples_since_merge += count
+            verdict = guard.check(shared)  # a bad step is handled there (see unison.nonfinite)
+            if verdict == GOOD:
+                replica.optimizer_step(steps_per_epoch, total_steps, shared=shared, samples=count)
+                loss_sum += loss * count
+                replica.samples_since_merge += count
+            elif verdict == ROLLED_BACK:
+                loss_sum.zero_()
             if strategy.round_ends(replica.step, epoch_end=False):
-                end_round()
+                end_round(epoch_end=False)
         if strategy.round_ends(replica.step, epoch_end=True):
-            end_round()
+            end_round(epoch_end=True)
         if progress is not None:
             progress.update(1)
     if last_round_step != replica.step:  # a last merge, unless one just happened
-        end_round()
+        end_round(epoch_end=True)
+    checkpointer.finish()
     if progress is not None:
         progress.close()
     state = {k: v.detach().to("cpu", copy=True) for k, v in replica.model.state_dict().items()}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from typing import TypeVar
 
 import torch
@@ -20,7 +21,13 @@ T = TypeVar("T")
 
 class PeerFailed(WorkerError):
     """Raised in a worker when a collective fails because a peer failed, vanished or did not
-    arrive in time. A symptom, not the root cause: launchers report the peer's failure first."""
+    arrive in time. A symptom, not the root cause: launchers report the peer's failure first.
+    ``missing``: the ranks found not to have arrived at a collective that timed out, if known."""
+
+    def __init__(self, message: str, *, rank: int | None = None, cause: str | None = None,
+                 missing: tuple[int, ...] = ()):
+        super().__init__(message, rank=rank, cause=cause)
+        self.missing = tuple(missing)
 
 
 class Communicator(ABC):
@@ -50,6 +57,11 @@ class Communicator(ABC):
     @abstractmethod
     def barrier(self) -> None:
         """Return once every rank has arrived."""
+
+    def peer_failed(self) -> bool:
+        """Whether another worker is known to have failed already (without communicating).
+        Lets a replica between collectives stop early; False where the launcher stops it."""
+        return False
 
     def all_reduce_mean(self, tensor: torch.Tensor, weight: float | torch.Tensor = 1.0) -> torch.Tensor:
         """Replace ``tensor`` by sum_r(w_r·x_r) / sum_r(w_r), in one collective; return it.
@@ -103,3 +115,14 @@ class Solo(Communicator):
 def nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
+
+
+@contextmanager
+def uncounted(comm: Communicator):
+    """Collectives made inside do not add to ``bytes_sent``: unison's own bookkeeping (the
+    non-finite flag, checkpoint gathers) is not the strategy's traffic that comm_bytes reports."""
+    before = comm.bytes_sent
+    try:
+        yield comm
+    finally:
+        comm.bytes_sent = before

@@ -2,6 +2,10 @@
 
 Every rank deposits its tensor, rank 0 combines them, everyone copies the one result, so all
 replicas receive bit-identical values and the outcome does not depend on thread timing.
+
+Every wait has the run's timeout. Each rank counts the collectives it has entered, so when a
+wait times out the ranks that are behind are the ones that did not arrive, and the error names
+them (what gloo's monitored barrier reports for processes).
 """
 
 from __future__ import annotations
@@ -21,9 +25,13 @@ class ThreadGroup:
         self.barrier = threading.Barrier(world_size)
         self.slots: list[object] = [None] * world_size
         self.result: object = None
+        self.entered = [0] * world_size   # collectives each rank has entered
+        self.missing: tuple[int, ...] = ()  # set by the first rank to see a timeout
+        self.aborted = False
 
     def abort(self) -> None:
         """Wake every waiting worker with PeerFailed (called when one worker fails)."""
+        self.aborted = True
         self.barrier.abort()
 
 
@@ -32,16 +40,32 @@ class ThreadComm(Communicator):
         super().__init__(rank=rank, world_size=group.world_size)
         self.group = group
 
+    def peer_failed(self) -> bool:
+        return self.group.aborted
+
+    def _enter(self) -> None:
+        self.group.entered[self.rank] += 1
+
     def _wait(self) -> None:
+        group = self.group
         try:
-            self.group.barrier.wait(self.group.timeout)
+            group.barrier.wait(group.timeout)
         except threading.BrokenBarrierError:
+            mine = group.entered[self.rank]
+            behind = tuple(r for r, n in enumerate(group.entered) if n < mine)
+            if behind and not group.aborted and not group.missing:
+                group.missing = behind
+            if group.missing:
+                ranks = ", ".join(str(r) for r in group.missing)
+                raise PeerFailed(f"a collective timed out after {group.timeout:g} s: rank {ranks} did not "
+                                 "arrive", rank=self.rank, missing=group.missing) from None
             raise PeerFailed("another worker failed or a collective timed out "
-                             f"after {self.group.timeout:g} s", rank=self.rank) from None
+                             f"after {group.timeout:g} s", rank=self.rank) from None
 
     def _exchange(self, value: object, combine) -> object:
         """Deposit ``value``; rank 0 turns all deposits into one result; everyone gets it."""
         group = self.group
+        self._enter()
         group.slots[self.rank] = value
         self._wait()
         if self.rank == 0:
@@ -84,5 +108,6 @@ class ThreadComm(Communicator):
         return result
 
     def barrier(self):
+        self._enter()
         self._wait()
 

@@ -2,11 +2,17 @@
 
 The only module in unison that imports torch.distributed. Also holds the small helpers that
 create or join a process group, so launchers never touch torch.distributed themselves.
+
+Every collective times out after the run's ``timeout``. After a timeout the group's connections
+are closed, so the ranks that did not arrive are found on a second, idle gloo group with
+``monitored_barrier(wait_all_ranks=True)``: rank 0 learns exactly which ranks are missing and
+its PeerFailed names them; the other ranks can only say that rank 0 knows.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from datetime import timedelta
 
 import torch
@@ -21,43 +27,68 @@ from .base import Communicator, PeerFailed, nbytes
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-def _collective(name: str, call, *args, **kwargs):
-    """Run a torch.distributed call; its failure means a peer is gone or late: PeerFailed."""
-    try:
-        return call(*args, **kwargs)
-    except RuntimeError as exc:  # DistBackendError and gloo's errors are RuntimeErrors
-        raise PeerFailed(f"{name} failed, a peer is gone or timed out: {exc}") from exc
+_MISSING = re.compile(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier")
+ROLL_CALL_S = 10.0  # at most this long to find who is missing, after a timeout
 
 
 class TorchDistComm(Communicator):
     """Communicator over the default process group."""
 
-    def __init__(self) -> None:
+    def __init__(self, timeout: float = 300.0) -> None:
         super().__init__(rank=dist.get_rank(), world_size=dist.get_world_size())
+        self.timeout = timeout
+        # Idle until a collective times out; then it takes the roll call (see the module doc).
+        self._roll_call = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
+
+    def _collective(self, name: str, call, *args, **kwargs):
+        """Run a torch.distributed call; its failure means a peer is gone or late: PeerFailed."""
+        try:
+            return call(*args, **kwargs)
+        except RuntimeError as exc:  # DistBackendError and gloo's errors are RuntimeErrors
+            if "timed out" not in str(exc).lower() and "timeout" not in str(exc).lower():
+                raise PeerFailed(f"{name} failed, a peer is gone: {exc}", rank=self.rank) from exc
+            missing = self._who_did_not_arrive()
+            if missing:
+                ranks = ", ".join(str(r) for r in missing)
+                raise PeerFailed(f"{name} timed out after {self.timeout:g} s: rank {ranks} did not arrive",
+                                 rank=self.rank, missing=missing) from exc
+            raise PeerFailed(f"{name} timed out after {self.timeout:g} s (rank 0 names the ranks that did "
+                             f"not arrive): {exc}", rank=self.rank) from exc
+
+    def _who_did_not_arrive(self) -> tuple[int, ...]:
+        """Ranks missing from a monitored barrier on the idle group; () if unknown here."""
+        wait = timedelta(seconds=min(self.timeout, ROLL_CALL_S))
+        try:
+            dist.monitored_barrier(group=self._roll_call, timeout=wait, wait_all_ranks=True)
+        except RuntimeError as exc:
+            found = _MISSING.search(str(exc))
+            if found:
+                return tuple(int(r) for r in found.group(1).replace(" ", "").split(",") if r)
+        return ()
 
     def all_reduce_sum(self, tensor):
         self._count("all_reduce", nbytes(tensor))
-        _collective("all_reduce", dist.all_reduce, tensor, op=dist.ReduceOp.SUM)
+        self._collective("all_reduce", dist.all_reduce, tensor, op=dist.ReduceOp.SUM)
         return tensor
 
     def all_gather(self, tensor):
         self._count("all_gather", nbytes(tensor))
         parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
-        _collective("all_gather", dist.all_gather, parts, tensor.contiguous())
+        self._collective("all_gather", dist.all_gather, parts, tensor.contiguous())
         return parts
 
     def broadcast(self, tensor, src=0):
         self._count("broadcast", nbytes(tensor), src)
-        _collective("broadcast", dist.broadcast, tensor, src=src)
+        self._collective("broadcast", dist.broadcast, tensor, src=src)
         return tensor
 
     def broadcast_object(self, obj, src=0):
         box = [obj]
-        _collective("broadcast", dist.broadcast_object_list, box, src=src)
+        self._collective("broadcast", dist.broadcast_object_list, box, src=src)
         return box[0]
 
     def barrier(self):
-        _collective("barrier", dist.barrier)
+        self._collective("barrier", dist.barrier)
 
 
 def host_store(world_size: int, timeout: float) -> dist.TCPStore:
@@ -76,7 +107,7 @@ def join(rank: int, world_size: int, port: int, timeout: float) -> TorchDistComm
                           timeout=timedelta(seconds=timeout))
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=timeout))
-    return TorchDistComm()
+    return TorchDistComm(timeout)
 
 
 def torchrun_environment() -> dict[str, str] | None:
@@ -100,8 +131,25 @@ def join_from_environment(timeout: float) -> tuple[TorchDistComm, torch.device, 
         device, backend = torch.device("cpu"), "gloo"
     created = not dist.is_initialized()
     if created:
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
-    return TorchDistComm(), device, created
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout), **_attempt_store(timeout))
+    return TorchDistComm(timeout), device, created
+
+
+def _attempt_store(timeout: float) -> dict:
+    """The store of this torchrun attempt, with keys of its own.
+
+    torchrun's agent hosts one store for all restarts of a group and torch's env:// rendezvous
+    adds no per-attempt prefix, so a restarted group could read the first attempt's (dead)
+    addresses and fail to connect. Prefixing the keys with the restart count rules that out.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}  # rank 0 hosts a fresh store each attempt: nothing stale to read
+    env = torchrun_environment()
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), int(env["WORLD_SIZE"]), is_master=False,
+                          timeout=timedelta(seconds=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return {"store": dist.PrefixStore(f"unison/attempt-{attempt}/", store), "rank": int(env["RANK"]),
+            "world_size": int(env["WORLD_SIZE"])}
 
 
 def leave() -> None:

@@ -20,6 +20,7 @@ import pickle
 import signal
 import sys
 import threading
+import time
 import traceback
 from multiprocessing.connection import wait
 
@@ -63,6 +64,7 @@ def prestart() -> None:
 def _main_is_importable() -> bool:
     main_file = getattr(sys.modules.get("__main__"), "__file__", None)
     return not main_file or os.path.isfile(main_file)
+BLAME_GRACE_S = 2.0  # with only symptoms reported, how long to wait for the cause
 
 
 def launch(job: Job, world_size: int) -> Outcome:
@@ -118,9 +120,11 @@ def _supervise(workers, pipes) -> Outcome:
     """Wait for rank 0's outcome and every worker's goodbye; fail fast on the first failure."""
     outcome: dict | None = None
     running, closed, finished = set(range(len(workers))), set(), set()
+    failures = []  # (rank, cause, exception, a mere symptom of another's failure, a signal)
+    symptoms_since = None
     while running:
-        ready = wait([pipes[r] for r in running - closed] + [workers[r].sentinel for r in running])
-        failures = []  # (rank, cause, exception, a mere symptom of another's failure, a signal)
+        patience = None if symptoms_since is None else max(0.0, symptoms_since + BLAME_GRACE_S - time.monotonic())
+        ready = wait([pipes[r] for r in running - closed] + [workers[r].sentinel for r in running], patience)
         for rank in sorted(running):
             exited = workers[rank].sentinel in ready
             while rank not in closed and (exited or (pipes[rank] in ready and pipes[rank].poll())):
@@ -147,20 +151,46 @@ def _supervise(workers, pipes) -> Outcome:
                     failures.append((rank, _describe_exit(code), None, False, code < 0))
                 running.discard(rank)
         if failures:
-            # Peers of a failed worker fail too, with "connection closed": blame the cause.
-            rank, cause, exception, _, _ = sorted(failures, key=lambda f: (f[3], not f[4]))[0]
-            _fail(workers, rank, cause, exception)
+            symptoms_since = symptoms_since or time.monotonic()
+            _blame(workers, failures, running, waited_enough=time.monotonic() - symptoms_since >= BLAME_GRACE_S)
+    if failures:
+        _blame(workers, failures, running, waited_enough=True)
     if outcome is None:
         raise WorkerError("worker 0 exited without sending the trained model", rank=0)
     return Outcome(state=load_tensors(outcome["state"]), history=outcome["history"],
                    startup_s=outcome["startup_s"])
 
 
-def _fail(workers, rank: int, cause: str, exception: BaseException | None):
+def _blame(workers, failures, running, waited_enough: bool) -> None:
+    """Raise for the worker that caused the failure, if known (or waited for long enough).
+
+    Peers of a failed worker fail too ("connection closed", a timeout): those are symptoms.
+    A cause wins; then a timeout report naming the ranks that did not arrive; after
+    BLAME_GRACE_S with symptoms only, a worker still running that reported nothing.
+    """
+    causes = sorted((f for f in failures if not f[3]), key=lambda f: not f[4])
+    if causes:
+        rank, cause, exception, _, _ = causes[0]
+        _fail(workers, rank, cause, exception)
+    named = [f for f in failures if getattr(f[2], "missing", ())]
+    if named:
+        exception = named[0][2]
+        _fail(workers, exception.missing[0], named[0][1], None, summary=str(exception))
+    if waited_enough:
+        silent = sorted(running - {f[0] for f in failures})
+        if silent:
+            symptom = failures[0][2] or failures[0][1].strip().splitlines()[-1]
+            _fail(workers, silent[0], failures[0][1], None,
+                  summary=f"it reported nothing while its peers' collectives failed ({symptom})")
+        rank, cause, exception, _, _ = failures[0]
+        _fail(workers, rank, cause, exception)
+
+
+def _fail(workers, rank: int, cause: str, exception: BaseException | None, summary: str | None = None):
     _stop(workers)
     if isinstance(exception, UnisonError) and not isinstance(exception, PeerFailed):
         raise exception
-    raise WorkerError(f"worker {rank} failed: {cause.strip().splitlines()[-1]}", rank=rank, cause=cause)
+    raise WorkerError(f"worker {rank} failed: {summary or cause.strip().splitlines()[-1]}", rank=rank, cause=cause)
 
 
 def _describe_exit(code: int) -> str:

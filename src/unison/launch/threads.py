@@ -1,8 +1,14 @@
-"""Backend "threads": N threads in this process, collectives through shared memory."""
+"""Backend "threads": N threads in this process, collectives through shared memory.
+
+A thread cannot be stopped from outside: once one worker fails, the others are woken (their
+collectives raise PeerFailed) and waited for a few seconds; a worker stuck outside any
+collective is left behind as a daemon thread rather than hanging fit().
+"""
 
 from __future__ import annotations
 
 import threading
+import time
 import traceback
 
 import torch
@@ -12,6 +18,8 @@ from ..comm.threads import ThreadComm, ThreadGroup
 from ..errors import UnisonError, WorkerError
 from ..replica import Job, Outcome, run
 from . import threads_per_worker
+
+GRACE_S = 3.0  # how long the other workers may take to stop once one has failed
 
 
 def launch(job: Job, world_size: int) -> Outcome:
@@ -48,12 +56,19 @@ def _launch_threads(job: Job, world_size: int) -> Outcome:
     for worker in workers:
         worker.start()
     for worker in workers:
-        worker.join()
+        while worker.is_alive() and not failures:
+            worker.join(0.1)
     if failures:
+        deadline = time.monotonic() + GRACE_S
+        for worker in workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
         # Report the worker that failed first, not the peers it woke up.
         rank, exc, trace = next((f for f in failures if not isinstance(f[1], PeerFailed)), failures[0])
         if isinstance(exc, UnisonError) and not isinstance(exc, PeerFailed):
             raise exc
+        missing = next((f[1].missing for f in failures if getattr(f[1], "missing", ())), ())
+        if missing:  # nobody failed: some worker stopped taking part in the collectives
+            raise WorkerError(f"worker {missing[0]} failed: {exc}", rank=missing[0], cause=trace) from exc
         raise WorkerError(f"worker {rank} failed: {type(exc).__name__}: {exc}", rank=rank,
                           cause=trace) from exc
     return outcomes[0]

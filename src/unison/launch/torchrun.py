@@ -41,3 +41,10 @@ def launch(job: Job, world_size: int) -> Outcome:
     if owned:
         torch_dist.leave()
     return Outcome(state=outcome.state, history=shared["history"], startup_s=shared["startup_s"])
+
+
+def restart_count() -> int:
+    """How often torchrun's elastic agent has restarted this group (0 on the first attempt)."""
+    if torch_dist.torchrun_environment() is None:
+        return 0
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))

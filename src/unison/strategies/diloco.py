@@ -46,13 +46,19 @@ class DiLoCo(Strategy):
         parse_merge(self)
 
     def begin(self, replica, comm):
-        # The outer optimizer holds the global parameters θ as one flat tensor; every replica
-        # keeps an identical copy, so the outer step needs no communication of its own
-        # (stacked replicas keep one row each: [R, P], stepped elementwise).
-        theta = torch.nn.Parameter(replica.state_vector()[..., :replica.num_parameters].clone())
-        outer = torch.optim.SGD([theta], lr=self.outer_lr, momentum=self.outer_momentum,
-                                nesterov=self.nesterov and self.outer_momentum > 0)
-        replica.strategy_state[self.name] = (theta, outer)
+        # The global parameters θ and the outer momentum, identical on every rank (so the outer
+        # step needs no communication of its own), kept as plain tensors in strategy_state so
+        # that checkpoints save and restore them.
+        theta = replica.state_vector()[..., :replica.num_parameters].clone()
+        replica.strategy_state.update({"diloco.theta": theta, "diloco.momentum": torch.zeros_like(theta)})
+
+    def _outer_step(self, theta: torch.Tensor, momentum: torch.Tensor, pseudo_gradient: torch.Tensor) -> None:
+        """torch.optim.SGD's update with dampening 0 (its buffer starts at the first gradient,
+        which m·0 + g is): b ← m·b + g; d = g + m·b with Nesterov, else b; θ ← θ − lr·d."""
+        m = self.outer_momentum
+        momentum.mul_(m).add_(pseudo_gradient)
+        direction = pseudo_gradient.add(momentum, alpha=m) if self.nesterov and m > 0 else momentum
+        theta.sub_(direction, alpha=self.outer_lr)
 
     def round_ends(self, step, epoch_end):
         if self.every == "epoch":
@@ -60,16 +66,14 @@ class DiLoCo(Strategy):
         return not epoch_end and step % self.every == 0
 
     def merge_replicas(self, replica, comm):
-        theta, outer = replica.strategy_state[self.name]
+        theta, momentum = replica.strategy_state["diloco.theta"], replica.strategy_state["diloco.momentum"]
         n = replica.num_parameters
         state = replica.state_vector()
         merged = combined(replica, comm, self.merge, state, merge_weight(replica.samples_since_merge))
         distance = torch.linalg.vector_norm(state[..., :n] - merged[..., :n], dim=-1)
-        theta.grad = theta.detach() - merged[..., :n]   # the pseudo-gradient
-        outer.step()
-        merged[..., :n] = theta.detach()
+        self._outer_step(theta, momentum, theta - merged[..., :n])  # on the pseudo-gradient θ − merge
+        merged[..., :n] = theta
         replica.load_state_vector(merged)
         replica.project()  # projected outer SGD: θ itself stays inside the constraint set
-        with torch.no_grad():
-            theta.copy_(replica.state_vector()[..., :n])
+        theta.copy_(replica.state_vector()[..., :n])
         return distance
