@@ -53,24 +53,29 @@ def accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((net(x).argmax(1) == y).float().mean())
 
 
-def plain_loop(x, y, x_test, y_test, *, threads: int, epochs: int, seed: int = 0) -> list[dict]:
-    """One process, ``threads`` intra-op threads: the single-process baseline. One record per
-    epoch with the wall time since the call (start-up included) and the test accuracy."""
+def plain_loop(x, y, x_test, y_test, *, threads: int, epochs: int, seed: int = 0,
+               evals_per_epoch: int = 1) -> list[dict]:
+    """One process, ``threads`` intra-op threads: the single-process baseline. A record
+    ``evals_per_epoch`` times an epoch with the wall time since the call (start-up included)
+    and the test accuracy."""
     started = time.time()
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     net = model()
     opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
+    steps = len(x) // BATCH
+    marks = {round(steps * k / evals_per_epoch) for k in range(1, evals_per_epoch + 1)}
     records = []
     for epoch in range(epochs):
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed + epoch))
-        for start in range(0, len(order) - BATCH + 1, BATCH):
-            idx = order[start:start + BATCH]
+        for step in range(1, steps + 1):
+            idx = order[(step - 1) * BATCH:step * BATCH]
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(net(x[idx]), y[idx]).backward()
             opt.step()
-        records.append({"epoch": epoch + 1, "wall_s": time.time() - started,
-                        "val_acc": accuracy(net, x_test, y_test)})
+            if step in marks:
+                records.append({"epoch": epoch + step / steps, "wall_s": time.time() - started,
+                                "val_acc": accuracy(net, x_test, y_test)})
     return records
 
 
