@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install --quiet --constraint constraints.txt
 
-.PHONY: run test install install-dev clean
+.PHONY: run test bench install install-dev clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,14 @@ run: install
 
 test: install-dev
 	$(PY) -m pytest
+
+# Measures and prints tables (bench/RESULTS.md says what they showed); asserts nothing.
+bench: install
+	$(PY) bench/time_to_accuracy.py
+	$(PY) bench/overhead.py
+	$(PY) bench/scaling.py
+	$(PY) bench/memory.py
+	$(PY) bench/stacked.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
