@@ -3,15 +3,13 @@ import torch
 
 from unison.models import mlp
 
+from toy_models import blobs_data
+
 
 @pytest.fixture(scope="session")
 def blobs():
     """96 samples, 8 features, 3 classes that a small MLP can separate."""
-    g = torch.Generator().manual_seed(1)
-    centres = torch.randn(3, 8, generator=g) * 2
-    y = torch.arange(96) % 3
-    x = centres[y] + torch.randn(96, 8, generator=g)
-    return x, y
+    return blobs_data()
 
 
 @pytest.fixture
