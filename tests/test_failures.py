@@ -4,6 +4,7 @@ worker that stops calling collectives, a torchrun worker that exits and is resta
 import copy
 import multiprocessing
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -194,7 +195,10 @@ def test_unison_train_under_torchrun_resumes_by_itself_after_a_worker_is_killed(
     finally:
         agent.kill()
     assert agent.returncode == 0, stdout[-2000:] + stderr[-3000:]
-    assert "failed (exitcode: -9) local_rank: 1" in stderr  # the agent saw the kill and restarted the group
+    # The agent restarted the group after a failure. Which rank it names depends on timing: the killed
+    # rank 1 (exitcode -9) or rank 0, which can die (-6, 1) of the broken connection before the agent's
+    # next poll. The complete history below is what shows the restart resumed from the checkpoint.
+    assert re.search(r"failed \(exitcode: -?\d+\) local_rank: [01]", stderr), stderr[-3000:]
     history = unison.history.read_jsonl(out / "history.jsonl")
     assert [r["step"] for r in history] == [26 * e for e in range(1, 151)]  # 410 samples, 2 x 8 a step
 
