@@ -110,9 +110,6 @@ def fit(model: nn.Module | Callable[[], nn.Module], data: Any, val: Any = None, 
     unison.nonfinite). ``timeout``: seconds any collective may wait for a peer.
     """
     started = time.time()
-    if backend == "processes":  # workers' interpreter starts now, while the data is prepared
-        from .launch import processes
-        processes.prestart()
     torchrun_size = torchrun_backend.world_size()
     if backend == "torchrun":
         if torchrun_size is None:
@@ -150,6 +147,11 @@ def fit(model: nn.Module | Callable[[], nn.Module], data: Any, val: Any = None, 
     if backend == "torchrun" and world_size != torchrun_size:
         raise ConfigError(f"strategy {config.strategy.spec()!r} runs {world_size} worker(s) but torchrun "
                           f"started {torchrun_size}; use --nproc-per-node {world_size}")
+    if backend == "processes" and world_size > 1:
+        # The workers' interpreter starts now, while the data is prepared. Not for one worker: it
+        # trains in this process, and a forkserver importing torch would only take a core from it.
+        from .launch import processes
+        processes.prestart()
     # Partitions and merges count replicas: a worker holds replicas_per_worker of them (stacked).
     replicas = world_size * config.replicas_per_worker
 
