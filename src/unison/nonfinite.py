@@ -78,6 +78,10 @@ class NonFiniteGuard:
         self._loss = loss
         if loss is None:
             return
+        if self.replica.grad_carrier is not None:  # the flat gradient buffer's first element
+            with torch.no_grad():
+                self.replica.grad_carrier.add_(loss.to(self.replica.grad_carrier.dtype), alpha=0)
+            return
         carrier = next((p.grad for p in self.replica.trainable if p.grad is not None), None)
         if carrier is None:  # the backward pass reached no parameter: poison one explicitly
             if bool(torch.isfinite(loss)):
@@ -93,10 +97,14 @@ class NonFiniteGuard:
         with the same averaged gradient, and so reach the same verdict."""
         if self.comm.peer_failed():  # a local step never meets the others: look up now and then
             raise PeerFailed("another worker failed", rank=self.comm.rank)
-        grads = [p.grad for p in self.replica.trainable if p.grad is not None]
-        if not grads or math.isfinite(torch.stack([_sum(g) for g in grads]).sum().item()):  # one host sync
-            return GOOD
-        self.replica.optimizer.zero_grad(set_to_none=True)
+        if self.replica.flat_grad is not None:  # one pass over one buffer, one host sync
+            if math.isfinite(_sum(self.replica.flat_grad).item()):
+                return GOOD
+        else:
+            grads = [p.grad for p in self.replica.trainable if p.grad is not None]
+            if not grads or math.isfinite(torch.stack([_sum(g) for g in grads]).sum().item()):  # one host sync
+                return GOOD
+        self.replica.zero_grad()
         self.discarded += 1
         if shared:  # every replica is here; the rare bad path may afford a collective
             return self._act_together(self._exchange(self._diagnose(local_gradient=False)))

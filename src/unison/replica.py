@@ -127,6 +127,12 @@ class Replica:
         self.float_buffers = [b for b in model.buffers() if b.is_floating_point()]
         self.num_parameters = sum(p.numel() for p in self.trainable)
         self.initial_lrs = [group["lr"] for group in optimizer.param_groups]
+        # One flat buffer of which every .grad is a view (as DDP's gradient buckets are), so that
+        # zeroing, checking and exchanging the gradients are one operation each; adopted after the
+        # first backward pass (see _adopt_flat_grad). grad_carrier is its first element.
+        self.flat_grad: torch.Tensor | None = None
+        self.grad_carrier: torch.Tensor | None = None
+        self._flat_grad_pending = True
         self.step = 0                  # optimizer steps taken, counted across epochs
         self.samples_since_merge = 0   # the replica's weight in the next merge
         # A strategy's own tensors (diloco's θ and outer momentum); checkpoints keep them.
@@ -142,21 +148,49 @@ class Replica:
         (0, 0): the replica may still take a shared step."""
         (batch,) = batches
         if not len(batch):
-            self.optimizer.zero_grad(set_to_none=True)
+            self.zero_grad()
             return torch.zeros((), device=self.device), 0
         return self.forward_backward(x[batch], y[batch]), len(batch)
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Gradients of loss + penalty; returns the loss alone (the data term J)."""
         self.in_forward = True
-        self.optimizer.zero_grad(set_to_none=True)
+        self.zero_grad()
         self.last_input, self.last_output, self.last_target = x, None, y
         output = self.model(x)
         self.last_output = output.detach() if isinstance(output, torch.Tensor) else output
         loss = self.loss_fn(output, y)
         (loss + self.penalty(self.trainable) if self.penalty is not None else loss).backward()
         self.in_forward = False
+        if self._flat_grad_pending:
+            self._adopt_flat_grad()
         return loss.detach()
+
+    def zero_grad(self) -> None:
+        """Zero the flat gradient buffer in place; without one, drop the gradients (None)."""
+        if self.flat_grad is not None:
+            self.flat_grad.zero_()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def _adopt_flat_grad(self) -> None:
+        """Move the gradients into one buffer and make each .grad a view of it; autograd then
+        accumulates into the views in place. Only when the first backward pass reached every
+        trainable parameter with a dense gradient, all of one dtype and device: a parameter that
+        a later step does not reach then gets a zero gradient where torch would leave None."""
+        self._flat_grad_pending = False
+        grads = [p.grad for p in self.trainable]
+        if not grads or any(g is None or g.layout != torch.strided for g in grads):
+            return
+        if len({(p.dtype, p.device) for p in self.trainable}) != 1 or not all(p.is_contiguous() for p in self.trainable):
+            return
+        self.flat_grad = _flatten(grads, self.device)
+        offset = 0
+        for p in self.trainable:
+            p.grad = self.flat_grad[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+        self.grad_carrier = self.flat_grad[:1]
 
     def optimizer_step(self, steps_per_epoch: int, total_steps: int, *, shared: bool = False,
                        samples: int = 1) -> None:
@@ -200,10 +234,16 @@ class Replica:
         """The trainable parameters' gradients as one flat copy; a missing gradient (no batch
         left, or a parameter this batch did not reach) counts as zeros. A trainable parameter
         that no replica reached thus gets a zero gradient where torch would skip it."""
+        if self.flat_grad is not None:
+            return self.flat_grad.clone()
         return _flatten([p.grad if p.grad is not None else torch.zeros_like(p)
                          for p in self.trainable], self.device)
 
+    @torch.no_grad()
     def load_grad_vector(self, flat: torch.Tensor) -> None:
+        if self.flat_grad is not None:
+            self.flat_grad.copy_(flat)
+            return
         for p in self.trainable:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)

@@ -43,6 +43,7 @@ class StackedReplica:
     """``replicas`` replicas of ``model`` (ranks ``rank`` .. ``rank + replicas - 1``), stacked."""
 
     score = Replica.score  # scores a flat state on a plain copy of the model, as a Replica does
+    flat_grad = grad_carrier = None  # gradients stay per stacked tensor (see Replica.flat_grad)
 
     def __init__(self, model: nn.Module, replicas: int, loss_fn: Callable, device: torch.device,
                  config: TrainConfig, custom_optimizer: Callable | None = None, *, rank: int = 0,
@@ -108,6 +109,9 @@ class StackedReplica:
 
     def _loss(self, params: dict, buffers: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(functional_call(self._module, (params, buffers), (x,)), y)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
 
     def gradients(self, x: torch.Tensor, y: torch.Tensor, batches: list[torch.Tensor]
                   ) -> tuple[torch.Tensor, torch.Tensor]:

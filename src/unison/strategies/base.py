@@ -143,5 +143,8 @@ def combine_gradients(replica: "Replica", comm: "Communicator", weight: int,
                       rule: merges.Merge = merges.Mean()) -> None:
     """Replace every gradient by the combination over replicas. With ``mean`` (weighted by
     batch size) it is the update of one large batch, θ ← θ − α·(1/b)·Σ∇J(θ; xᵢ, yᵢ), as in
-    DistributedDataParallel; a robust rule here is Blanchard et al.'s setting."""
+    DistributedDataParallel; a robust rule here is Blanchard et al.'s setting. Alone (single,
+    or one worker) there is nothing to combine, and a missing gradient stays missing."""
+    if comm.world_size == 1:
+        return
     replica.load_grad_vector(combined(replica, comm, rule, replica.grad_vector(), merge_weight(weight)))
