@@ -299,3 +299,39 @@ def test_a_parameter_the_first_step_does_not_reach_is_skipped_as_torch_skips_it(
         # (exact for one worker; two replicas' merge of equal values may round in the last bit)
         assert torch.allclose(result.model.unused.weight, model.unused.weight, rtol=0, atol=1e-6), strategy
         assert not torch.equal(result.model.body[0].weight, model.body[0].weight), strategy
+
+
+def test_round_records_are_summed_once_an_epoch_with_the_values_of_summing_every_round(blobs, small_model,
+                                                                                        tmp_path, monkeypatch):
+    from unison.comm.threads import ThreadComm
+
+    calls = []
+    original = ThreadComm.all_reduce_sum
+    monkeypatch.setattr(ThreadComm, "all_reduce_sum", lambda self, t: calls.append(self.rank) or original(self, t))
+    x, y = blobs
+    kwargs = dict(strategy="periodic(every=2)", workers=2, epochs=3, momentum=0.9, val=(x[80:], y[80:]))
+    batched = fit(small_model, (x[:80], y[:80]), **kwargs)
+    merges = len(batched.history)  # 40 samples a worker, 5 steps an epoch: merges at steps 2, 4, 6, ...
+    assert merges == 15 // 2 + 1  # ... and a last one at step 15
+    assert calls.count(0) == merges + 3  # one mean all-reduce per merge, one sum per epoch
+    calls.clear()
+    # with checkpoints every round's record is summed at once (the checkpoint saves the history)
+    each_round = fit(small_model, (x[:80], y[:80]), checkpoint_dir=tmp_path / "c", **kwargs)
+    assert calls.count(0) == 2 * merges
+    timing = {"wall_s", "startup_s", "samples_per_s"}
+    for a, b in zip(batched.history, each_round.history, strict=True):
+        assert {k: v for k, v in a.items() if k not in timing} == pytest.approx(
+            {k: v for k, v in b.items() if k not in timing}, rel=1e-12)
+
+
+@pytest.mark.parametrize("workers, val_rows", [(3, 16), (4, 2)])
+def test_each_worker_evaluates_a_slice_and_the_record_is_the_merged_models_metrics(blobs, workers, val_rows):
+    x, y = blobs
+    torch.manual_seed(0)
+    model = unison.models.mlp(8, [16], 3, batchnorm=True)
+    val = (x[-val_rows:], y[-val_rows:])  # 16 rows: slices of 6, 5, 5; 2 rows: two slices are empty
+    result = fit(model, (x[:72], y[:72]), val=val, strategy="periodic", workers=workers, momentum=0.9)
+    with torch.no_grad():
+        out = result.model.eval()(val[0])
+    assert result.final["val_acc"] == float((out.argmax(1) == val[1]).double().mean())
+    assert result.final["val_loss"] == pytest.approx(float(F.cross_entropy(out, val[1])), rel=1e-6)

@@ -127,11 +127,6 @@ class NonFiniteGuard:
         self._rollback([-1 if step else 0 for step in asked], min(s for s in asked if s))
         return True
 
-    def counters(self, discarded_everywhere: int) -> dict[str, int]:
-        """For the round's history record, once a step was discarded: the steps discarded so far
-        summed over replicas (a shared step discarded by N replicas counts N), and rollbacks."""
-        return {"discarded_steps": discarded_everywhere, "rollbacks": self.rollbacks} if discarded_everywhere else {}
-
     def state(self) -> dict[str, int]:
         return {"rollbacks": self.rollbacks, "discarded": self.discarded}
 

@@ -2,8 +2,9 @@
 
 Per step: take this replica's next batch, forward, loss + penalty, backward, let the strategy
 handle the gradients (sync averages them), set the scheduled lr, optimizer step, project onto
-the constraint; then ask the strategy whether a round ends, and if so merge, project, (rank 0)
-evaluate, sum the round's statistics over replicas and record.
+the constraint; then ask the strategy whether a round ends, and if so merge, project, evaluate
+(each process its slice) and record; the records' sums over replicas are taken once an epoch
+(unison.rounds).
 
 The loop never assumes one replica per call: on the stacked backend ``build`` makes an object
 holding R replicas (unison.stacked) whose losses, sample counts and distances are [R] tensors.
@@ -29,6 +30,7 @@ from .history import History
 from .nonfinite import GOOD, ROLLED_BACK, NonFiniteGuard
 from .penalties import Constraint, Penalty
 from .recovery import Checkpointer
+from .rounds import RoundLog, evaluate
 from .schedules import Schedule
 
 
@@ -79,28 +81,6 @@ def build_optimizer(params, config: TrainConfig, custom: Callable | None) -> tor
                                weight_decay=config.weight_decay, nesterov=config.nesterov)
     cls = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
     return cls(params, lr=config.lr, weight_decay=config.weight_decay)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable, task: str,
-             batch: int = 8192) -> dict[str, float]:
-    """Mean loss (and accuracy for classification) of ``model`` on (x, y), in eval mode."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    for start in range(0, len(x), batch):
-        xb, yb = x[start:start + batch].to(device), y[start:start + batch].to(device)
-        out = model(xb)
-        total += loss_fn(out, yb).double() * len(xb)
-        if task == CLASSIFICATION:
-            correct += (out.argmax(dim=1) == yb).sum()
-    model.train(was_training)
-    metrics = {"val_loss": total.item() / len(x)}
-    if task == CLASSIFICATION:
-        metrics["val_acc"] = correct.item() / len(x)
-    return metrics
 
 
 class Replica:
@@ -368,8 +348,14 @@ def _run(job: Job, comm: Communicator, device: torch.device | None, where: dict[
                                     ((resumed.step - 1) // steps_per_epoch, (resumed.step - 1) % steps_per_epoch + 1))
     guard.remember_merged_state()
 
+    # Round records: summed over replicas in one collective per epoch (see unison.rounds).
+    rounds = RoundLog(replica, comm, history, loss_fn=loss_fn, validation=validation,
+                      steps_per_epoch=steps_per_epoch, started=job.started, wall_offset=wall_offset,
+                      samples_seen=samples_seen, progress=progress,
+                      every_round=bool(checkpointer.directory) or strategy.shares_model)
+
     def end_round(epoch_end: bool) -> None:
-        nonlocal samples_seen, last_round_step
+        nonlocal last_round_step
         if guard.rolled_back_at_round_end():  # a local step was not finite: undo the round
             loss_sum.zero_()
             last_round_step = replica.step
@@ -378,29 +364,13 @@ def _run(job: Job, comm: Communicator, device: torch.device | None, where: dict[
         round_samples = torch.as_tensor(replica.samples_since_merge, dtype=torch.float64, device=device)
         distance = strategy.merge_replicas(replica, comm)
         replica.project()  # a robust merge need not stay inside the constraint set
-        # Evaluated before the statistics are summed: no replica trains on while rank 0 reads
-        # the model (it matters when they share it, as hogwild's do).
-        metrics = {}
-        if rank == 0 and validation is not None:
-            metrics = evaluate(replica.model, validation[0], validation[1], loss_fn, data.task)
-        discarded = torch.zeros_like(round_samples)  # per process: in its first row only
-        discarded.view(-1)[0] = float(guard.discarded)
-        stats = torch.stack([loss_sum, round_samples, distance.to(torch.float64), discarded], dim=-1)
-        loss_total, samples, distance_total, discarded = comm.all_reduce_sum(stats).reshape(-1, 4)[0].tolist()
-        samples_seen += int(samples)
-        record = {"epoch": round(replica.step / steps_per_epoch, 4), "step": replica.step,
-                  "wall_s": time.time() - job.started + wall_offset, "samples": samples_seen,
-                  "train_loss": loss_total / max(samples, 1.0), "divergence": distance_total / world_size,
-                  "comm_bytes": comm.bytes_sent, "lr": replica.optimizer.param_groups[0]["lr"],
-                  **guard.counters(int(discarded)), **metrics}
-        history.append(record)
-        if progress is not None:
-            progress.set_postfix({k: f"{record[k]:.4g}" for k in ("train_loss", "val_acc") if k in record})
+        rounds.add(loss_sum=loss_sum.clone(), samples=round_samples, distance=distance,
+                   discarded=guard.discarded, rollbacks=guard.rollbacks)
         loss_sum.zero_()
         replica.samples_since_merge = 0
         last_round_step = replica.step
         guard.remember_merged_state()
-        checkpointer.round_ended(epoch_end=epoch_end, samples_seen=samples_seen, history=history.records,
+        checkpointer.round_ended(epoch_end=epoch_end, samples_seen=rounds.samples_seen, history=history.records,
                                  guard=guard)
 
     startup_s = time.time() - job.started
@@ -423,12 +393,15 @@ def _run(job: Job, comm: Communicator, device: torch.device | None, where: dict[
                 loss_sum.zero_()
             if strategy.round_ends(replica.step, epoch_end=False):
                 end_round(epoch_end=False)
-        if strategy.round_ends(replica.step, epoch_end=True):
+        if strategy.round_ends(replica.step, epoch_end=True) or (
+                epoch == config.epochs - 1 and last_round_step != replica.step):  # a last merge
             end_round(epoch_end=True)
+        rounds.flush()  # the epoch's records, in one collective
         if progress is not None:
             progress.update(1)
-    if last_round_step != replica.step:  # a last merge, unless one just happened
+    if last_round_step != replica.step:  # (resumed after the last epoch's steps, before its merge)
         end_round(epoch_end=True)
+        rounds.flush()
     checkpointer.finish()
     if progress is not None:
         progress.close()
