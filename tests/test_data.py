@@ -57,3 +57,19 @@ def test_dataset_of_pairs_numpy_and_regression_targets():
 def test_integer_targets_are_classes():
     data = prepare((np.zeros((4, 2)), np.array([0, 2, 1, 2])))
     assert data.task == "classification" and data.num_classes == 3 and data.y.dtype == torch.int64
+
+
+@pytest.mark.parametrize("shape", [(50, 3), (40, 2, 3, 2)])
+def test_first_nonfinite_row_matches_numpy_across_chunks_without_overflowing(shape):
+    from unison.data import first_nonfinite_row
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(*shape, generator=generator) * 3e38  # finite, but sums of them overflow
+    assert first_nonfinite_row(x, chunk_elements=7) is None
+    for row, value in [(0, float("nan")), (13, float("inf")), (len(x) - 1, float("-inf"))]:
+        bad = x.clone()
+        bad[row].view(-1)[-1] = value
+        bad[-1].view(-1)[0] = float("nan")  # a later bad row never hides the first
+        expected = int(np.flatnonzero(~np.isfinite(bad.numpy().reshape(len(bad), -1)).all(axis=1))[0])
+        assert first_nonfinite_row(bad, chunk_elements=7) == expected == row
+    assert first_nonfinite_row(torch.arange(10).reshape(5, 2)) is None  # integers are always finite

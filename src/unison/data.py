@@ -183,17 +183,34 @@ def _check_pair(x: torch.Tensor, y: torch.Tensor, field: str) -> None:
         raise DataError(f"{field} X has {len(x)} rows but y has {len(y)}: they must be the same length")
     if len(x) == 0:
         raise DataError(f"{field} has no samples")
-    bad = ~torch.isfinite(x.reshape(len(x), -1).double()).all(dim=1)
-    if bad.any():
-        raise DataError(f"{field} X has non-finite values (NaN or inf) in row {int(bad.nonzero()[0])}; "
+    row = first_nonfinite_row(x)
+    if row is not None:
+        raise DataError(f"{field} X has non-finite values (NaN or inf) in row {row}; "
                         "all features must be finite")
+
+
+def first_nonfinite_row(x: torch.Tensor, chunk_elements: int = 1 << 20) -> int | None:
+    """The first row of ``x`` holding NaN or ±inf, or None. Reads ``x`` in chunks of about
+    ``chunk_elements`` and allocates nothing of its size: a data set may be most of the memory.
+    A chunk's ``(part·0).sum()`` is 0 when every element is finite and NaN otherwise (inf·0 and
+    NaN·0 are NaN), so no sum can overflow; only a chunk that fails is looked at row by row."""
+    if not (x.is_floating_point() or x.is_complex()) or not len(x):
+        return None  # integers are always finite
+    rows = x.reshape(len(x), -1)
+    step = max(1, chunk_elements // max(1, rows.shape[1]))
+    for start in range(0, len(rows), step):
+        part = rows[start:start + step]
+        if not torch.isfinite(part.mul(0).sum()):
+            bad = ~torch.isfinite(part).all(dim=1)
+            return start + int(bad.nonzero()[0])
+    return None
 
 
 def _targets(y: torch.Tensor, loss: str | None, field: str) -> tuple[torch.Tensor, str]:
     """Targets as int64 labels (classification) or float32 values (regression)."""
     integral = not (y.is_floating_point() or y.is_complex())
     if loss == "mse" or (loss is None and not integral):
-        if not torch.isfinite(y.double()).all():
+        if first_nonfinite_row(y.reshape(len(y), -1)) is not None:
             raise DataError(f"{field} y has non-finite values; regression targets must be finite")
         return y.float(), REGRESSION
     if not integral:  # an explicit classification loss with float targets
