@@ -127,3 +127,26 @@ def test_digits_periodic_every_epoch_4_workers_reaches_93_percent():
                         strategy=Periodic(every="epoch"), workers=4, backend="processes",
                         epochs=60, batch_size=16, lr=0.05, momentum=0.9, progress=False)
     assert result.final["val_acc"] >= 0.93, result.summary()
+
+
+PRESTART_SCRIPT = """
+import os
+from multiprocessing import forkserver
+import torch
+import unison
+x, y = torch.randn(64, 4), torch.randint(0, 2, (64,))
+kwargs = dict(val=None, epochs=1, batch_size=8, progress=False, backend="processes")
+unison.fit(lambda: unison.models.mlp(4, [8], 2), (x, y), strategy="single", **kwargs)
+print(forkserver._forkserver._forkserver_pid)  # one worker trains here: no forkserver
+unison.prestart()
+started = forkserver._forkserver._forkserver_pid
+os.kill(started, 0)  # it is running
+unison.fit(lambda: unison.models.mlp(4, [8], 2), (x, y), strategy="periodic", workers=2, **kwargs)
+print(started == forkserver._forkserver._forkserver_pid)  # fit's workers came from it
+"""
+
+
+def test_prestart_starts_the_forkserver_that_fit_then_uses_and_one_worker_needs_none():
+    done = subprocess.run([sys.executable, "-c", PRESTART_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["None", "True"]

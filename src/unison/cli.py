@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from . import unfinished
-    from .api import RESUME_HINT, fit
+    from .api import RESUME_HINT, fit, prestart
     from .data import prepare
     from .errors import WorkerError
     from .launch.torchrun import is_rank0, restart_count
@@ -112,6 +112,8 @@ def _train(args: argparse.Namespace) -> int:
         scratch.mkdir(parents=True, exist_ok=True)
         (scratch / unfinished.CONFIG_FILE).write_text(cfg.to_toml())
 
+    if t.backend == "processes" and t.strategy.world_size(t.workers) > 1:
+        prestart()  # the workers' interpreter starts while the data is loaded
     data = prepare(cfg.data.dataset, seed=t.seed, val_fraction=cfg.data.val_fraction, loss=t.loss,
                    label=cfg.data.label)
 

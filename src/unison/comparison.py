@@ -24,7 +24,7 @@ from torch import nn
 
 from . import history, report, rundir
 from . import summary as summaries
-from .api import Result, fit
+from .api import Result, fit, prestart
 from .config import DataConfig, ModelConfig, RunConfig, TrainConfig, check_float, from_dict
 from .data import prepare
 from .errors import ConfigError, UnisonError, WorkerError, expected
@@ -181,6 +181,8 @@ def compare(model: nn.Module | Callable[[], nn.Module] | ModelConfig | None = No
     configs = {run.label: _train_config(common | run.options | {"strategy": run.strategy}) for run in runs}
     check_float("target_fraction", target_fraction, low=0.0, high=1.0, low_open=True, high_open=False)
     loss = train.get("loss")
+    if any(c.backend == "processes" and c.strategy.world_size(c.workers) > 1 for c in configs.values()):
+        prestart()  # the workers' interpreter starts while the data is prepared
     train_data = prepare(data, val, seed=seed, loss=loss if isinstance(loss, str) else None, label=label)
     if train_data.x_val is None:
         raise ConfigError("compare needs validation data to judge the strategies: pass val= (a fraction "
