@@ -35,6 +35,7 @@ bench: install
 	$(PY) bench/overhead.py
 	$(PY) bench/scaling.py
 	$(PY) bench/memory.py
+	$(PY) bench/startup.py
 	$(PY) bench/stacked.py
 
 clean:

@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--evals-per-epoch", type=int, default=4, help="how often the baselines evaluate")
     args = parser.parse_args()
+    unison.prestart()  # as a user's script would: the workers' interpreter starts while data loads
     train, test, epochs = (40_000, 4_000, 2) if args.quick else (400_000, 20_000, args.epochs)
     x, y, x_test, y_test = dataset(train, test)
     print(f"# time to {args.target:.1%} test accuracy — {train:,} rows, MLP 64-256-256-10, SGD lr {LR} "

@@ -1,0 +1,108 @@
+"""Start-up: from the fit() call to the first training step, 2 workers on ``processes``.
+
+Each case runs in a fresh interpreter, as a user's script would:
+
+- cold: the script loads its data, then calls fit() (fit starts the forkserver itself);
+- prestart: the script calls unison.prestart() first, then loads its data, then fit();
+- second fit: a second fit() in the same script (the forkserver is kept between runs);
+- spawn (no unison): torch.multiprocessing spawns 2 processes that import torch and join a gloo
+  group, the way a hand-written DDP script starts: the issue's 1.5 s.
+
+The data is the bench workload's 400,000 rows (read from bench/.cache); one epoch of
+periodic(every=epoch) on its first 20,000 rows is trained, so only the start-up matters.
+
+    .venv/bin/python bench/startup.py [--repeat 3]
+
+It measures and prints; it asserts nothing. Results go into bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from workload import machine, table
+
+HERE = Path(__file__).parent
+
+SCRIPT = """
+import json, sys, time
+sys.path.insert(0, {here!r})
+import unison
+from workload import dataset, model
+
+if __name__ == "__main__":  # the forkserver and the workers import this file: keep the work here
+    if {prestart}:
+        unison.prestart()
+    loaded = time.time()
+    x, y, _, _ = dataset()
+    load_s = time.time() - loaded
+    startup = []
+    for _ in range(2):
+        startup.append(unison.fit(model, (x[:20000], y[:20000]), val=None, strategy="periodic(every=epoch)",
+                                  workers=2, backend="processes", epochs=1, batch_size=64,
+                                  progress=False).startup_s)
+    print(json.dumps({{"load_s": load_s, "first": startup[0], "second": startup[1]}}))
+"""
+
+SPAWN = """
+import json, sys, time
+import torch.multiprocessing as mp
+
+def worker(rank, port, started, queue):
+    import torch, torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{{port}}", rank=rank, world_size=2)
+    dist.barrier()
+    if rank == 0:
+        queue.put(time.time() - started)
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+    context = mp.get_context("spawn")
+    queue = context.SimpleQueue()
+    started = time.time()
+    mp.start_processes(worker, args=(port, started, queue), nprocs=2, start_method="spawn")
+    print(json.dumps({{"spawn": queue.get()}}))
+"""
+
+
+def run_script(code: str, path: Path) -> dict:
+    path.write_text(code)
+    done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{path.name} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    print(f"# start-up, fit() to first step, 2 workers on processes\n# {machine()}\n", flush=True)
+    scratch = HERE / ".cache"
+    scratch.mkdir(exist_ok=True)
+    best: dict[str, float] = {}
+    load_s = float("inf")
+    for _ in range(args.repeat):  # each case keeps its fastest run: the machine is shared
+        for prestart in (False, True):
+            got = run_script(SCRIPT.format(here=str(HERE), prestart=prestart), scratch / "startup_case.py")
+            key = "prestart" if prestart else "cold"
+            best[key] = min(best.get(key, float("inf")), got["first"])
+            best["second fit"] = min(best.get("second fit", float("inf")), got["second"])
+            load_s = min(load_s, got["load_s"])
+        got = run_script(SPAWN.format(), scratch / "startup_spawn.py")
+        best["spawn (no unison)"] = min(best.get("spawn (no unison)", float("inf")), got["spawn"])
+    print(table([{"case": case, "startup_s": seconds} for case, seconds in best.items()],
+                [("case", "{}"), ("startup_s", "{:.2f}")]))
+    print(f"\nthe script's data loading (400,000 rows from .npz) took {load_s:.2f} s; a prestarted "
+          "forkserver imports torch during it.")
+
+
+if __name__ == "__main__":
+    main()
