@@ -25,7 +25,6 @@ def main() -> None:
     parser.add_argument("--strategy", default="periodic(every=epoch)")
     parser.add_argument("--workers", default="1,2,4")
     args = parser.parse_args()
-    unison.prestart()  # as a user's script would: the workers' interpreter starts while data loads
     rows, epochs = (20_000, 1) if args.quick else (args.rows, args.epochs)
     x, y, _, _ = dataset(rows, 1000)
     print(f"# scaling — {rows:,} rows, {args.strategy}, {epochs} epoch(s)\n# {machine()}\n", flush=True)
