@@ -267,7 +267,9 @@ def test_compare_on_processes_from_the_command_line(tmp_path, csv_file):
     assert "epoch/s" not in done.stderr and "\r" not in done.stderr   # no tqdm bar off a terminal
     rows = list(csv.DictReader((out / "summary.csv").open()))
     assert [(r["strategy"], r["workers"]) for r in rows] == [("single", "1"), ("periodic(every=epoch)", "2")]
-    assert float(rows[1]["startup_s"]) > 0.1  # spawned processes take a while to start
+    # recorded, and part of the run's time (compare waits for the forkserver before the first run,
+    # so the figure is a warm start; bench/startup.py measures how long that takes)
+    assert 0 < float(rows[1]["startup_s"]) < float(rows[1]["wall_s"])
     assert np.isfinite(float(rows[1]["best"]))
 
 

@@ -181,7 +181,9 @@ def compare(model: nn.Module | Callable[[], nn.Module] | ModelConfig | None = No
     configs = {run.label: _train_config(common | run.options | {"strategy": run.strategy}) for run in runs}
     check_float("target_fraction", target_fraction, low=0.0, high=1.0, low_open=True, high_open=False)
     loss = train.get("loss")
-    if any(c.backend == "processes" and c.strategy.world_size(c.workers) > 1 for c in configs.values()):
+    uses_processes = any(c.backend == "processes" and c.strategy.world_size(c.workers) > 1
+                         for c in configs.values())
+    if uses_processes:
         prestart()  # the workers' interpreter starts while the data is prepared
     train_data = prepare(data, val, seed=seed, loss=loss if isinstance(loss, str) else None, label=label)
     if train_data.x_val is None:
@@ -205,7 +207,7 @@ def compare(model: nn.Module | Callable[[], nn.Module] | ModelConfig | None = No
         print(f"{name}: skipped, {reason}", file=sys.stderr)
     try:
         scratch.mkdir(parents=True)
-        _warm_up(build_model, train_data, configs[runs[0].label], common)
+        _warm_up(build_model, train_data, configs[runs[0].label], common, uses_processes)
         for number, run in enumerate(runs, start=1):
             config = configs[run.label]
             reason = _cannot_run(config)
@@ -243,10 +245,17 @@ def compare(model: nn.Module | Callable[[], nn.Module] | ModelConfig | None = No
     return Comparison(results=results, summary=summary, skipped=skipped, out=out)
 
 
-def _warm_up(model: Any, data, config: TrainConfig, common: dict[str, Any]) -> None:
+def _warm_up(model: Any, data, config: TrainConfig, common: dict[str, Any], uses_processes: bool) -> None:
     """Train one worker for a moment on a few samples, so that one-off costs of this process
     (torch imports its compiler stack lazily at the first optimizer step, about a second) are
-    not charged to whichever run comes first. Its failures are left to the real runs."""
+    not charged to whichever run comes first; and wait for the worker processes' forkserver to
+    finish importing torch (~1.5 s), which would otherwise be charged to the first run with
+    workers, and slow a one-worker run that trains while it imports. Every run is thus measured
+    with a warm start. Its failures are left to the real runs."""
+    if uses_processes:
+        from .launch import processes
+
+        processes.wait_until_ready()
     n = 2 * config.batch_size
     sample = dataclasses.replace(data, x=data.x[:n], y=data.y[:n], x_val=data.x_val[:n], y_val=data.y_val[:n])
     arguments = _fit_arguments(config, common) | {"strategy": "single", "backend": "threads", "epochs": 1}

@@ -61,6 +61,19 @@ def prestart() -> None:
         forkserver.ensure_running()
 
 
+def wait_until_ready() -> None:
+    """Return once the forkserver has imported PRELOAD (starting it if need be): a trivial
+    process forked from it has come and gone."""
+    if _main_is_importable() and "forkserver" in multiprocessing.get_all_start_methods():
+        process = _context().Process(target=_nothing, name="unison-warm-up")
+        process.start()
+        process.join()
+
+
+def _nothing() -> None:
+    pass
+
+
 def _main_is_importable() -> bool:
     main_file = getattr(sys.modules.get("__main__"), "__file__", None)
     return not main_file or os.path.isfile(main_file)
