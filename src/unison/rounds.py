@@ -8,7 +8,7 @@ waiting while rank 0 evaluates all of it.
 
 Summing is a collective, and a collective costs about as much as a small merge on gloo
 (~1.5 ms between two processes on the 2-core test VM, whatever its size): with a merge every
-16 steps that alone was ~15% of the time. So the rounds of an epoch are summed together, in
+16 steps that alone was ~10% of the time. So the rounds of an epoch are summed together, in
 one collective, at the epoch's end; with checkpoints (which save the history) or a shared model
 (whose workers must wait while it is evaluated) every round is summed at once.
 """
