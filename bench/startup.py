@@ -52,7 +52,7 @@ if __name__ == "__main__":  # the forkserver and the workers import this file: k
 """
 
 SPAWN = """
-import json, sys, time
+import json, time
 import torch.multiprocessing as mp
 
 def worker(rank, port, started, queue):
