@@ -22,7 +22,8 @@ from workload import BATCH, LR, MOMENTUM, dataset, machine, model, multiprocess_
 
 # Strategies, with {q} standing for a quarter of a worker's epoch in steps: the merged model is
 # evaluated at round ends, and the baselines are evaluated as often (--evals-per-epoch).
-STRATEGIES = ("sync", "periodic(every=epoch)", "periodic(every={q})", "hogwild", "diloco(every={q})")
+STRATEGIES = ("sync", "periodic(every=epoch)", "periodic(every={q})", "hogwild", "hogwild(every={q})",
+              "diloco(every={q})")
 
 
 def main() -> None:

@@ -236,3 +236,16 @@ def test_strategies_round_trip_through_their_specs():
                      Oneshot(merge="greedy_soup"), Sync(merge="median")):
         assert unison.strategies.parse(strategy.spec()) == strategy
     assert Periodic(every=4, merge="krum(2)").spec() == "periodic(every=4, merge=krum(f=2))"
+
+
+def test_hogwild_every_n_steps_only_measures_more_often(blobs, small_model):
+    x, y = blobs
+    data, val = (x[:80], y[:80]), (x[80:], y[80:])
+    per_epoch = fit(small_model, data, val=val, strategy="hogwild", workers=1, epochs=3)
+    every_4 = fit(small_model, data, val=val, strategy="hogwild(every=4)", workers=1, epochs=3)
+    assert max_abs_diff(every_4.model, per_epoch.model) == 0.0  # rounds are barriers, not merges
+    assert [r["step"] for r in per_epoch.history] == [10, 20, 30]  # 80 samples, batch 8
+    assert [r["step"] for r in every_4.history] == [4, 8, 12, 16, 20, 24, 28, 30]  # and a last round
+    assert every_4.history[-1]["val_acc"] == per_epoch.history[-1]["val_acc"]
+    with pytest.raises(unison.ConfigError, match="hogwild.every"):
+        fit(small_model, data, strategy="hogwild(every=0)", workers=1)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Strategy
+from .base import Strategy, check_every
 
 
 @dataclass(frozen=True)
@@ -14,8 +14,9 @@ class Hogwild(Strategy):
     """Workers train the same parameters, held once in this machine's (shared) memory, each
     with its own optimizer and its own data order, and write their updates without locks
     (Niu et al. 2011, "HOGWILD!: A Lock-Free Approach to Parallelizing Stochastic Gradient
-    Descent"). Nothing is averaged: there is one model. Rounds are epochs; at a round end the
-    workers wait for each other so that the model is evaluated while none is writing.
+    Descent"). Nothing is averaged: there is one model. A round ends every ``every`` steps
+    (default: at epoch ends); there the workers wait for each other so that the model is
+    evaluated while none is writing. Shorter rounds only measure the model more often.
 
     One machine only: on ``threads`` the replicas share the parameter tensors; on
     ``processes`` the parameters live in shared memory.
@@ -24,9 +25,15 @@ class Hogwild(Strategy):
     name = "hogwild"
     needs = frozenset({"shared_memory"})
     shares_model = True
+    every: int | str = "epoch"
+
+    def __post_init__(self) -> None:
+        check_every(self.name, self.every)
 
     def round_ends(self, step, epoch_end):
-        return epoch_end
+        if self.every == "epoch":
+            return epoch_end
+        return not epoch_end and step % self.every == 0
 
     def merge_replicas(self, replica, comm):
         comm.barrier()  # everyone has stopped writing: the model can be evaluated as it is
