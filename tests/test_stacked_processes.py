@@ -1,18 +1,14 @@
 """Hierarchical stacking: 2 processes × 2 stacked replicas give the same merged model as 4
 threads replicas, on the processes backend and under torchrun."""
 
-import subprocess
-import sys
-
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import unison
-from unison.data import prepare
 from unison.models import mlp
 
 from reference import max_abs_diff
+from torchrun_runs import MOONS_RUN, assert_saved_model_equals, moons_on_threads, torchrun_train
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(240)]
 
@@ -36,37 +32,8 @@ def test_two_processes_of_two_stacked_replicas_equal_four_threads(blobs, strateg
         assert 0 < a["comm_bytes"] < b["comm_bytes"]  # two workers exchange less than four
 
 
-RUN_FILE = """
-[data]
-dataset = "moons"
-[model]
-hidden = [16]
-[train]
-strategy = "periodic(every=5)"
-workers = 2
-replicas_per_worker = 2
-backend = "processes"
-epochs = 2
-batch_size = 16
-lr = 0.1
-momentum = 0.9
-"""
-
-
 def test_torchrun_with_two_stacked_replicas_per_rank_equals_four_threads(tmp_path):
-    run_file = tmp_path / "run.toml"
-    run_file.write_text(RUN_FILE)
-    out = tmp_path / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "unison", "train", str(run_file), "--out", str(out), "--quiet"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=200)
-    assert done.returncode == 0, done.stdout + done.stderr
+    run = MOONS_RUN.replace("workers = 2\n", "workers = 2\nreplicas_per_worker = 2\n")
+    _, out = torchrun_train(run, tmp_path)
     assert "replicas_per_worker = 2" in (out / "config.toml").read_text()
-
-    data = prepare("moons", seed=0)
-    expected = unison.fit(lambda: mlp(data.features, [16], data.outputs), data, strategy="periodic(every=5)",
-                          workers=4, backend="threads", epochs=2, batch_size=16, lr=0.1, momentum=0.9,
-                          progress=False)
-    saved = load_file(out / "model.safetensors")
-    for name, tensor in expected.model.state_dict().items():
-        assert (saved[name] - tensor).abs().max() <= 1e-5, name
+    assert_saved_model_equals(out, moons_on_threads(workers=4))
