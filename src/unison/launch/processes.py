@@ -55,7 +55,7 @@ def prestart() -> None:
     """Start the forkserver (it imports PRELOAD and the caller's script) so that it is ready by
     the time the workers are needed; fit() calls this first thing. Does nothing when workers
     could not be started from this program anyway (see _check_importable)."""
-    if _main_is_importable() and "forkserver" in multiprocessing.get_all_start_methods():
+    if _uses_forkserver():
         _context()
         from multiprocessing import forkserver
         forkserver.ensure_running()
@@ -64,7 +64,7 @@ def prestart() -> None:
 def wait_until_ready() -> None:
     """Return once the forkserver has imported PRELOAD (starting it if need be): a trivial
     process forked from it has come and gone."""
-    if _main_is_importable() and "forkserver" in multiprocessing.get_all_start_methods():
+    if _uses_forkserver():
         process = _context().Process(target=_nothing, name="unison-warm-up")
         process.start()
         process.join()
@@ -74,9 +74,17 @@ def _nothing() -> None:
     pass
 
 
+def _uses_forkserver() -> bool:
+    """Whether this program's workers come from a forkserver: one exists here, and the workers
+    could be started from this program at all."""
+    return _main_is_importable() and "forkserver" in multiprocessing.get_all_start_methods()
+
+
 def _main_is_importable() -> bool:
     main_file = getattr(sys.modules.get("__main__"), "__file__", None)
     return not main_file or os.path.isfile(main_file)
+
+
 BLAME_GRACE_S = 2.0  # with only symptoms reported, how long to wait for the cause
 
 
