@@ -71,7 +71,7 @@ class PeakSampler(threading.Thread):
 
 def baseline_pss() -> int:
     """PSS of a fresh interpreter after `import torch, unison` (what each worker starts from)."""
-    code = ("import torch, unison, unison.replica, unison.comm.torch_dist; import sys; "
+    code = ("import torch, unison, unison.engine.loop, unison.comm.torch_dist; import sys; "
             "print(open('/proc/self/smaps_rollup').read().split('Pss:')[1].split()[0])")
     return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout) * 1024
 

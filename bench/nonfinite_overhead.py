@@ -18,7 +18,7 @@ import subprocess
 import sys
 
 import unison
-from unison import nonfinite
+from unison.engine import guard as nonfinite
 from unison.models import mlp
 
 if os.environ.get("UNISON_BENCH_CHECK") == "off":  # at import: spawned workers run this too
@@ -42,7 +42,7 @@ def micro() -> None:
     import torch
 
     from unison.comm.base import Solo
-    from unison.replica import Replica
+    from unison.engine.replica import Replica
 
     torch.set_num_threads(1)
     print(f"{'model':<18} {'batch':>5} {'step':>10} {'check':>10} {'share':>7}")

@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 
 import unison
-from unison.config import TrainConfig
+from unison.engine.job import OptimizerSettings
+from unison.engine.replica import Replica
+from unison.engine.stacked import StackedReplica
 from unison.models import mlp
-from unison.replica import Replica, build_optimizer
-from unison.stacked import StackedReplica
 
 FEATURES, CLASSES, BATCH = 64, 10, 64
 
@@ -50,12 +50,12 @@ class StepTimer:
         torch.manual_seed(0)
         self.device, self.steps = device, steps
         self.x, self.y = (t.to(device) for t in synthetic(8192))
-        config = TrainConfig(backend="stacked", lr=0.01, momentum=0.9, device=str(device))
+        optimizer = OptimizerSettings(lr=0.01, momentum=0.9)
         if replicas is None:
             net = model().to(device)
-            self.replica = Replica(net, build_optimizer(net.parameters(), config, None), F.cross_entropy, device)
+            self.replica = Replica(net, optimizer.build(net.parameters()), F.cross_entropy, device)
         else:
-            self.replica = StackedReplica(model(), replicas, F.cross_entropy, device, config)
+            self.replica = StackedReplica(model(), replicas, F.cross_entropy, device, optimizer)
         self.count = replicas or 1
         self.batches = [[torch.randint(0, len(self.x), (BATCH,), device=device) for _ in range(self.count)]
                         for _ in range(steps)]

@@ -83,16 +83,16 @@ def test_a_run_that_fails_in_its_workers_leaves_the_old_directory_intact(run_fil
     out = tmp_path / "out"
     assert main(["train", str(run_file), "--out", str(out)]) == 0
     before = (out / "model.safetensors").read_bytes()
-    import unison.launch.threads as threads_backend
+    from unison.engine import loop
 
-    real_run = threads_backend.run
+    real_run = loop.run
 
     def fails_midway(job, comm, *args):
         if comm.rank == 1:
             raise RuntimeError("disk on fire")
         return real_run(job, comm, *args)
 
-    monkeypatch.setattr(threads_backend, "run", fails_midway)
+    monkeypatch.setattr(loop, "run", fails_midway)
     assert main(["train", str(run_file), "--out", str(out), "--overwrite"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "worker 1 failed: RuntimeError: disk on fire" in err

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import unison.replica
+import unison.engine.replica
 from unison import checkpoint as files
 from unison.cli import main
 
@@ -34,14 +34,14 @@ def run_file(tmp_path):
 
 
 def fail_at_step(monkeypatch, step):
-    real = unison.replica.Replica.forward_backward
+    real = unison.engine.replica.Replica.forward_backward
 
     def forward_backward(self, x, y):
         if self.step + 1 == step:
             raise RuntimeError("power cut")
         return real(self, x, y)
 
-    monkeypatch.setattr(unison.replica.Replica, "forward_backward", forward_backward)
+    monkeypatch.setattr(unison.engine.replica.Replica, "forward_backward", forward_backward)
 
 
 def test_a_failed_run_is_kept_unfinished_and_resume_completes_it(run_file, tmp_path, capsys, monkeypatch):

@@ -116,16 +116,16 @@ def test_every_registered_strategy_joins_and_one_the_backend_lacks_is_skipped(tm
 
 
 def test_a_run_whose_workers_fail_is_reported_and_the_others_go_on(tmp_path, blobs, small_model, monkeypatch):
-    import unison.launch.threads as threads_backend
+    from unison.engine import loop
 
-    real_run = threads_backend.run
+    real_run = loop.run
 
     def sync_fails(job, comm, *args):
-        if job.config.strategy.name == "sync" and comm.rank == 1:
+        if job.strategy.name == "sync" and comm.rank == 1:
             raise RuntimeError("disk on fire")
         return real_run(job, comm, *args)
 
-    monkeypatch.setattr(threads_backend, "run", sync_fails)
+    monkeypatch.setattr(loop, "run", sync_fails)
     result = run_compare(tmp_path, blobs, small_model)
     assert list(result.results) == ["single", "periodic(every=2)", "oneshot"]
     assert list(result.skipped) == ["sync"]
@@ -137,7 +137,7 @@ def test_a_run_whose_workers_fail_is_reported_and_the_others_go_on(tmp_path, blo
 def no_training(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("training started for bad input")
-    monkeypatch.setattr(compare_module, "fit", refuse)
+    monkeypatch.setattr(compare_module.api, "run", refuse)
 
 
 @pytest.mark.parametrize("kwargs, error, words", [

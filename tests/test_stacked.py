@@ -12,10 +12,11 @@ from torch import nn
 import unison
 from unison import merges
 from unison.comm.stacked import StackedComm
-from unison.config import TrainConfig
+from unison.engine.job import OptimizerSettings
+from unison.engine.stacked import StackedReplica
 from unison.errors import ConfigError
 from unison.partitions import Explicit
-from unison.stacked import StackedReplica
+from unison.penalties import parse_constraint
 
 from reference import max_abs_diff, sampler_order
 from test_comm import run_ranks
@@ -88,8 +89,8 @@ def test_penalties_constraints_and_schedules_on_stacked_equal_threads(blobs, sma
 def test_constraints_project_each_replica_on_its_own(small_model):
     """Rows of a stacked tensor are separate replicas: max_norm caps each replica's output
     units, unit_ball each replica's whole vector — never the stacked tensor as one."""
-    config = TrainConfig(backend="stacked", constraint="unit_ball(1.0)")
-    replica = StackedReplica(small_model, 2, F.cross_entropy, torch.device("cpu"), config)
+    replica = StackedReplica(small_model, 2, F.cross_entropy, torch.device("cpu"), OptimizerSettings(),
+                             constraint=parse_constraint("unit_ball(1.0)"))
     with torch.no_grad():
         for p in replica.trainable:
             p[0].fill_(1.0)     # replica 0: far outside the ball
@@ -100,8 +101,8 @@ def test_constraints_project_each_replica_on_its_own(small_model):
     assert norms[0] == pytest.approx(1.0, rel=1e-5)
     assert torch.equal(replica.state_vector()[1], inside)  # the small replica was left alone
 
-    replica = StackedReplica(small_model, 2, F.cross_entropy, torch.device("cpu"),
-                             TrainConfig(backend="stacked", constraint="max_norm(1.0)"))
+    replica = StackedReplica(small_model, 2, F.cross_entropy, torch.device("cpu"), OptimizerSettings(),
+                             constraint=parse_constraint("max_norm(1.0)"))
     weight = replica.params["0.weight"]  # [2 replicas, 16 units, 8 inputs]
     with torch.no_grad():
         weight[0].fill_(1.0)    # every unit's norm is sqrt(8)
@@ -237,7 +238,7 @@ def nothing_starts(monkeypatch):
 
     def refuse(*args, **kwargs):
         raise AssertionError("training started for bad input")
-    monkeypatch.setattr(stacked, "run_stacked", refuse)
+    monkeypatch.setattr(stacked.BACKEND, "launch", refuse)
 
 
 def test_a_model_that_cannot_be_vmapped_is_refused_naming_the_operation(blobs, nothing_starts):

@@ -269,7 +269,7 @@ def test_one_worker_periodic_still_resets_optimizer_state(blobs, small_model):
 
 
 def test_gradients_live_in_one_flat_buffer_and_each_step_starts_from_zero(blobs, small_model):
-    from unison.replica import Replica
+    from unison.engine.replica import Replica
 
     x, y = blobs
     model = copy.deepcopy(small_model)

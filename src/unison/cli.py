@@ -7,14 +7,12 @@ Every unison error becomes one line on stderr and exit status 2, never a traceba
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import time
 from pathlib import Path
 
 from . import config as run_config
+from . import launch, rundir
 from .errors import ConfigError, UnisonError
-from .rundir import replace_dir as _replace_dir
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--strategies", help="comma-separated, e.g. 'single,sync,periodic(every=8)'")
     compare.add_argument("--dataset", help="a built-in name, 'synthetic(samples=..)' or a .csv/.npz/.pt file")
     compare.add_argument("--workers", type=int, help="workers per run (single always uses one)")
-    compare.add_argument("--backend", help="threads, processes or stacked")
+    compare.add_argument("--backend", help=", ".join(name for name, b in launch.REGISTRY.items() if b.in_process))
     compare.add_argument("--epochs", type=int, help="epochs per run")
     compare.add_argument("--target", type=float, help="validation accuracy to time (default: 98%% of "
                          "single's best)")
@@ -62,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="the seed's sample run")
     demo.add_argument("name", choices=["xor"], help="which demo")
-    demo.add_argument("--backend", default="threads", choices=run_config.BACKENDS[:2])
+    demo.add_argument("--backend", default="threads", choices=("threads", "processes"))
     return parser
 
 
@@ -79,68 +77,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from . import unfinished
-    from .api import RESUME_HINT, fit, prestart
-    from .data import prepare
-    from .errors import WorkerError
-    from .launch.torchrun import is_rank0, restart_count
-    from .launch.torchrun import world_size as torchrun_world_size
-    from .models import mlp
+    from .api import train
 
     if (args.run_file is None) == (args.resume is None):
         raise ConfigError("train needs a run file, or --resume RUN_DIR to continue an unfinished run (not both)")
     if args.resume and args.out:
         raise ConfigError("--resume RUN_DIR continues into RUN_DIR; leave out --out")
-    resume_out = unfinished.run_dir_of(args.resume) if args.resume else None
-    cfg = run_config.load(unfinished.resume_config(resume_out) if args.resume else args.run_file, args.sets)
-    under_torchrun = torchrun_world_size() is not None
-    if under_torchrun and cfg.train.backend != "torchrun":
-        # The same run file works alone and under torchrun: torchrun decides the workers.
-        cfg = run_config.from_dict(cfg.to_dict(), {"train.backend": "torchrun",
-                                                   "train.workers": torchrun_world_size()})
-    rank0 = is_rank0()
-    out = resume_out or Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-train")
-    t = cfg.train
-    checkpointing = t.checkpoint_every is not None or t.checkpoint_dir is not None
-    if checkpointing and under_torchrun and not (args.out or args.resume or t.checkpoint_dir):
-        raise ConfigError("checkpoints under torchrun need --out: every rank, and a restarted group, "
-                          "must find the same run directory (the default name has the time in it)")
-    # Train into a scratch directory; the run directory appears (or is replaced) only on success.
-    scratch = unfinished.scratch_for(out, checkpointing=checkpointing, resume=bool(args.resume),
-                                     overwrite=args.overwrite, restarted=restart_count() > 0, rank0=rank0)
-    if checkpointing and rank0:  # written first: `--resume` reads it back
-        scratch.mkdir(parents=True, exist_ok=True)
-        (scratch / unfinished.CONFIG_FILE).write_text(cfg.to_toml())
-
-    if t.backend == "processes" and t.strategy.world_size(t.workers) > 1:
-        prestart()  # the workers' interpreter starts while the data is loaded
-    data = prepare(cfg.data.dataset, seed=t.seed, val_fraction=cfg.data.val_fraction, loss=t.loss,
-                   label=cfg.data.label)
-
-    def model():  # a factory: fit() builds it under the run's seed, so runs repeat
-        return mlp(data.features, list(cfg.model.hidden), data.outputs, activation=cfg.model.activation,
-                   dropout=cfg.model.dropout, batchnorm=cfg.model.batchnorm)
-
-    succeeded = False
-    try:
-        settings = t.fit_kwargs() | {
-            "checkpoint_dir": t.checkpoint_dir or (scratch / "checkpoints" if checkpointing else None)}
-        result = fit(model, data, **settings, progress=not args.quiet, resume=bool(args.resume),
-                     log_dir=scratch)  # fit() writes it on rank 0 only
-        if rank0:
-            (scratch / "config.toml").write_text(cfg.to_toml())
-            (scratch / "summary.txt").write_text(result.summary() + "\n")
-            _replace_dir(scratch, out)
-        succeeded = True
-    except WorkerError as exc:
-        if exc.checkpoint:
-            exc.args = (str(exc).replace(RESUME_HINT, f"`unison train --resume {out}` continues from it"),)
-        raise
-    finally:
-        # Rank 0's directory; an unfinished run with checkpoints is kept for --resume.
-        if rank0 and not (checkpointing and not succeeded):
-            shutil.rmtree(scratch, ignore_errors=True)
-    if rank0:
+    out = rundir.run_dir_of(args.resume) if args.resume else args.out
+    cfg = run_config.load(rundir.resume_config(out) if args.resume else args.run_file, args.sets)
+    result, out = train(cfg, out=out, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.quiet)
+    if launch.get(cfg.train.backend).is_writer():
         print(result.summary())
         print(f"run directory: {out}")
     return 0

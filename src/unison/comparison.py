@@ -22,15 +22,17 @@ import tomli_w
 import torch
 from torch import nn
 
-from . import history, report, rundir
+from . import api, history, launch, report, rundir
 from . import summary as summaries
-from .api import Result, fit, prestart
-from .config import DataConfig, ModelConfig, RunConfig, TrainConfig, check_float, from_dict
+from .api import Result
+from .config import DataConfig, ModelConfig, RunConfig, TrainConfig, from_dict
 from .data import prepare
 from .errors import ConfigError, UnisonError, WorkerError, expected
-from .launch import CAPABILITIES, cpu_cores
+from .launch import cpu_cores
 from .models import mlp
+from .plan import start_early, world_size
 from .strategies import REGISTRY, Strategy, parse
+from .validators import check_float
 
 # The embedded default: digits, an MLP with one hidden layer of 64, 2 workers on processes.
 DEFAULT_STRATEGIES = ("single", "sync", "periodic(every=epoch)", "periodic(every=16)", "oneshot")
@@ -43,7 +45,8 @@ TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 # A run may differ from the others in anything but the seed (same data split and start) and
 # the timeout; its backend may differ too, e.g. periodic on processes against periodic stacked.
 RUN_OPTIONS = tuple(name for name in TRAIN_FIELDS if name not in ("seed", "timeout"))
-BACKENDS = ("threads", "processes", "stacked")
+# Backends that fit() launches itself, so that compare can run them one after another here.
+BACKENDS = tuple(name for name, backend in launch.REGISTRY.items() if backend.in_process)
 _TRAIN = DEFAULTS["train"]
 
 
@@ -181,10 +184,8 @@ def compare(model: nn.Module | Callable[[], nn.Module] | ModelConfig | None = No
     configs = {run.label: _train_config(common | run.options | {"strategy": run.strategy}) for run in runs}
     check_float("target_fraction", target_fraction, low=0.0, high=1.0, low_open=True, high_open=False)
     loss = train.get("loss")
-    uses_processes = any(c.backend == "processes" and c.strategy.world_size(c.workers) > 1
-                         for c in configs.values())
-    if uses_processes:
-        prestart()  # the workers' interpreter starts while the data is prepared
+    for config in configs.values():
+        start_early(config)  # the workers' interpreter starts while the data is prepared
     train_data = prepare(data, val, seed=seed, loss=loss if isinstance(loss, str) else None, label=label)
     if train_data.x_val is None:
         raise ConfigError("compare needs validation data to judge the strategies: pass val= (a fraction "
@@ -200,22 +201,23 @@ def compare(model: nn.Module | Callable[[], nn.Module] | ModelConfig | None = No
         history.tensorboard_writer_class()  # ConfigError now, not after the first run
     model_table, build_model = _model(model, train_data)
 
-    settings = _settings(train_data, data, val, label, model_table, model, common, runs, target, target_fraction)
+    settings = _settings(train_data, data, val, label, model_table, model, common, runs, configs, target,
+                         target_fraction)
     scratch = rundir.scratch_for(out)
     results: dict[str, Result] = {}
     for name, reason in skipped.items():
         print(f"{name}: skipped, {reason}", file=sys.stderr)
     try:
         scratch.mkdir(parents=True)
-        _warm_up(build_model, train_data, configs[runs[0].label], common, uses_processes)
+        _warm_up(build_model, train_data, configs, common)
         for number, run in enumerate(runs, start=1):
             config = configs[run.label]
             reason = _cannot_run(config)
             if reason is None:
                 try:
                     started = time.time()
-                    result = fit(build_model, train_data, **_fit_arguments(config, common),
-                                 progress=progress, log_dir=scratch / run.dir_name)
+                    result = api.run(config, build_model, train_data, **_callables(common), progress=progress,
+                                 log_dir=scratch / run.dir_name)
                 except ConfigError as exc:
                     reason = f"refused: {exc}"
                 except WorkerError as exc:
@@ -245,22 +247,23 @@ def compare(model: nn.Module | Callable[[], nn.Module] | ModelConfig | None = No
     return Comparison(results=results, summary=summary, skipped=skipped, out=out)
 
 
-def _warm_up(model: Any, data, config: TrainConfig, common: dict[str, Any], uses_processes: bool) -> None:
+def _warm_up(model: Any, data, configs: dict[str, TrainConfig], common: dict[str, Any]) -> None:
     """Train one worker for a moment on a few samples, so that one-off costs of this process
     (torch imports its compiler stack lazily at the first optimizer step, about a second) are
     not charged to whichever run comes first; and wait for the worker processes' forkserver to
     finish importing torch (~1.5 s), which would otherwise be charged to the first run with
     workers, and slow a one-worker run that trains while it imports. Every run is thus measured
     with a warm start. Its failures are left to the real runs."""
-    if uses_processes:
+    if any(c.backend == "processes" and world_size(c) > 1 for c in configs.values()):
         from .launch import processes
 
         processes.wait_until_ready()
-    n = 2 * config.batch_size
+    first = next(iter(configs.values()))
+    n = 2 * first.batch_size
     sample = dataclasses.replace(data, x=data.x[:n], y=data.y[:n], x_val=data.x_val[:n], y_val=data.y_val[:n])
-    arguments = _fit_arguments(config, common) | {"strategy": "single", "backend": "threads", "epochs": 1}
     try:
-        fit(model, sample, **arguments, progress=False)
+        config = dataclasses.replace(first, strategy="single", backend="threads", epochs=1)
+        api.run(config, model, sample, **_callables(common), progress=False)
     except UnisonError:
         pass
 
@@ -274,18 +277,13 @@ def _train_config(values: dict[str, Any]) -> TrainConfig:
     return TrainConfig(**values)
 
 
-def _fit_arguments(config: TrainConfig, common: dict[str, Any]) -> dict[str, Any]:
-    """fit()'s keywords for a run: its checked settings, with the caller's own optimizer and
-    loss callables where the config only says "custom"."""
-    arguments = {name: getattr(config, name) for name in TRAIN_FIELDS}
-    for key in ("optimizer", "loss"):
-        if callable(common.get(key)):
-            arguments[key] = common[key]
-    return arguments
+def _callables(common: dict[str, Any]) -> dict[str, Any]:
+    """The caller's own optimizer and loss callables, where the configs only say "custom"."""
+    return {key: common[key] for key in ("optimizer", "loss") if callable(common.get(key))}
 
 
 def _cannot_run(config: TrainConfig) -> str | None:
-    missing = config.strategy.needs - CAPABILITIES[config.backend]
+    missing = config.strategy.needs - launch.get(config.backend).offers
     if missing:
         return (f"it needs {', '.join(sorted(missing))}, which backend {config.backend!r} lacks")
     return None
@@ -305,7 +303,7 @@ def _model(model: Any, data) -> tuple[dict[str, Any] | None, Any]:
     return table, build
 
 
-def _settings(train_data, data, val, label, model_table, model, common, runs, target, fraction) -> dict:
+def _settings(train_data, data, val, label, model_table, model, common, runs, configs, target, fraction) -> dict:
     """The resolved settings written to config.toml: tables a compare run file also takes."""
     data_table: dict[str, Any] = {"dataset": data if isinstance(data, str) else train_data.name}
     if isinstance(val, float) or (val is None and isinstance(data, str)):
@@ -320,6 +318,8 @@ def _settings(train_data, data, val, label, model_table, model, common, runs, ta
         "target_fraction": fraction,
         "runs": {run.label: {"dir": run.dir_name, "strategy": run.strategy.spec(),
                              **{k: _plain(v) for k, v in run.options.items()}} for run in runs},
+        # how many workers each run had (single: 1), as the plan decided: what the report shows
+        "world_sizes": {run.label: world_size(configs[run.label]) for run in runs},
         "machine": {"cores": cpu_cores(), "python": platform.python_version(), "torch": torch.__version__,
                     "platform": platform.platform(terse=True)},
     }
@@ -369,7 +369,8 @@ def load_settings(raw: Mapping[str, Any], overrides: Mapping[str, Any] | None = 
     is not used) plus an optional [compare] table: strategies, target, target_fraction, runs."""
     raw = dict(raw)
     options = dict(raw.pop("compare", {}) or {})
-    settings, recorded = ("strategies", "runs", "target", "target_fraction"), ("reference", "skipped", "machine", "model")
+    settings, recorded = ("strategies", "runs", "target", "target_fraction"), ("reference", "skipped", "machine", "model",
+                                                                                   "world_sizes")
     for key in options:
         if key not in settings + recorded:  # what compare records in config.toml is read back and ignored
             raise ConfigError(f"unknown setting compare.{key}; accepted: {', '.join(settings)}")

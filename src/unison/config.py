@@ -9,7 +9,6 @@ A run file has three tables, one per dataclass::
 
 from __future__ import annotations
 
-import math
 import re
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -18,35 +17,17 @@ from typing import Any, Mapping
 
 import tomli_w
 
+from . import partitions, penalties, schedules, strategies
+from .engine.job import OPTIMIZERS
 from .errors import ConfigError, expected
+from .launch import NAMES as BACKENDS
+from .models import ACTIVATIONS
+from .validators import check_bool, check_choice, check_float, check_int
 
-BACKENDS = ("threads", "processes", "torchrun", "stacked")
 DEVICE = re.compile(r"cpu|cuda(:\d+)?")
-OPTIMIZERS = ("sgd", "adam", "adamw")
 LOSSES = ("cross_entropy", "mse")
-ACTIVATIONS = ("relu", "tanh", "gelu", "sigmoid", "leaky_relu", "silu")
 NAN_POLICIES = ("stop", "skip", "rollback")
 _DURATION_UNITS = {"s": 1.0, "sec": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0}
-
-
-def check_int(field_name: str, value: Any, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(expected(field_name, value, f"an integer >= {minimum}"))
-
-
-def check_float(field_name: str, value: Any, *, low: float, high: float = math.inf,
-                low_open: bool = False, high_open: bool = True) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
-        left, right = ("(" if low_open else "["), (")" if high_open else "]")
-        raise ConfigError(expected(field_name, value, f"a finite number in {left}{low}, {high}{right}"))
-
-
-def check_choice(field_name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(expected(field_name, value, choices))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,8 +65,7 @@ class ModelConfig:
             check_int("model.hidden", width, minimum=1)
         check_choice("model.activation", self.activation, ACTIVATIONS)
         check_float("model.dropout", self.dropout, low=0.0, high=1.0)
-        if not isinstance(self.batchnorm, bool):
-            raise ConfigError(expected("model.batchnorm", self.batchnorm, "true or false"))
+        check_bool("model.batchnorm", self.batchnorm)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,8 +103,6 @@ class TrainConfig:
     nan: str = "stop"
 
     def __post_init__(self) -> None:
-        from . import partitions, penalties, schedules, strategies  # late: none imports this module
-
         check_int("workers", self.workers, minimum=1)
         check_choice("backend", self.backend, BACKENDS)
         check_int("epochs", self.epochs, minimum=1)
@@ -136,8 +114,7 @@ class TrainConfig:
         if self.momentum and self.optimizer in ("adam", "adamw"):
             raise ConfigError(f"momentum={self.momentum} applies to optimizer='sgd' only; "
                               f"{self.optimizer!r} keeps its own moment estimates")
-        if not isinstance(self.nesterov, bool):
-            raise ConfigError(expected("nesterov", self.nesterov, "true or false"))
+        check_bool("nesterov", self.nesterov)
         if self.nesterov and (self.optimizer != "sgd" or not self.momentum):
             raise ConfigError(f"nesterov=True needs optimizer='sgd' with momentum > 0; got "
                               f"optimizer={self.optimizer!r}, momentum={self.momentum}")
@@ -153,48 +130,30 @@ class TrainConfig:
         object.__setattr__(self, "schedule", schedules.parse(self.schedule))
         object.__setattr__(self, "penalty", penalties.parse_penalty(self.penalty))
         object.__setattr__(self, "constraint", penalties.parse_constraint(self.constraint))
-        self._check_stacking()
-
-    def _check_stacking(self) -> None:
-        """replicas_per_worker and device, which only some backends use (see unison.stacked)."""
         check_int("replicas_per_worker", self.replicas_per_worker, minimum=1)
-        if self.replicas_per_worker > 1 and self.backend not in ("processes", "torchrun"):
-            raise ConfigError(f"replicas_per_worker={self.replicas_per_worker} applies to backend='processes' "
-                              f"or 'torchrun' (each worker process holds that many stacked replicas); with "
-                              f"backend={self.backend!r} use replicas_per_worker=1 (on 'stacked', workers= is "
-                              "the number of stacked replicas)")
-        if self.replicas_per_worker > 1 and self.strategy.shares_model:
-            raise ConfigError(f"strategy {self.strategy.spec()!r} cannot run with replicas_per_worker="
-                              f"{self.replicas_per_worker}: its workers must all update one shared model, and "
-                              "stacked replicas are separate copies; use replicas_per_worker=1")
-        stacking = self.backend == "stacked" or self.replicas_per_worker > 1
-        if stacking and (self.checkpoint_every is not None or self.nan == "rollback"):
-            raise ConfigError("checkpoint_every and nan='rollback' are not supported with stacked replicas "
-                              "(backend='stacked' or replicas_per_worker > 1) yet: their per-replica optimizer "
-                              "state is not saved; use backend='threads' or 'processes' with one replica each")
-        if self.replicas_per_worker > 1 and self.strategy.world_size(self.replicas_per_worker) == 1:
-            raise ConfigError(f"strategy {self.strategy.spec()!r} trains one replica; replicas_per_worker="
-                              f"{self.replicas_per_worker} needs a strategy with several (sync, periodic, ...)")
         if not isinstance(self.device, str) or not DEVICE.fullmatch(self.device):
             raise ConfigError(expected("device", self.device, "'cpu', 'cuda' or 'cuda:N'"))
-        if self.device != "cpu" and self.backend != "stacked":
-            raise ConfigError(f"device={self.device!r} applies to backend='stacked'; threads and processes "
-                              "train on the CPU, and torchrun puts each rank on cuda:LOCAL_RANK by itself")
+        # (rules across fields and backends are the plan's: unison.plan.resolve)
 
-    def fit_kwargs(self) -> dict[str, Any]:
-        """These settings as keyword arguments of unison.fit()."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+    @property
+    def checkpoint_schedule(self) -> tuple[str, float]:
+        """checkpoint_every, parsed once: ("rounds", n) or ("seconds", s)."""
+        return self._checkpoint_schedule
+
+    def record(self) -> dict[str, Any]:
+        """Every setting as a plain value (specs as strings, None kept): what checkpoints save."""
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
 
     def _check_reliability(self) -> None:
         check_choice("nan", self.nan, NAN_POLICIES)
         check_int("keep_checkpoints", self.keep_checkpoints, minimum=1)
         if self.checkpoint_dir is not None and (not isinstance(self.checkpoint_dir, str) or not self.checkpoint_dir):
             raise ConfigError(expected("checkpoint_dir", self.checkpoint_dir, "a directory path"))
-        if self.checkpoint_every is None:
-            if self.checkpoint_dir is not None:  # a directory alone means: after every round
-                object.__setattr__(self, "checkpoint_every", 1)
-            return
-        checkpoint_schedule(self.checkpoint_every)  # without a directory, fit() and the CLI pick one
+        if self.checkpoint_every is None and self.checkpoint_dir is not None:  # a directory alone: every round
+            object.__setattr__(self, "checkpoint_every", 1)
+        # not a field: parsed once here, read by the plan (unison.plan)
+        object.__setattr__(self, "_checkpoint_schedule",
+                           None if self.checkpoint_every is None else checkpoint_schedule(self.checkpoint_every))
 
 
 def checkpoint_schedule(every: int | str) -> tuple[str, float]:

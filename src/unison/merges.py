@@ -122,10 +122,9 @@ def divergence(states: Sequence[torch.Tensor], merged: torch.Tensor) -> float:
 
 # ---- rule objects: what ``merge=`` holds ----
 
-class Merge(ABC):
+class Merge(specs.Spec, ABC):
     """How a strategy combines replica states (or gradients). Subclasses are frozen dataclasses."""
 
-    name: ClassVar[str] = ""
     needs_validation: ClassVar[bool] = False   # greedy_soup scores candidates on held-out data
 
     @abstractmethod
@@ -135,12 +134,6 @@ class Merge(ABC):
 
     def check(self, world_size: int) -> None:
         """Raise ConfigError if this rule cannot work with ``world_size`` replicas."""
-
-    def spec(self) -> str:
-        return specs.to_spec(self)
-
-    def __str__(self) -> str:
-        return self.spec()
 
 
 @dataclass(frozen=True)

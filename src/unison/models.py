@@ -6,7 +6,7 @@ from typing import Sequence
 
 from torch import nn
 
-from .config import ACTIVATIONS, check_choice, check_float, check_int
+from .validators import check_choice, check_float, check_int
 
 _ACTIVATION_LAYERS = {
     "relu": nn.ReLU,
@@ -16,7 +16,7 @@ _ACTIVATION_LAYERS = {
     "leaky_relu": nn.LeakyReLU,
     "silu": nn.SiLU,
 }
-assert tuple(_ACTIVATION_LAYERS) == ACTIVATIONS
+ACTIVATIONS = tuple(_ACTIVATION_LAYERS)
 
 
 def mlp(inputs: int, hidden: Sequence[int], outputs: int, activation: str = "relu",

@@ -23,10 +23,9 @@ def _replica_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed + epoch + 1_000_003 * rank)
 
 
-class Partition(ABC):
+class Partition(specs.Spec, ABC):
     """Decides which sample indices replica ``rank`` trains on in ``epoch``, in order."""
 
-    name: str = ""
 
     @abstractmethod
     def indices(self, n: int, world_size: int, rank: int, epoch: int, seed: int) -> torch.Tensor:
@@ -46,9 +45,6 @@ class Partition(ABC):
         if min(sizes) < 1:
             raise DataError(f"partition {self.spec()!r} leaves a worker with no samples: "
                             f"{n} training samples for workers={world_size}")
-
-    def spec(self) -> str:
-        return self.name
 
     def __repr__(self) -> str:
         return self.spec()
@@ -179,9 +175,6 @@ class Dirichlet(Partition):
 
     def sizes(self, n, world_size):
         return [len(s) for s in self._bound()]
-
-    def spec(self):
-        return specs.to_spec(self)
 
 
 def dirichlet_shares(labels: Any, world_size: int, alpha: float, seed: int) -> list[torch.Tensor]:

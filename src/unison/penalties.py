@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -30,20 +30,13 @@ def _positive(kind: str, name: str, value: Any) -> None:
         raise ConfigError(expected(f"{kind}.{name}", value, "a finite number > 0"))
 
 
-class Penalty(ABC):
+class Penalty(specs.Spec, ABC):
     """λ·R(θ): a differentiable term added to the loss."""
 
-    name: ClassVar[str] = ""
 
     @abstractmethod
     def __call__(self, parameters: Sequence[torch.Tensor]) -> torch.Tensor:
         """The penalty's value for these parameters (a scalar tensor with a gradient)."""
-
-    def spec(self) -> str:
-        return specs.to_spec(self)
-
-    def __str__(self) -> str:
-        return self.spec()
 
 
 @dataclass(frozen=True)
@@ -90,20 +83,13 @@ class Elastic(Penalty):
         return sum(self.l1 * p.abs().sum() + self.l2 / 2 * p.square().sum() for p in parameters)
 
 
-class Constraint(ABC):
+class Constraint(specs.Spec, ABC):
     """A set C the parameters must stay in; ``project`` moves them onto it, in place."""
 
-    name: ClassVar[str] = ""
 
     @abstractmethod
     def project(self, parameters: Sequence[torch.Tensor]) -> None:
         """Project the parameters onto the constraint set, in place."""
-
-    def spec(self) -> str:
-        return specs.to_spec(self)
-
-    def __str__(self) -> str:
-        return self.spec()
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,10 @@ def load(run_dir: str | Path) -> Loaded:
         records = read_jsonl(path / HISTORY_FILE)
         if records:
             loaded.histories[label] = records
-            workers = _world_size(path / CONFIG_FILE)
+            # the run's world size as compare recorded it (single: 1), else the workers asked for
+            workers = settings.get("compare", {}).get("world_sizes", {}).get(label)
+            if workers is None and (path / CONFIG_FILE).is_file():
+                workers = _toml(path / CONFIG_FILE).get("train", {}).get("workers")
             if workers is not None:
                 loaded.workers[label] = workers
     if not loaded.histories:
@@ -80,20 +83,6 @@ def _toml(path: Path) -> dict[str, Any]:
         return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
-
-
-def _world_size(config_path: Path) -> int | None:
-    """How many replicas a run had: its strategy decides (single: 1) given the workers asked for."""
-    if not config_path.is_file():
-        return None
-    train = _toml(config_path).get("train", {})
-    if "workers" not in train:
-        return None
-    try:
-        from .strategies import parse
-        return parse(train.get("strategy", "periodic")).world_size(train["workers"])
-    except ConfigError:  # a strategy this version does not know: report what was asked for
-        return train["workers"]
 
 
 def summarise(loaded: Loaded) -> summaries.Summary:

@@ -10,15 +10,11 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 from . import specs
 from .errors import ConfigError, expected
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(expected(name, value, f"an integer >= {minimum}"))
+from .validators import check_int
 
 
 def _check_fraction(name: str, value: Any, *, low_open: bool) -> None:
@@ -27,10 +23,9 @@ def _check_fraction(name: str, value: Any, *, low_open: bool) -> None:
         raise ConfigError(expected(name, value, f"a number in {'(' if low_open else '['}0, 1]"))
 
 
-class Schedule(ABC):
+class Schedule(specs.Spec, ABC):
     """lr at optimizer step k (counted from 0) = initial lr × factor(k)."""
 
-    name: ClassVar[str] = ""
     warmup: int = 0
 
     def factor(self, step: int, steps_per_epoch: int, total_steps: int) -> float:
@@ -43,12 +38,6 @@ class Schedule(ABC):
     def decay(self, step: int, steps_per_epoch: int, total_steps: int) -> float:
         """The factor after warm-up."""
 
-    def spec(self) -> str:
-        return specs.to_spec(self)
-
-    def __str__(self) -> str:
-        return self.spec()
-
 
 @dataclass(frozen=True)
 class Warmup(Schedule):
@@ -58,7 +47,7 @@ class Warmup(Schedule):
     steps: int = 100
 
     def __post_init__(self):
-        _check_int("warmup.steps", self.steps, 1)
+        check_int("warmup.steps", self.steps, minimum=1)
 
     @property
     def warmup(self) -> int:  # type: ignore[override]
@@ -78,7 +67,7 @@ class Cosine(Schedule):
     min_factor: float = 0.0
 
     def __post_init__(self):
-        _check_int("cosine.warmup", self.warmup, 0)
+        check_int("cosine.warmup", self.warmup, minimum=0)
         _check_fraction("cosine.min_factor", self.min_factor, low_open=False)
 
     def decay(self, step, steps_per_epoch, total_steps):
@@ -96,9 +85,9 @@ class Step(Schedule):
     warmup: int = 0
 
     def __post_init__(self):
-        _check_int("step.every", self.every, 1)
+        check_int("step.every", self.every, minimum=1)
         _check_fraction("step.gamma", self.gamma, low_open=True)
-        _check_int("step.warmup", self.warmup, 0)
+        check_int("step.warmup", self.warmup, minimum=0)
 
     def decay(self, step, steps_per_epoch, total_steps):
         return self.gamma ** (step // (self.every * steps_per_epoch))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 from .errors import ConfigError, expected
 
@@ -89,3 +89,16 @@ def to_spec(obj: Any) -> str:
         if current != default:
             changed.append(f"{f.name}={current}")
     return f"{obj.name}({', '.join(changed)})" if changed else obj.name
+
+
+class Spec:
+    """A value written as a spec string (a strategy, merge, partition, penalty, constraint or
+    schedule): ``spec()`` and ``str()`` give the string that ``parse`` turns back into it."""
+
+    name: ClassVar[str] = ""
+
+    def spec(self) -> str:
+        return to_spec(self)
+
+    def __str__(self) -> str:
+        return self.spec()

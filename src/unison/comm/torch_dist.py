@@ -91,19 +91,19 @@ class TorchDistComm(Communicator):
         self._collective("barrier", dist.barrier)
 
 
-def host_store(world_size: int, timeout: float) -> dist.TCPStore:
-    """A rendezvous store on 127.0.0.1 with a free port the OS picks, hosted by the caller.
+def host_store(world_size: int, timeout: float, host: str) -> dist.TCPStore:
+    """A rendezvous store on ``host`` with a free port the OS picks, hosted by the caller.
 
     Asking the OS for the port inside the store (port 0) leaves no window in which another
     program could take a port we probed as free.
     """
-    return dist.TCPStore("127.0.0.1", 0, world_size, is_master=True,
+    return dist.TCPStore(host, 0, world_size, is_master=True,
                          timeout=timedelta(seconds=timeout), wait_for_workers=False)
 
 
-def join(rank: int, world_size: int, port: int, timeout: float) -> TorchDistComm:
-    """Join the gloo group whose store the launcher hosts on ``port``."""
-    store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False,
+def join(rank: int, world_size: int, host: str, port: int, timeout: float) -> TorchDistComm:
+    """Join the gloo group whose store the launcher hosts on ``host``:``port``."""
+    store = dist.TCPStore(host, port, world_size, is_master=False,
                           timeout=timedelta(seconds=timeout))
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=timeout))

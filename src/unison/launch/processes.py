@@ -9,7 +9,8 @@ process never runs an op, so both are safe. Where there is no forkserver, spawn 
 
 The data set is moved to shared memory once and every worker maps it; nothing is copied per
 worker. The launcher watches every worker: if one dies or raises, the others are ended and
-fit() raises WorkerError naming the rank and its exit code, signal or traceback.
+fit() raises WorkerError naming the rank and its exit code, signal or traceback (the blame is
+unison.launch.worker's, shared with the threads backend).
 """
 
 from __future__ import annotations
@@ -30,17 +31,18 @@ from safetensors.torch import save as save_tensors
 
 from ..comm import torch_dist
 from ..comm.base import PeerFailed
-from ..errors import ConfigError, UnisonError, WorkerError
-from ..replica import Job, Outcome, run
-from . import stacked as stacked_backend
-from . import threads as threads_backend
-from . import threads_per_worker
+from ..engine.job import Job, Outcome
+from ..errors import ConfigError, WorkerError
+from ..strategies.base import SHARED_MEMORY
+from .base import Backend
+from .worker import Failure, blame, in_this_process, own_process
 
 GRACE_S = 3.0  # how long a worker may take to stop when asked before it is killed
+HOST = "127.0.0.1"  # the workers are processes of this machine: the group talks over loopback
 # What the forkserver imports once, so that every worker forked from it starts with them.
 # torch._dynamo: torch.optim imports it on the first optimizer's construction (~0.7 s).
-PRELOAD = ["torch", "torch._dynamo", "torch.distributed", "safetensors.torch", "unison.replica",
-           "unison.comm.torch_dist", "unison.launch.processes", "unison.stacked"]
+PRELOAD = ["torch", "torch._dynamo", "torch.distributed", "safetensors.torch", "unison.engine.loop",
+           "unison.comm.torch_dist", "unison.launch.processes"]
 
 
 def _context():
@@ -51,10 +53,25 @@ def _context():
     return context
 
 
+class Processes(Backend):
+    name = "processes"
+    offers = frozenset({SHARED_MEMORY})
+    stacks_per_worker = True
+
+    def prestart(self, workers: int) -> None:
+        """Start the forkserver while the caller prepares its data; not for one worker, which
+        trains in the caller's process (a forkserver importing torch would only take a core)."""
+        if workers > 1:
+            prestart()
+
+    def launch(self, job: Job) -> Outcome:
+        return launch(job)
+
+
 def prestart() -> None:
     """Start the forkserver (it imports PRELOAD and the caller's script) so that it is ready by
-    the time the workers are needed; fit() calls this first thing. Does nothing when workers
-    could not be started from this program anyway (see _check_importable)."""
+    the time the workers are needed. Does nothing when workers could not be started from this
+    program anyway (see _check_importable)."""
     if _uses_forkserver():
         _context()
         from multiprocessing import forkserver
@@ -88,22 +105,20 @@ def _main_is_importable() -> bool:
 BLAME_GRACE_S = 2.0  # with only symptoms reported, how long to wait for the cause
 
 
-def launch(job: Job, world_size: int) -> Outcome:
-    if world_size == 1:  # one worker needs no process of its own, nor its start-up time
-        if job.config.replicas_per_worker > 1:
-            return stacked_backend.launch(job, job.config.replicas_per_worker)
-        return threads_backend.launch(job, 1)
+def launch(job: Job) -> Outcome:
+    if job.workers == 1:  # one worker needs no process of its own, nor its start-up time
+        return in_this_process(job)
     _check_importable(job)
     job.data.share_memory_()
-    if job.config.strategy.shares_model:  # hogwild: every worker maps these same tensors
+    if job.strategy.shares_model:  # hogwild: every worker maps these same tensors
         job.model.share_memory()
-    store = torch_dist.host_store(world_size, job.config.timeout)
+    store = torch_dist.host_store(job.workers, job.timeout, HOST)
     context = _context()
     pipes, workers = [], []
     try:
-        for rank in range(world_size):
+        for rank in range(job.workers):
             receiver, sender = context.Pipe(duplex=False)
-            worker = context.Process(target=_work, args=(rank, world_size, store.port, job, sender),
+            worker = context.Process(target=_work, args=(rank, store.port, job, sender),
                                      name=f"unison-worker-{rank}", daemon=True)
             try:
                 worker.start()
@@ -128,8 +143,8 @@ def _check_importable(job: Job) -> None:
     if main_file:  # "<stdin>": spawn would try to re-run a file that does not exist
         raise ConfigError(f"worker processes cannot be started from a program read from {main_file}; "
                           "save it to a file and run that, or use backend='threads'")
-    suspects = [type(m) for m in job.model.modules()] + [job.loss, job.optimizer,
-                                                          type(job.config.strategy), type(job.config.partition)]
+    suspects = [type(m) for m in job.model.modules()] + [job.loss_fn, job.optimizer.factory,
+                                                          type(job.strategy), type(job.partition)]
     for obj in suspects:
         if obj is not None and getattr(obj, "__module__", None) == "__main__":
             raise ConfigError(f"{getattr(obj, '__qualname__', obj)!s} is defined interactively (in __main__), "
@@ -141,7 +156,7 @@ def _supervise(workers, pipes) -> Outcome:
     """Wait for rank 0's outcome and every worker's goodbye; fail fast on the first failure."""
     outcome: dict | None = None
     running, closed, finished = set(range(len(workers))), set(), set()
-    failures = []  # (rank, cause, exception, a mere symptom of another's failure, a signal)
+    failures: list[Failure] = []
     symptoms_since = None
     while running:
         patience = None if symptoms_since is None else max(0.0, symptoms_since + BLAME_GRACE_S - time.monotonic())
@@ -161,57 +176,34 @@ def _supervise(workers, pipes) -> Outcome:
                 elif kind == "bye":
                     finished.add(rank)
                 else:
-                    failures.append((rank, body[0], body[1], body[2], False))
+                    failures.append(Failure(rank, body[0], body[1], symptom=body[2]))
                 if not exited:
                     break
             if exited:
                 workers[rank].join()
                 code = workers[rank].exitcode
                 # A worker that said goodbye has finished its work; how its exit went no longer matters.
-                if code != 0 and rank not in finished and not any(f[0] == rank for f in failures):
-                    failures.append((rank, _describe_exit(code), None, False, code < 0))
+                if code != 0 and rank not in finished and not any(f.rank == rank for f in failures):
+                    failures.append(Failure(rank, _describe_exit(code), signalled=code < 0))
                 running.discard(rank)
         if failures:
             symptoms_since = symptoms_since or time.monotonic()
-            _blame(workers, failures, running, waited_enough=time.monotonic() - symptoms_since >= BLAME_GRACE_S)
+            _raise_blame(workers, failures, running,
+                         waited_enough=time.monotonic() - symptoms_since >= BLAME_GRACE_S)
     if failures:
-        _blame(workers, failures, running, waited_enough=True)
+        _raise_blame(workers, failures, running, waited_enough=True)
     if outcome is None:
         raise WorkerError("worker 0 exited without sending the trained model", rank=0)
     return Outcome(state=load_tensors(outcome["state"]), history=outcome["history"],
                    startup_s=outcome["startup_s"])
 
 
-def _blame(workers, failures, running, waited_enough: bool) -> None:
-    """Raise for the worker that caused the failure, if known (or waited for long enough).
-
-    Peers of a failed worker fail too ("connection closed", a timeout): those are symptoms.
-    A cause wins; then a timeout report naming the ranks that did not arrive; after
-    BLAME_GRACE_S with symptoms only, a worker still running that reported nothing.
-    """
-    causes = sorted((f for f in failures if not f[3]), key=lambda f: not f[4])
-    if causes:
-        rank, cause, exception, _, _ = causes[0]
-        _fail(workers, rank, cause, exception)
-    named = [f for f in failures if getattr(f[2], "missing", ())]
-    if named:
-        exception = named[0][2]
-        _fail(workers, exception.missing[0], named[0][1], None, summary=str(exception))
-    if waited_enough:
-        silent = sorted(running - {f[0] for f in failures})
-        if silent:
-            symptom = failures[0][2] or failures[0][1].strip().splitlines()[-1]
-            _fail(workers, silent[0], failures[0][1], None,
-                  summary=f"it reported nothing while its peers' collectives failed ({symptom})")
-        rank, cause, exception, _, _ = failures[0]
-        _fail(workers, rank, cause, exception)
-
-
-def _fail(workers, rank: int, cause: str, exception: BaseException | None, summary: str | None = None):
-    _stop(workers)
-    if isinstance(exception, UnisonError) and not isinstance(exception, PeerFailed):
-        raise exception
-    raise WorkerError(f"worker {rank} failed: {summary or cause.strip().splitlines()[-1]}", rank=rank, cause=cause)
+def _raise_blame(workers, failures: list[Failure], running: set[int], waited_enough: bool) -> None:
+    """Once the cause is known (unison.launch.worker.blame), end every worker and raise it."""
+    error = blame(failures, sorted(running - {f.rank for f in failures}), waited_enough)
+    if error is not None:
+        _stop(workers)
+        raise error
 
 
 def _describe_exit(code: int) -> str:
@@ -235,7 +227,7 @@ def _stop(workers) -> None:
             worker.join()
 
 
-def _work(rank: int, world_size: int, port: int, job: Job, pipe) -> None:
+def _work(rank: int, port: int, job: Job, pipe) -> None:
     """A worker process: join the group, train, send rank 0's outcome, say goodbye, leave."""
     code = 0
     try:
@@ -244,11 +236,8 @@ def _work(rank: int, world_size: int, port: int, job: Job, pipe) -> None:
             # os._exit, which would leak it. A worker draws one bar: a thread lock is enough.
             from tqdm import tqdm
             tqdm.set_lock(threading.RLock())
-        torch.set_num_threads(threads_per_worker(world_size))
-        torch.manual_seed(job.config.seed + rank)
-        comm = torch_dist.join(rank, world_size, port, job.config.timeout)
-        replicas = job.config.replicas_per_worker
-        outcome = run(job, comm) if replicas == 1 else stacked_backend.run_stacked(job, comm, replicas)
+        comm = torch_dist.join(rank, job.workers, HOST, port, job.timeout)
+        outcome = own_process(job, comm, local_workers=job.workers)
         if rank == 0:
             # Sent as bytes: tensors sent through a pipe would live in this process's shared
             # memory, which ends with it.
@@ -280,3 +269,6 @@ def _round_trips(exc: BaseException) -> bool:
         return True
     except Exception:  # noqa: BLE001
         return False
+
+
+BACKEND = Processes()

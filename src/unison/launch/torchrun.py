@@ -12,9 +12,11 @@ import os
 import torch
 
 from ..comm import torch_dist
-from ..replica import Job, Outcome, run
-from . import stacked as stacked_backend
-from . import threads_per_worker
+from ..engine.job import Job, Outcome
+from ..errors import ConfigError, expected
+from ..strategies.base import SHARED_MEMORY
+from .base import Backend
+from .worker import own_process
 
 
 def world_size() -> int | None:
@@ -23,28 +25,43 @@ def world_size() -> int | None:
     return int(env["WORLD_SIZE"]) if env else None
 
 
-def is_rank0() -> bool:
-    """False only in a torchrun-started process whose RANK is not 0: the one that writes files."""
-    env = torch_dist.torchrun_environment()
-    return env is None or env["RANK"] == "0"
+class Torchrun(Backend):
+    name = "torchrun"
+    lacks = {SHARED_MEMORY: "it needs one model held in one machine's shared memory, and torchrun's "
+                            "workers may run on different machines"}
+    stacks_per_worker = True
+    in_process = False
+
+    def workers(self, requested: int | None) -> int:
+        size = world_size()
+        if size is None:
+            raise ConfigError("backend='torchrun' needs torchrun's environment (RANK, WORLD_SIZE, "
+                              "MASTER_ADDR, MASTER_PORT); start with `torchrun --nproc-per-node N ...` "
+                              "or use backend='processes' or 'threads'")
+        if requested not in (None, size):
+            raise ConfigError(expected("workers", requested, f"{size} (torchrun's WORLD_SIZE) or None"))
+        return size
+
+    def is_writer(self) -> bool:
+        """False only in a torchrun-started process whose RANK is not 0."""
+        env = torch_dist.torchrun_environment()
+        return env is None or env["RANK"] == "0"
+
+    def restarted(self) -> bool:
+        """Whether torchrun's elastic agent has restarted this group (not the first attempt)."""
+        if torch_dist.torchrun_environment() is None:
+            return False
+        return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+
+    def launch(self, job: Job) -> Outcome:
+        comm, device, owned = torch_dist.join_from_environment(job.timeout)
+        local_workers = int(os.environ.get("LOCAL_WORLD_SIZE", job.workers))
+        with torch.random.fork_rng(devices=[]):
+            outcome = own_process(job, comm, local_workers, device)
+        shared = comm.broadcast_object({"history": outcome.history, "startup_s": outcome.startup_s}, src=0)
+        if owned:
+            torch_dist.leave()
+        return Outcome(state=outcome.state, history=shared["history"], startup_s=shared["startup_s"])
 
 
-def launch(job: Job, world_size: int) -> Outcome:
-    local_workers = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-    torch.set_num_threads(threads_per_worker(local_workers))
-    comm, device, owned = torch_dist.join_from_environment(job.config.timeout)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(job.config.seed + comm.rank)
-        replicas = job.config.replicas_per_worker
-        outcome = run(job, comm, device) if replicas == 1 else stacked_backend.run_stacked(job, comm, replicas, device)
-    shared = comm.broadcast_object({"history": outcome.history, "startup_s": outcome.startup_s}, src=0)
-    if owned:
-        torch_dist.leave()
-    return Outcome(state=outcome.state, history=shared["history"], startup_s=shared["startup_s"])
-
-
-def restart_count() -> int:
-    """How often torchrun's elastic agent has restarted this group (0 on the first attempt)."""
-    if torch_dist.torchrun_environment() is None:
-        return 0
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+BACKEND = Torchrun()

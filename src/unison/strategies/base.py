@@ -16,21 +16,25 @@ import torch
 from .. import merges, specs
 from ..errors import ConfigError, expected
 
-if TYPE_CHECKING:  # typing only: strategies never import the loop, a launcher or a model
+if TYPE_CHECKING:  # strategies see a replica only through its protocol, never the loop
     from ..comm.base import Communicator
-    from ..replica import Replica
+    from ..engine.view import ReplicaView
 
 OPTIMIZER_STATES = ("keep", "reset", "average")
+# The capability of one model held in this machine's shared memory, that every worker updates.
+SHARED_MEMORY = "shared_memory"
 
 
-class Strategy(ABC):
+class Strategy(specs.Spec, ABC):
     """Base class; subclasses are frozen dataclasses whose fields are the options."""
 
-    name: ClassVar[str] = ""
-    # Capabilities a backend must offer (e.g. "shared_memory"); fit() checks them up front.
+    # Capabilities a backend must offer (e.g. SHARED_MEMORY); the plan checks them up front.
     needs: ClassVar[frozenset[str]] = frozenset()
-    # True: every replica trains the one model itself (its storage shared), not a copy of it.
-    shares_model: ClassVar[bool] = False
+
+    @property
+    def shares_model(self) -> bool:
+        """Whether every replica trains the one model itself (its storage shared), not a copy."""
+        return SHARED_MEMORY in self.needs
 
     def world_size(self, workers: int) -> int:
         """How many replicas to run when the user asked for ``workers``."""
@@ -46,10 +50,10 @@ class Strategy(ABC):
                 raise ConfigError(f"{self.name}(merge={rule}) scores candidate models on validation "
                                   "data, and this run has none; pass val= (data or a fraction to hold out)")
 
-    def begin(self, replica: "Replica", comm: "Communicator") -> None:
+    def begin(self, replica: "ReplicaView", comm: "Communicator") -> None:
         """Called once on every replica after the common start is in place, before step 1."""
 
-    def on_gradients(self, replica: "Replica", comm: "Communicator", step: int, weight: int) -> bool:
+    def on_gradients(self, replica: "ReplicaView", comm: "Communicator", step: int, weight: int) -> bool:
         """Called after every backward pass (``step`` counts from 1, ``weight`` is this replica's
         batch size, 0 if its share is used up). Return True if all replicas take this step
         together (then a replica without a batch still steps with the shared gradient)."""
@@ -60,16 +64,9 @@ class Strategy(ABC):
         """Whether a round ends after global step ``step``; asked once after each step with
         ``epoch_end=False`` and once more at each epoch end with ``epoch_end=True``."""
 
-    def merge_replicas(self, replica: "Replica", comm: "Communicator") -> torch.Tensor:
+    def merge_replicas(self, replica: "ReplicaView", comm: "Communicator") -> torch.Tensor:
         """Merge the replicas at a round end; return this replica's distance to the merge."""
         return merge_states(replica, comm, getattr(self, "merge", merges.Mean()))
-
-    def spec(self) -> str:
-        """The string parse() turns back into this strategy, e.g. ``periodic(every=16)``."""
-        return specs.to_spec(self)
-
-    def __str__(self) -> str:
-        return self.spec()
 
 
 def parse_merge(strategy: Strategy) -> None:
@@ -82,12 +79,20 @@ def check_every(name: str, every: Any) -> None:
         raise ConfigError(expected(f"{name}.every", every, "an integer >= 1 or 'epoch'"))
 
 
+def ends_every(every: int | str, step: int, epoch_end: bool) -> bool:
+    """Whether a round of ``every`` steps (or ``"epoch"``) ends after ``step``: asked once after
+    each step (``epoch_end=False``) and once more at each epoch end (``epoch_end=True``)."""
+    if every == "epoch":
+        return epoch_end
+    return not epoch_end and step % every == 0
+
+
 def merge_weight(samples: int | torch.Tensor) -> float | torch.Tensor:
     """A replica's weight in a merge: its samples as a float, or (stacked replicas) one per row."""
     return samples if isinstance(samples, torch.Tensor) else float(samples)
 
 
-def combined(replica: "Replica", comm: "Communicator", rule: merges.Merge, vector: torch.Tensor,
+def combined(replica: "ReplicaView", comm: "Communicator", rule: merges.Merge, vector: torch.Tensor,
              weight: float | torch.Tensor) -> torch.Tensor:
     """Every replica's ``vector`` combined by ``rule``; the same result on every rank.
 
@@ -111,7 +116,7 @@ def combined(replica: "Replica", comm: "Communicator", rule: merges.Merge, vecto
     return comm.broadcast(merged, src=0)
 
 
-def merge_states(replica: "Replica", comm: "Communicator", rule: merges.Merge = merges.Mean(), *,
+def merge_states(replica: "ReplicaView", comm: "Communicator", rule: merges.Merge = merges.Mean(), *,
                  parameters: bool = True, optimizer_state: str = "keep") -> torch.Tensor:
     """Set every replica to the merge of parameters and floating buffers.
 
@@ -139,7 +144,7 @@ def merge_states(replica: "Replica", comm: "Communicator", rule: merges.Merge = 
     return distance
 
 
-def combine_gradients(replica: "Replica", comm: "Communicator", weight: int,
+def combine_gradients(replica: "ReplicaView", comm: "Communicator", weight: int,
                       rule: merges.Merge = merges.Mean()) -> None:
     """Replace every gradient by the combination over replicas. With ``mean`` (weighted by
     batch size) it is the update of one large batch, θ ← θ − α·(1/b)·Σ∇J(θ; xᵢ, yᵢ), as in

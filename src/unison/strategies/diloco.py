@@ -9,7 +9,7 @@ import torch
 
 from .. import merges
 from ..errors import ConfigError, expected
-from .base import Strategy, check_every, combined, merge_weight, parse_merge
+from .base import Strategy, check_every, combined, ends_every, merge_weight, parse_merge
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,9 @@ class DiLoCo(Strategy):
     Nesterov momentum steps on the pseudo-gradient Δ = θ − merged:
 
         θ ← OuterSGD(θ, Δ; lr=outer_lr, momentum=outer_momentum, nesterov)
+
+    The outer step is torch.optim.SGD itself, stepping θ with Δ as its gradient (as torchft's
+    DiLoCo does).
 
     With outer_lr=1 and outer_momentum=0 the outer step lands on the merge itself, so it
     equals ``periodic`` with the same ``every``. Floating buffers (BatchNorm statistics) take
@@ -52,18 +55,17 @@ class DiLoCo(Strategy):
         theta = replica.state_vector()[..., :replica.num_parameters].clone()
         replica.strategy_state.update({"diloco.theta": theta, "diloco.momentum": torch.zeros_like(theta)})
 
-    def _outer_step(self, theta: torch.Tensor, momentum: torch.Tensor, pseudo_gradient: torch.Tensor) -> None:
-        """torch.optim.SGD's update with dampening 0 (its buffer starts at the first gradient,
-        which m·0 + g is): b ← m·b + g; d = g + m·b with Nesterov, else b; θ ← θ − lr·d."""
-        m = self.outer_momentum
-        momentum.mul_(m).add_(pseudo_gradient)
-        direction = pseudo_gradient.add(momentum, alpha=m) if self.nesterov and m > 0 else momentum
-        theta.sub_(direction, alpha=self.outer_lr)
+    def outer_optimizer(self, theta: torch.Tensor, momentum: torch.Tensor) -> torch.optim.Optimizer:
+        """torch's SGD over θ. Its momentum buffer is strategy_state's tensor, which it updates
+        in place; starting at zero, the first step makes it Δ, as torch's own first step does."""
+        outer = torch.optim.SGD([theta], lr=self.outer_lr, momentum=self.outer_momentum,
+                                nesterov=self.nesterov and self.outer_momentum > 0)
+        if self.outer_momentum > 0:
+            outer.state[theta]["momentum_buffer"] = momentum
+        return outer
 
     def round_ends(self, step, epoch_end):
-        if self.every == "epoch":
-            return epoch_end
-        return not epoch_end and step % self.every == 0
+        return ends_every(self.every, step, epoch_end)
 
     def merge_replicas(self, replica, comm):
         theta, momentum = replica.strategy_state["diloco.theta"], replica.strategy_state["diloco.momentum"]
@@ -71,7 +73,9 @@ class DiLoCo(Strategy):
         state = replica.state_vector()
         merged = combined(replica, comm, self.merge, state, merge_weight(replica.samples_since_merge))
         distance = torch.linalg.vector_norm(state[..., :n] - merged[..., :n], dim=-1)
-        self._outer_step(theta, momentum, theta - merged[..., :n])  # on the pseudo-gradient θ − merge
+        theta.grad = theta - merged[..., :n]  # the pseudo-gradient θ − merge
+        self.outer_optimizer(theta, momentum).step()
+        theta.grad = None
         merged[..., :n] = theta
         replica.load_state_vector(merged)
         replica.project()  # projected outer SGD: θ itself stays inside the constraint set

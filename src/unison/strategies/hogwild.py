@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Strategy, check_every
+from .base import SHARED_MEMORY, Strategy, check_every, ends_every
 
 
 @dataclass(frozen=True)
@@ -23,17 +23,14 @@ class Hogwild(Strategy):
     """
 
     name = "hogwild"
-    needs = frozenset({"shared_memory"})
-    shares_model = True
+    needs = frozenset({SHARED_MEMORY})
     every: int | str = "epoch"
 
     def __post_init__(self) -> None:
         check_every(self.name, self.every)
 
     def round_ends(self, step, epoch_end):
-        if self.every == "epoch":
-            return epoch_end
-        return not epoch_end and step % self.every == 0
+        return ends_every(self.every, step, epoch_end)
 
     def merge_replicas(self, replica, comm):
         comm.barrier()  # everyone has stopped writing: the model can be evaluated as it is

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from .. import merges
 from ..errors import ConfigError, expected
-from .base import OPTIMIZER_STATES, Strategy, check_every, combine_gradients, merge_states, parse_merge
+from .base import OPTIMIZER_STATES, Strategy, check_every, combine_gradients, ends_every, merge_states, parse_merge
 
 
 @dataclass(frozen=True)
@@ -46,9 +46,9 @@ class Periodic(Strategy):
         return False
 
     def round_ends(self, step, epoch_end):
-        if self.in_warmup(step) or self.every == "epoch":
+        if self.in_warmup(step):
             return epoch_end
-        return not epoch_end and (step - self.warmup) % self.every == 0
+        return ends_every(self.every, step - self.warmup, epoch_end)
 
     def merge_replicas(self, replica, comm):
         if self.in_warmup(replica.step):  # still synchronous: parameters are already equal

@@ -7,10 +7,11 @@ own batch, and one backward pass gives every replica its own gradient, since no 
 shared between rows. This is PyTorch's "model ensembling" recipe (torch.func documentation),
 with training added.
 
-To the loop (``replica.run``) and the strategies a StackedReplica looks like a ``Replica``
-whose per-replica quantities carry a leading replica dimension: the flat views are [R, P], the
-loss, the sample count and the distance to a merge are [R]. Its communicator
-(``comm/stacked.py``) reduces over that dimension, so every strategy runs unchanged.
+To the loop (``engine.loop``) and the strategies a StackedReplica is a replica (it declares
+the protocol of ``engine.view``) whose per-replica quantities carry a leading replica
+dimension: the flat views are [R, P], the loss, the sample count and the distance to a merge
+are [R]. Its communicator (``comm/stacked.py``) reduces over that dimension, so every strategy
+runs unchanged.
 
 - Optimizer: one torch optimizer with one parameter group per replica, whose parameters are
   views of that replica's row of the stacked tensors. Elementwise optimizers (SGD with
@@ -29,27 +30,38 @@ loss, the sample count and the distance to a merge are [R]. Its communicator
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from .config import TrainConfig
-from .replica import Job, Replica, _flatten, _unflatten_into, build_optimizer
+from ..penalties import Constraint, Penalty
+from ..schedules import Schedule
+from ..errors import ConfigError
+from .job import OptimizerSettings
+
+if TYPE_CHECKING:
+    from .job import Job
+from .replica import Replica, flatten, unflatten_into
+from .view import ReplicaView
 
 
-class StackedReplica:
+class StackedReplica(ReplicaView):
     """``replicas`` replicas of ``model`` (ranks ``rank`` .. ``rank + replicas - 1``), stacked."""
 
     score = Replica.score  # scores a flat state on a plain copy of the model, as a Replica does
     flat_grad = grad_carrier = None  # gradients stay per stacked tensor (see Replica.flat_grad)
+    # the last batch is not recorded per replica: a failed step is explained without shapes
+    last_input = last_output = last_target = None
+    in_forward = False
 
     def __init__(self, model: nn.Module, replicas: int, loss_fn: Callable, device: torch.device,
-                 config: TrainConfig, custom_optimizer: Callable | None = None, *, rank: int = 0,
+                 optimizer: OptimizerSettings, *, penalty: Penalty | None = None,
+                 constraint: Constraint | None = None, schedule: Schedule | None = None, rank: int = 0,
                  validation: tuple[torch.Tensor, torch.Tensor, str] | None = None):
         self.loss_fn, self.device, self.validation = loss_fn, device, validation
-        self.penalty, self.constraint, self.schedule = config.penalty, config.constraint, config.schedule
+        self.penalty, self.constraint, self.schedule = penalty, constraint, schedule
         self.replicas = replicas
         self.local_shape = (replicas,)
         self.ranks = tuple(range(rank, rank + replicas))
@@ -63,7 +75,7 @@ class StackedReplica:
         self.num_parameters = sum(p[0].numel() for p in self.trainable)  # per replica
         # Replica r's trainable parameters as views of row r: what its optimizer group steps.
         self.rows = [[nn.Parameter(p.detach()[r]) for p in self.trainable] for r in range(replicas)]
-        self.optimizer = build_optimizer([{"params": rows} for rows in self.rows], config, custom_optimizer)
+        self.optimizer = optimizer.build([{"params": rows} for rows in self.rows])
         self.initial_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.step = 0
         self.samples_since_merge = 0
@@ -71,18 +83,6 @@ class StackedReplica:
         self._sizes = [0] * replicas  # this step's batch size per replica
         self._scratch: nn.Module | None = None
         self._losses = vmap(self._loss, randomness="different")
-
-    @classmethod
-    def build(cls, job: Job, comm, device: torch.device, loss_fn: Callable,
-              validation: tuple[torch.Tensor, torch.Tensor, str] | None) -> "StackedReplica":
-        """The replicas of this worker: ``comm.replicas`` of them (``comm`` is a StackedComm),
-        made identical to rank 0's on every process, as ``replica.build_replica`` does."""
-        replica = cls(job.model, comm.replicas, loss_fn, device, job.config, job.optimizer, rank=comm.rank,
-                      validation=validation)
-        with torch.no_grad():
-            for tensor in list(replica.params.values()) + list(replica.buffers.values()):
-                comm.broadcast(tensor, src=0)
-        return replica
 
     @property
     def samples_since_merge(self) -> torch.Tensor:
@@ -215,8 +215,44 @@ class StackedReplica:
                 if isinstance(value, torch.Tensor) and value.is_floating_point() and value.shape == p.shape]
 
     def optimizer_vector(self) -> torch.Tensor:
-        return torch.stack([_flatten(self._moments(r), self.device) for r in range(self.replicas)])
+        return torch.stack([flatten(self._moments(r), self.device) for r in range(self.replicas)])
 
     def load_optimizer_vector(self, flat: torch.Tensor) -> None:
         for r in range(self.replicas):
-            _unflatten_into(flat[r], self._moments(r))
+            unflatten_into(flat[r], self._moments(r))
+
+
+def check_vmappable(job: "Job") -> None:
+    """Refuse, before anything starts, a model (or loss) that cannot run vmapped: two stacked
+    replicas take one training step on two samples each."""
+    probe = StackedReplica(job.model, 2, job.loss_fn, torch.device("cpu"), job.optimizer,
+                           penalty=job.penalty, constraint=job.constraint, schedule=job.schedule)
+    where = _track_modules(probe._module)
+    samples = torch.arange(min(2, len(job.data.x)))
+    try:
+        probe.gradients(job.data.x, job.data.y, [samples, samples])
+        where.clear()  # a failure from here on is not in a module's forward
+        probe.step = 1  # the first step, as the loop counts it (schedules read step - 1)
+        probe.optimizer_step(1, 1, shared=True)
+    except Exception as exc:  # noqa: BLE001 - any failure here means the model cannot be stacked
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        place = f" in module {where[-1][0]!r} ({where[-1][1]})" if where else ""
+        raise ConfigError(f"backend='stacked' cannot train this model as one vmapped computation{place}: "
+                          f"{type(exc).__name__}: {first_line[:300]}; use backend='threads' or 'processes'"
+                          ) from None
+
+
+def _track_modules(module: torch.nn.Module) -> list[tuple[str, str]]:
+    """A list that holds, while ``module`` runs, the (name, class) of the submodules entered
+    and not yet left: after a failure its last entry is where the failure happened."""
+    stack: list[tuple[str, str]] = []
+
+    def leave(*_) -> None:  # a forward hook's return value would replace the output
+        stack.pop()
+
+    for name, sub in module.named_modules():
+        entry = (name or "<model>", type(sub).__name__)
+        sub.register_forward_pre_hook(lambda *_, entry=entry: stack.append(entry))
+        sub.register_forward_hook(leave)
+    return stack
+

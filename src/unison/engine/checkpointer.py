@@ -13,7 +13,6 @@ recomputes its indices from (seed, epoch, rank).
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import time
@@ -23,20 +22,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import save as save_tensors
 
-from . import checkpoint as files
-from .comm.base import uncounted
-from .config import TrainConfig, checkpoint_schedule
-from .errors import CheckpointError
+from .. import checkpoint as files
+from ..comm.base import uncounted
 
 if TYPE_CHECKING:
-    from .comm.base import Communicator
-    from .data import TrainData
-    from .nonfinite import NonFiniteGuard
-    from .replica import Job, Replica
+    from ..comm.base import Communicator
+    from ..data import TrainData
+    from .guard import NonFiniteGuard
+    from .job import Job
+    from .view import ReplicaView
 
-# Settings a resumed run may change; any other difference is refused (the result would not be
-# the run that was checkpointed).
-RESUMABLE_CHANGES = ("backend", "epochs", "timeout", "checkpoint_every", "checkpoint_dir", "keep_checkpoints", "nan")
 _OPTIMIZER, _BUFFER, _RNG, _STRATEGY = "optimizer/", "buffer/", "rng/", "strategy/"
 
 
@@ -51,13 +46,6 @@ class Resumed:
     wall_s: float
 
 
-def config_record(config: TrainConfig) -> dict[str, Any]:
-    """The resolved settings as plain values (strategy and partition by their spec)."""
-    def plain(value):
-        return value.spec() if hasattr(value, "spec") else list(value) if isinstance(value, tuple) else value
-    return {f.name: plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
-
-
 def data_fingerprint(data: "TrainData") -> str:
     """SHA-256 of the training tensors: a resumed run must see the same samples."""
     digest = hashlib.sha256()
@@ -67,38 +55,14 @@ def data_fingerprint(data: "TrainData") -> str:
     return digest.hexdigest()
 
 
-def check_resumable(checkpoint: files.Checkpoint, config: TrainConfig, data: "TrainData",
-                    model: torch.nn.Module, world_size: int) -> None:
-    """Refuse, before any worker starts, a checkpoint written by a different run."""
-    where = f"checkpoint {str(checkpoint.path)!r}"
-    state = checkpoint.state
-    if state.get("world_size") != world_size:
-        raise CheckpointError(f"{where} has {state.get('world_size')} replicas; this run has {world_size}")
-    saved, now = state.get("config", {}), config_record(config)
-    changed = [k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
-    if changed:
-        raise CheckpointError(f"{where} was written with other settings: "
-                              + ", ".join(f"{k}={saved.get(k)!r} there, {now[k]!r} now" for k in changed)
-                              + f"; only {', '.join(RESUMABLE_CHANGES)} may change on resume")
-    if state.get("data") != data_fingerprint(data):
-        raise CheckpointError(f"{where} was written for other training data (SHA-256 differs)")
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in checkpoint.model.items()}
-    if expected != found:
-        diff = sorted(set(expected.items()) ^ set(found.items()))[:3]
-        raise CheckpointError(f"{where} holds a different model (first differences: {diff})")
-    if state.get("step", 0) > config.epochs * state.get("steps_per_epoch", 0):
-        raise CheckpointError(f"{where} is at step {state['step']}, beyond epochs={config.epochs}")
-
-
 class Checkpointer:
     """Every rank holds one; rank 0 writes. ``round_ended`` is called after each merge."""
 
-    def __init__(self, job: "Job", comm: "Communicator", replica: "Replica", steps_per_epoch: int):
-        config = job.config
+    def __init__(self, job: "Job", comm: "Communicator", replica: "ReplicaView", steps_per_epoch: int):
         self.job, self.comm, self.replica, self.steps_per_epoch = job, comm, replica, steps_per_epoch
-        self.directory = config.checkpoint_dir
-        self.kind, self.every = checkpoint_schedule(config.checkpoint_every) if self.directory else ("", 0.0)
+        settings = job.checkpoint
+        self.directory = settings.directory if settings else None
+        self.kind, self.every = (settings.kind, settings.every) if settings else ("", 0.0)
         self.rounds = 0
         self.saved_step = -1
         self._latest: dict[str, Any] = {}
@@ -174,10 +138,10 @@ class Checkpointer:
             self._fingerprint = data_fingerprint(self.job.data)
         state = {"world_size": comm.world_size, "steps_per_epoch": self.steps_per_epoch,
                  "epoch_end": epoch_end, "samples_seen": samples_seen, "rounds": self.rounds,
-                 "history": history, "config": config_record(self.job.config),
+                 "history": history, "config": self.job.checkpoint.record,
                  "data": self._fingerprint}
         files.save(self.directory, replica.step, state, replica.model.state_dict(), blobs,
-                   keep=self.job.config.keep_checkpoints)
+                   keep=self.job.checkpoint.keep)
 
     def _replica_bytes(self, guard: "NonFiniteGuard") -> bytes:
         """This replica's own state as safetensors bytes; JSON parts in its metadata."""

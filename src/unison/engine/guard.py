@@ -33,12 +33,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .comm.base import PeerFailed, uncounted
-from .errors import NonFiniteError
+from ..comm.base import PeerFailed, uncounted
+from ..errors import NonFiniteError
 
 if TYPE_CHECKING:
-    from .comm.base import Communicator
-    from .replica import Replica
+    from ..comm.base import Communicator
+    from .view import ReplicaView
 
 MAX_ROLLBACKS = 3
 GOOD, SKIPPED, ROLLED_BACK = "good", "skipped", "rolled back"
@@ -59,7 +59,7 @@ def _sum(gradient: torch.Tensor) -> torch.Tensor:
 class NonFiniteGuard:
     """One replica's side of the per-step check; every rank of a run makes the same calls."""
 
-    def __init__(self, policy: str, replica: "Replica", comm: "Communicator"):
+    def __init__(self, policy: str, replica: "ReplicaView", comm: "Communicator"):
         self.policy, self.replica, self.comm = policy, replica, comm
         self.rollbacks = 0     # how often the replicas went back to the last merged state
         self.discarded = 0     # this replica's steps skipped or rolled back
@@ -139,7 +139,7 @@ class NonFiniteGuard:
         loss_bad = self._loss is not None and not bool(torch.isfinite(self._loss))
         if not (loss_bad or local_gradient):
             return 0
-        features, output = getattr(self.replica, "last_input", None), getattr(self.replica, "last_output", None)
+        features, output = self.replica.last_input, self.replica.last_output
         if isinstance(features, torch.Tensor) and features.is_floating_point() and not bool(torch.isfinite(features).all()):
             return 1
         if isinstance(output, torch.Tensor) and output.is_floating_point() and not bool(torch.isfinite(output).all()):
@@ -173,7 +173,7 @@ class NonFiniteGuard:
         for group in replica.optimizer.param_groups:
             group["lr"] *= 0.5
         # a schedule sets every step's lr from the initial ones: halve those too
-        replica.initial_lrs = [lr * 0.5 for lr in getattr(replica, "initial_lrs", [])]
+        replica.initial_lrs = [lr * 0.5 for lr in replica.initial_lrs]
         replica.samples_since_merge = 0
         self.rollbacks += 1
 

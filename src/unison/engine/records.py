@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from .comm.base import Communicator, uncounted
-from .data import CLASSIFICATION
-from .history import History
+from ..comm.base import Communicator, uncounted
+from ..data import CLASSIFICATION
+from ..history import History
 
 if TYPE_CHECKING:
-    from .replica import Replica
+    from .view import ReplicaView
 
 # one row per round: what each replica adds, summed over replicas
 LOSS, SAMPLES, DISTANCE, DISCARDED, VAL_LOSS, VAL_CORRECT = range(6)
@@ -64,7 +64,7 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: 
 class RoundLog:
     """One replica's side of the round records; every rank makes the same calls."""
 
-    def __init__(self, replica: "Replica", comm: Communicator, history: History, *, loss_fn: Callable,
+    def __init__(self, replica: "ReplicaView", comm: Communicator, history: History, *, loss_fn: Callable,
                  validation: tuple[torch.Tensor, torch.Tensor, str] | None, steps_per_epoch: int,
                  started: float, wall_offset: float, samples_seen: int, every_round: bool,
                  progress: Any = None):

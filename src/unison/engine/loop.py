@@ -1,0 +1,215 @@
+"""run(): the one training loop, for every backend and 1..N workers, read top to bottom.
+
+Per step: this replica's next batch, forward, loss + penalty, backward; the strategy handles
+the gradients (sync averages them); the guard checks the step; the scheduled lr, the optimizer
+step and the projection. When the strategy says a round ends: merge, project, evaluate (each
+process its slice) and record; the records' sums over replicas are taken once an epoch
+(unison.engine.records), and the checkpointer writes at round ends.
+
+The loop never assumes one replica per call: with ``job.stacked`` the replica object holds R
+replicas (unison.engine.stacked) whose losses, sample counts and distances are [R] tensors,
+and the communicator reduces over them before it talks to the other workers.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import traceback
+
+import torch
+from torch import nn
+
+from ..comm.base import Communicator
+from ..comm.stacked import StackedComm
+from ..errors import UnisonError, WorkerError
+from ..history import History
+from .checkpointer import Checkpointer
+from .guard import GOOD, ROLLED_BACK, NonFiniteGuard
+from .job import Job, Outcome
+from .records import RoundLog
+from .replica import Replica
+from .stacked import StackedReplica
+
+Validation = tuple[torch.Tensor, torch.Tensor, str]
+
+
+def run(job: Job, comm: Communicator, device: torch.device | None = None) -> Outcome:
+    """Train this worker's replica(s) to the end; every worker of a run calls this with its
+    communicator. An exception from the model, the loss or the optimizer comes back as a
+    WorkerError naming this replica, the step and the shapes involved (its ``cause`` holds
+    the traceback)."""
+    device = device or torch.device("cpu")
+    if job.stacked:
+        comm = StackedComm(job.replicas_per_worker, comm)
+    replica = None
+    try:
+        validation = None
+        if job.data.x_val is not None:
+            validation = (job.data.x_val.to(device), job.data.y_val.to(device), job.data.task)
+        replica = build_replica(job, comm, device, validation)
+        return _Training(job, comm, replica, device, validation).run()
+    except UnisonError:
+        raise
+    except Exception as exc:
+        raise _step_failure(exc, comm.rank, replica) from exc
+
+
+def build_replica(job: Job, comm: Communicator, device: torch.device,
+                  validation: Validation | None) -> Replica | StackedReplica:
+    """This worker's replica(s): copies of the start model made identical on every rank by a
+    broadcast from rank 0, or, for a strategy that shares one model, the start model's storage."""
+    if job.stacked:
+        replica = StackedReplica(job.model, comm.replicas, job.loss_fn, device, job.optimizer,
+                                 penalty=job.penalty, constraint=job.constraint, schedule=job.schedule,
+                                 rank=comm.rank, validation=validation)
+        tensors = list(replica.params.values()) + list(replica.buffers.values())
+    else:
+        model = copy.deepcopy(job.model).to(device)  # threads share job.model: never train it in place
+        if job.strategy.shares_model:
+            _share_storage(model, job.model)
+        replica = Replica(model, job.optimizer.build(model.parameters()), job.loss_fn, device,
+                          penalty=job.penalty, constraint=job.constraint, schedule=job.schedule,
+                          validation=validation, rank=comm.rank)
+        tensors = [] if job.strategy.shares_model else list(model.parameters()) + list(model.buffers())
+    with torch.no_grad():  # identical starts by construction, whatever each rank built
+        for tensor in tensors:
+            comm.broadcast(tensor, src=0)
+    return replica
+
+
+class _Training:
+    """One worker's run, from its first step to its outcome."""
+
+    def __init__(self, job: Job, comm: Communicator, replica, device: torch.device,
+                 validation: Validation | None):
+        self.job, self.comm, self.replica, self.strategy = job, comm, replica, job.strategy
+        data, partition = job.data, job.partition
+        self.x, self.y = (data.x, data.y) if device.type == "cpu" else (data.x.to(device), data.y.to(device))
+        self.steps_per_epoch = max(math.ceil(size / job.batch_size)
+                                   for size in partition.sizes(len(self.x), comm.world_size))
+        self.total_steps = self.steps_per_epoch * job.epochs
+        self.history = History(job.history_path if comm.rank == 0 else None)
+        self.progress = _progress_bar(job, comm.rank)
+        self.strategy.begin(replica, comm)
+        self.loss_sum = torch.zeros(replica.local_shape, dtype=torch.float64, device=device)
+        self.last_round_step = 0
+        # Reliability: continue from a checkpoint, write them at round ends, and agree on every
+        # step whether it was finite (unison.engine.checkpointer, unison.engine.guard).
+        self.checkpointer = Checkpointer(job, comm, replica, self.steps_per_epoch)
+        self.guard = NonFiniteGuard(job.nan, replica, comm)
+        resumed = self.checkpointer.restore(self.guard)
+        self.start_epoch, self.start_index = 0, 0
+        samples_seen, wall_offset = 0, 0.0
+        if resumed is not None:
+            self.last_round_step, samples_seen, wall_offset = resumed.step, resumed.samples_seen, resumed.wall_s
+            self.history.records = list(resumed.history)
+            if resumed.epoch_end:
+                self.start_epoch = resumed.step // self.steps_per_epoch
+            else:
+                self.start_epoch, self.start_index = divmod(resumed.step - 1, self.steps_per_epoch)
+                self.start_index += 1
+        self.guard.remember_merged_state()
+        # Round records: summed over replicas in one collective per epoch (unison.engine.records).
+        self.rounds = RoundLog(replica, comm, self.history, loss_fn=job.loss_fn, validation=validation,
+                               steps_per_epoch=self.steps_per_epoch, started=job.started,
+                               wall_offset=wall_offset, samples_seen=samples_seen, progress=self.progress,
+                               every_round=job.checkpoint is not None or self.strategy.shares_model)
+
+    def run(self) -> Outcome:
+        job, replica, strategy = self.job, self.replica, self.strategy
+        n, batch_size = len(self.x), job.batch_size
+        startup_s = time.time() - job.started
+        if self.progress is not None and self.start_epoch:
+            self.progress.update(self.start_epoch)
+        for epoch in range(self.start_epoch, job.epochs):
+            orders = [job.partition.indices(n, self.comm.world_size, r, epoch, job.seed).to(replica.device)
+                      for r in replica.ranks]
+            for i in range(self.start_index if epoch == self.start_epoch else 0, self.steps_per_epoch):
+                self.train_step([order[i * batch_size:(i + 1) * batch_size] for order in orders])
+                if strategy.round_ends(replica.step, epoch_end=False):
+                    self.end_round(epoch_end=False)
+            last_epoch_unmerged = epoch == job.epochs - 1 and self.last_round_step != replica.step
+            if strategy.round_ends(replica.step, epoch_end=True) or last_epoch_unmerged:
+                self.end_round(epoch_end=True)
+            self.rounds.flush()  # the epoch's records, in one collective
+            if self.progress is not None:
+                self.progress.update(1)
+        if self.last_round_step != replica.step:  # resumed after the last epoch's steps, before its merge
+            self.end_round(epoch_end=True)
+            self.rounds.flush()
+        self.checkpointer.finish()
+        if self.progress is not None:
+            self.progress.close()
+        state = {k: v.detach().to("cpu", copy=True) for k, v in replica.model.state_dict().items()}
+        return Outcome(state=state, history=self.history.records, startup_s=startup_s)
+
+    def train_step(self, batches: list[torch.Tensor]) -> None:
+        replica = self.replica
+        loss, count = replica.gradients(self.x, self.y, batches)
+        replica.step += 1
+        # stacked replicas give one loss per replica: their sum is finite exactly when all are
+        self.guard.before_exchange(loss.sum() if loss.dim() else loss)
+        shared = self.strategy.on_gradients(replica, self.comm, replica.step, count)
+        verdict = self.guard.check(shared)  # a bad step is handled there (unison.engine.guard)
+        if verdict == GOOD:
+            replica.optimizer_step(self.steps_per_epoch, self.total_steps, shared=shared, samples=count)
+            self.loss_sum += loss * count
+            replica.samples_since_merge += count
+        elif verdict == ROLLED_BACK:
+            self.loss_sum.zero_()
+
+    def end_round(self, epoch_end: bool) -> None:
+        replica, guard = self.replica, self.guard
+        if guard.rolled_back_at_round_end():  # a local step was not finite: undo the round
+            self.loss_sum.zero_()
+            self.last_round_step = replica.step
+            return
+        # the merge's weight is the round's samples
+        round_samples = torch.as_tensor(replica.samples_since_merge, dtype=torch.float64, device=replica.device)
+        distance = self.strategy.merge_replicas(replica, self.comm)
+        replica.project()  # a robust merge need not stay inside the constraint set
+        self.rounds.add(loss_sum=self.loss_sum.clone(), samples=round_samples, distance=distance,
+                        discarded=guard.discarded, rollbacks=guard.rollbacks)
+        self.loss_sum.zero_()
+        replica.samples_since_merge = 0
+        self.last_round_step = replica.step
+        guard.remember_merged_state()
+        self.checkpointer.round_ended(epoch_end=epoch_end, samples_seen=self.rounds.samples_seen,
+                                      history=self.history.records, guard=guard)
+
+
+def _step_failure(exc: Exception, rank: int, replica) -> WorkerError:
+    if replica is None:
+        return WorkerError(f"worker {rank} failed before training: {type(exc).__name__}: {exc}",
+                           rank=rank, cause=traceback.format_exc())
+    shapes = ""
+    in_forward = replica.in_forward
+    if in_forward and isinstance(replica.last_output, torch.Tensor):  # the loss failed
+        shapes = (f" (model output of shape {tuple(replica.last_output.shape)}, "
+                  f"targets of shape {tuple(replica.last_target.shape)})")
+    return WorkerError(f"worker {rank} failed at step {replica.step + in_forward}{shapes}: "
+                       f"{type(exc).__name__}: {exc}", rank=rank, cause=traceback.format_exc())
+
+
+def _share_storage(model: nn.Module, shared: nn.Module) -> None:
+    """Point ``model``'s parameters and buffers at ``shared``'s storage: each replica keeps its
+    own Parameter objects (so its own gradients) while all of them update the same numbers."""
+    own, theirs = dict(model.named_modules()), dict(shared.named_modules())
+    for name, module in own.items():
+        for key, param in module._parameters.items():
+            if param is not None:
+                param.data = theirs[name]._parameters[key].data
+        for key, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[key] = theirs[name]._buffers[key]
+
+
+def _progress_bar(job: Job, rank: int):
+    if not job.progress or rank != 0:
+        return None
+    from tqdm.auto import tqdm
+
+    # disable=None: no bar when stderr is not a terminal (logs, CI, pipes).
+    return tqdm(total=job.epochs, unit="epoch", desc=job.strategy.spec(), leave=False, disable=None)

@@ -1,0 +1,317 @@
+"""resolve(): a run decided once, on the driver, into a Plan.
+
+Everything derived from the settings has its home here: the backend and its rules, the world
+size and the replicas, the checkpoint folder and schedule, the log folder, the resume point,
+whether to start the workers' interpreter early, and every cross-field rule and pre-flight probe
+(the model on two samples, BatchNorm's batches, the optimizer, vmap). Nothing downstream
+re-derives a fact the plan holds: the Job it builds carries each setting to where it is used.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from . import checkpoint as checkpoints
+from . import launch
+from .config import TrainConfig
+from .data import CLASSIFICATION, TrainData, prepare
+from .engine.checkpointer import data_fingerprint
+from .engine.job import CheckpointSettings, Job, OptimizerSettings, Outcome
+from .engine.replica import resolve_loss
+from .engine.stacked import check_vmappable
+from .errors import CheckpointError, ConfigError, DataError, WorkerError, expected
+from .history import with_throughput, write_jsonl
+from .launch.base import Backend
+from .result import Result
+
+HISTORY_FILE, MODEL_FILE = "history.jsonl", "model.safetensors"
+RESUME_HINT = "resume=True continues from it"
+# Settings a resumed run may change; any other difference is refused (the result would not be
+# the run that was checkpointed).
+RESUMABLE_CHANGES = ("backend", "epochs", "timeout", "checkpoint_every", "checkpoint_dir", "keep_checkpoints", "nan")
+
+
+@dataclass
+class Plan:
+    """A run, decided: launch it with ``launch()``, turn its outcome into a Result with ``finish``."""
+
+    config: TrainConfig
+    backend: Backend
+    world_size: int          # the workers, as the user counts them (single: 1; stacked: its replicas)
+    replicas: int            # replicas in all: what partitions and merges count
+    job: Job
+    log_dir: Path | None     # this process writes the run's log there (None: not the writer)
+
+    def launch(self) -> Outcome:
+        try:
+            return self.backend.launch(self.job)
+        except WorkerError as exc:
+            _name_checkpoint(exc, self.job.checkpoint.directory if self.job.checkpoint else None)
+            raise
+
+    def finish(self, outcome: Outcome) -> Result:
+        merged = copy.deepcopy(self.job.model)
+        merged.load_state_dict(outcome.state)
+        result = Result(model=merged, history=with_throughput(outcome.history, outcome.startup_s),
+                        config=self.config, workers=self.world_size, startup_s=outcome.startup_s,
+                        wall_s=time.time() - self.job.started, data_name=self.job.data.name)
+        if self.log_dir is not None:
+            write_jsonl(self.log_dir / HISTORY_FILE, result.history)
+            result.save_model(self.log_dir / MODEL_FILE)
+        return result
+
+
+def world_size(config: TrainConfig) -> int:
+    """How many workers a run has: its strategy decides, given the workers asked for."""
+    return config.strategy.world_size(config.workers)
+
+
+def start_early(config: TrainConfig) -> None:
+    """Start what this run's workers need (the processes backend's forkserver) in the background,
+    so that it overlaps the caller's data preparation."""
+    launch.get(config.backend).prestart(world_size(config))
+
+
+def resolve(config: TrainConfig, model: nn.Module | Callable[[], nn.Module], data: Any, val: Any = None, *,
+            optimizer: Callable | None = None, loss: Callable | None = None, log_dir: str | Path | None = None,
+            resume: bool = False, progress: bool = True, started: float | None = None) -> Plan:
+    """The Plan of one run; raises unison.errors exceptions for anything that cannot work,
+    before any worker starts. ``optimizer``/``loss``: the callables a config calls "custom"."""
+    started = time.time() if started is None else started
+    if not isinstance(resume, bool):
+        raise ConfigError(expected("resume", resume, "True or False"))
+    backend = launch.get(config.backend)
+    size = world_size(config)
+    _check_backend(config, backend, size)
+    stacked = backend.stacks_all or config.replicas_per_worker > 1
+    replicas_per_worker = size if backend.stacks_all else config.replicas_per_worker
+    replicas = size * config.replicas_per_worker
+    _check_stacking(config, stacked)
+    checkpoint_dir = config.checkpoint_dir
+    if checkpoint_dir is None and config.checkpoint_every is not None and log_dir is not None:
+        checkpoint_dir = str(Path(log_dir) / "checkpoints")
+    if config.checkpoint_every is not None and checkpoint_dir is None:
+        raise ConfigError(f"checkpoint_every={config.checkpoint_every!r} needs checkpoint_dir (or log_dir, "
+                          "whose checkpoints/ is then used)")
+    # A group that its launcher restarted continues from its checkpoint by itself.
+    resume = resume or (backend.restarted() and checkpoint_dir is not None)
+    backend.prestart(size)  # the workers' interpreter starts now, while the data is prepared
+
+    # Only one process writes the log; an earlier run's files there are never overwritten.
+    writer = backend.is_writer()
+    log_path = Path(log_dir) if log_dir is not None and writer else None
+    if log_path is not None and not resume and any((log_path / name).exists() for name in (HISTORY_FILE, MODEL_FILE)):
+        raise ConfigError(f"log_dir={str(log_path)!r} already holds a run ({HISTORY_FILE} or {MODEL_FILE}); "
+                          "choose another directory")
+    optimizer_settings = OptimizerSettings(config.optimizer, config.lr, config.momentum, config.nesterov,
+                                           config.weight_decay, optimizer)
+    if config.optimizer == "custom" and optimizer is None:
+        optimizer_settings.build([])  # raises: 'custom' names a callable that was not given
+    if config.loss == "custom" and loss is None:
+        resolve_loss("custom", CLASSIFICATION)  # raises likewise
+    train = prepare(data, val, seed=config.seed, loss=None if config.loss == "custom" else config.loss)
+    if replicas > len(train.x):
+        raise ConfigError(expected("workers", replicas, f"at most the {len(train.x)} training samples"))
+    # A label-aware partition (dirichlet) draws its shares from the training labels here, once.
+    partition = config.partition.bind(train.y, replicas, config.seed)
+    partition.check(len(train.x), replicas)
+    shares = partition.sizes(len(train.x), replicas)
+    config.strategy.check(replicas, has_validation=train.x_val is not None,
+                          steps=[math.ceil(share / config.batch_size) for share in shares])
+    start_model = _start_model(model, config.seed)
+    _check_model(start_model, train, loss)
+    _check_batchnorm(start_model, shares, config.batch_size)
+
+    settings = None
+    if checkpoint_dir is not None:
+        kind, every = config.checkpoint_schedule
+        settings = CheckpointSettings(directory=checkpoint_dir, kind=kind, every=every,
+                                      keep=config.keep_checkpoints, record=config.record())
+    job = Job(strategy=config.strategy, partition=partition, workers=1 if backend.stacks_all else size,
+              replicas_per_worker=replicas_per_worker, stacked=stacked, epochs=config.epochs,
+              batch_size=config.batch_size, seed=config.seed, timeout=config.timeout,
+              optimizer=optimizer_settings, loss_fn=loss or resolve_loss(config.loss, train.task), data=train,
+              model=start_model, penalty=config.penalty, constraint=config.constraint,
+              schedule=config.schedule, nan=config.nan, device=config.device, checkpoint=settings,
+              started=started, progress=progress,
+              history_path=str(log_path / HISTORY_FILE) if log_path is not None else None)
+    backend.check(job)
+    if stacked:  # can the model be vmapped? (a custom optimizer factory is tried there too)
+        check_vmappable(job)
+    elif optimizer is not None or settings is not None:
+        # A custom optimizer factory is tried once here, so that its errors come before any
+        # worker. (A named optimizer is fully checked by TrainConfig; building one without need
+        # would cost the caller torch's lazy import of torch._dynamo, ~0.7 s.)
+        probe = optimizer_settings.build(copy.deepcopy(start_model).parameters())
+        if settings is not None:  # its settings must fit in JSON: fail now, not mid-run
+            checkpoints.flatten_optimizer(probe.state_dict(), "")
+    job.resume = _resume_point(config, checkpoint_dir, resume, train, start_model, replicas, writer)
+    if log_path is not None:
+        log_path.mkdir(parents=True, exist_ok=True)
+        write_jsonl(log_path / HISTORY_FILE, job.resume.state["history"] if job.resume else [])
+    resolved = copy.copy(config)  # the settings as run: the partition bound to the labels (no re-validation)
+    object.__setattr__(resolved, "partition", partition)
+    return Plan(config=resolved, backend=backend, world_size=size, replicas=replicas, job=job, log_dir=log_path)
+
+
+def _check_backend(config: TrainConfig, backend: Backend, size: int) -> None:
+    """The strategy's needs, the worker count under torchrun, and the device."""
+    why = backend.why_not(config.strategy.needs)
+    if why:
+        raise ConfigError(f"strategy {config.strategy.spec()!r} cannot run on backend {backend.name!r} ({why}); "
+                          "use backend='processes' or 'threads' on one machine, or on a cluster a strategy "
+                          "that communicates: sync, periodic or diloco")
+    if not backend.in_process:
+        started = backend.workers(config.workers)
+        if size != started:
+            raise ConfigError(f"strategy {config.strategy.spec()!r} runs {size} worker(s) but {backend.name} "
+                              f"started {started}; use --nproc-per-node {size}")
+    if config.device.split(":")[0] not in backend.devices:
+        able = [b.name for b in launch.REGISTRY.values() if "cuda" in b.devices]
+        raise ConfigError(f"device={config.device!r} applies to backend={' or '.join(map(repr, able))}; "
+                          "threads and processes train on the CPU, and torchrun puts each rank on "
+                          "cuda:LOCAL_RANK by itself")
+
+
+def _check_stacking(config: TrainConfig, stacked: bool) -> None:
+    """replicas_per_worker, and what stacked replicas cannot do yet (unison.engine.stacked)."""
+    per_worker = config.replicas_per_worker
+    if per_worker > 1:
+        able = [b.name for b in launch.REGISTRY.values() if b.stacks_per_worker]
+        if not launch.get(config.backend).stacks_per_worker:
+            raise ConfigError(f"replicas_per_worker={per_worker} applies to backend="
+                              f"{' or '.join(map(repr, able))} (each worker process holds that many stacked "
+                              f"replicas); with backend={config.backend!r} use replicas_per_worker=1 (on "
+                              "'stacked', workers= is the number of stacked replicas)")
+        if config.strategy.shares_model:
+            raise ConfigError(f"strategy {config.strategy.spec()!r} cannot run with replicas_per_worker="
+                              f"{per_worker}: its workers must all update one shared model, and stacked "
+                              "replicas are separate copies; use replicas_per_worker=1")
+        if config.strategy.world_size(per_worker) == 1:
+            raise ConfigError(f"strategy {config.strategy.spec()!r} trains one replica; replicas_per_worker="
+                              f"{per_worker} needs a strategy with several (sync, periodic, ...)")
+    if stacked and (config.checkpoint_every is not None or config.checkpoint_dir is not None
+                    or config.nan == "rollback"):
+        raise ConfigError("checkpoint_every and nan='rollback' are not supported with stacked replicas "
+                          "(backend='stacked' or replicas_per_worker > 1) yet: their per-replica optimizer "
+                          "state is not saved; use backend='threads' or 'processes' with one replica each")
+
+
+def _resume_point(config: TrainConfig, directory: str | None, resume: bool, data: TrainData, model: nn.Module,
+                  replicas: int, writer: bool) -> checkpoints.Checkpoint | None:
+    """The checkpoint to continue from, verified and checked against this run; or None.
+    Every rank reads it (a shared filesystem across machines); only the writer refuses a fresh
+    run into a directory with checkpoints (the others would race with it)."""
+    if directory is None:
+        if resume:
+            raise ConfigError("resume=True needs checkpoint_dir (the directory holding the run's checkpoints)")
+        return None
+    if not resume:
+        if writer and checkpoints.steps_on_disk(directory):
+            raise ConfigError(f"checkpoint_dir={directory!r} already holds checkpoints of a run; pass "
+                              "resume=True to continue it, or choose another directory")
+        return None
+    found = checkpoints.load_latest(directory)  # warns about a corrupt newer one it skips
+    if found is None:
+        warnings.warn(f"resume: no checkpoint in {directory!r} yet; starting from the beginning",
+                      checkpoints.CheckpointWarning, stacklevel=4)
+        return None
+    check_resumable(found, config, data, model, replicas)
+    return found
+
+
+def check_resumable(checkpoint: checkpoints.Checkpoint, config: TrainConfig, data: TrainData,
+                    model: nn.Module, world_size: int) -> None:
+    """Refuse, before any worker starts, a checkpoint written by a different run."""
+    where = f"checkpoint {str(checkpoint.path)!r}"
+    state = checkpoint.state
+    if state.get("world_size") != world_size:
+        raise CheckpointError(f"{where} has {state.get('world_size')} replicas; this run has {world_size}")
+    saved, now = state.get("config", {}), config.record()
+    changed = [k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
+    if changed:
+        raise CheckpointError(f"{where} was written with other settings: "
+                              + ", ".join(f"{k}={saved.get(k)!r} there, {now[k]!r} now" for k in changed)
+                              + f"; only {', '.join(RESUMABLE_CHANGES)} may change on resume")
+    if state.get("data") != data_fingerprint(data):
+        raise CheckpointError(f"{where} was written for other training data (SHA-256 differs)")
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in checkpoint.model.items()}
+    if shapes != found:
+        diff = sorted(set(shapes.items()) ^ set(found.items()))[:3]
+        raise CheckpointError(f"{where} holds a different model (first differences: {diff})")
+    if state.get("step", 0) > config.epochs * state.get("steps_per_epoch", 0):
+        raise CheckpointError(f"{where} is at step {state['step']}, beyond epochs={config.epochs}")
+
+
+def _name_checkpoint(exc: WorkerError, directory: str | None) -> None:
+    """Add the checkpoint to resume from to a failed run's error (same exception, longer message)."""
+    path = checkpoints.latest_valid_path(directory)
+    if path is not None:
+        exc.checkpoint = str(path)
+        hint = f"last checkpoint: {path} ({RESUME_HINT})"
+    elif directory is not None:
+        hint = f"no checkpoint was written to {directory} before the failure"
+    else:
+        hint = "no checkpoint to resume from (set checkpoint_every= and checkpoint_dir= to write them)"
+    exc.args = (f"{exc.args[0] if exc.args else exc}; {hint}",) + tuple(exc.args[1:])
+
+
+def _start_model(model: Any, seed: int) -> nn.Module:
+    """The replicas' common start, on CPU; the caller's module is never modified."""
+    if isinstance(model, nn.Module):
+        return copy.deepcopy(model).cpu()
+    if callable(model):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            built = model()
+        if not isinstance(built, nn.Module):
+            raise ConfigError(expected("model", f"a factory returning {type(built).__name__}",
+                                       "an nn.Module or a zero-argument callable returning one"))
+        return built.cpu()
+    raise ConfigError(expected("model", type(model).__name__, "an nn.Module or a zero-argument callable returning one"))
+
+
+def _check_batchnorm(model: nn.Module, shares: list[int], batch_size: int) -> None:
+    """BatchNorm cannot train on a batch of one sample; find such a batch before starting."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return
+    for rank, share in enumerate(shares):
+        if batch_size == 1 or share % batch_size == 1:
+            raise ConfigError(f"batch_size={batch_size} leaves worker {rank} (share of {share} samples) "
+                              "a batch of 1 sample, which BatchNorm cannot train on; choose another "
+                              "batch_size or number of workers")
+
+
+def _check_model(model: nn.Module, data: TrainData, loss: Any) -> None:
+    """Run the model on two samples: its output must fit the targets."""
+    if not any(True for _ in model.parameters()):
+        raise ConfigError("model has no parameters to train")
+    probe = copy.deepcopy(model).eval()
+    try:
+        with torch.no_grad():
+            out = probe(data.x[:2])
+    except Exception as exc:  # noqa: BLE001 - any failure here is a mismatch with the data
+        raise DataError(f"model cannot run on the data (input shape {tuple(data.x.shape[1:])}): "
+                        f"{type(exc).__name__}: {exc}") from None
+    if callable(loss):
+        return
+    if not isinstance(out, torch.Tensor):
+        raise ConfigError(f"model returns {type(out).__name__}; expected a tensor of outputs")
+    if data.task == CLASSIFICATION:
+        if out.dim() != 2 or out.shape[1] < data.num_classes:
+            raise ConfigError(expected("model output shape", tuple(out.shape[1:]),
+                                       f"({data.num_classes},) or wider: one logit per class for "
+                                       f"{data.num_classes} classes"))
+    elif out[0].numel() != max(1, math.prod(data.y.shape[1:])):
+        raise ConfigError(expected("model output shape", tuple(out.shape[1:]), f"{tuple(data.y.shape[1:]) or (1,)} "
+                                   "to match the regression targets"))
