@@ -26,7 +26,9 @@ install-dev: $(VENV)/.installed-dev
 run: install
 	$(PY) -m unison compare
 
+# The architecture contracts (pyproject.toml [tool.importlinter]), then the tests.
 test: install-dev
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest
 
 # Measures and prints tables (bench/RESULTS.md says what they showed); asserts nothing.
@@ -39,4 +41,4 @@ bench: install
 	$(PY) bench/stacked.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache .import_linter_cache
