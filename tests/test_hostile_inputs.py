@@ -1,0 +1,55 @@
+"""Inputs a hostile-input battery found mishandled, one section each; every result is held
+to a plain reference computation, not to numbers written down by hand."""
+
+import numpy as np
+import pytest
+import torch
+
+from unison import merges
+
+# ---- krum: near-equal replicas (torch.cdist's |a|² + |b|² − 2ab cancels above 25 rows) ----
+
+def krum_scores_reference(states, f):
+    """Krum's score by its definition, a plain loop in float64: the sum of the squared
+    distances to the n − f − 2 nearest other states."""
+    x = [np.asarray(s, dtype=np.float64) for s in states]
+    n = len(x)
+    scores = []
+    for i in range(n):
+        nearest = sorted(float(np.sum((x[i] - x[j]) ** 2)) for j in range(n) if j != i)
+        scores.append(sum(nearest[:n - f - 2]))
+    return scores
+
+
+def near_equal_states(n, close, far, seed=0):
+    """A common vector of values ~1e3 plus perturbations ~1e-6 (replicas just after a merge);
+    the ``close`` states are clearly nearest the others, the ``far`` ones clearly farthest."""
+    rng = np.random.default_rng(seed)
+    base = rng.uniform(500, 1500, 200)
+    noise = rng.normal(size=(n, 200)) * 1e-6
+    noise[list(close)] *= 0.3
+    noise[list(far)] *= 3
+    return [torch.tensor(base + row) for row in noise]
+
+
+@pytest.mark.parametrize("n, f", [(26, 1), (30, 2), (40, 5)])
+def test_krum_picks_the_reference_winner_among_near_equal_replicas(n, f):
+    close = n // 3
+    states = near_equal_states(n, close=[close], far=range(n - f, n))
+    reference = krum_scores_reference(states, f)
+    want = int(np.argmin(reference))
+    assert want == close  # the data are as planted, so the reference has a clear winner
+    picked = merges.krum(states, f)
+    assert [i for i, state in enumerate(states) if torch.equal(state, picked)] == [want]
+    np.testing.assert_allclose(merges.krum_scores(states, f).numpy(), reference, rtol=1e-9)
+
+
+@pytest.mark.parametrize("m", [3, None])
+def test_multi_krum_averages_the_reference_choice_among_near_equal_replicas(m):
+    n, f = 30, 2
+    states = near_equal_states(n, close=[4, 11, 23], far=[7, 19], seed=1)
+    reference = krum_scores_reference(states, f)
+    chosen = sorted(range(n), key=lambda i: (reference[i], i))[:n - f if m is None else m]
+    want = torch.stack([states[i] for i in chosen]).mean(dim=0)
+    # a wrong choice moves the mean by ~1e-7 on values ~1e3: compare far tighter than that
+    torch.testing.assert_close(merges.multi_krum(states, f, m), want, rtol=0, atol=1e-10)
