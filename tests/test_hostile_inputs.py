@@ -53,3 +53,39 @@ def test_multi_krum_averages_the_reference_choice_among_near_equal_replicas(m):
     want = torch.stack([states[i] for i in chosen]).mean(dim=0)
     # a wrong choice moves the mean by ~1e-7 on values ~1e3: compare far tighter than that
     torch.testing.assert_close(merges.multi_krum(states, f, m), want, rtol=0, atol=1e-10)
+
+
+# ---- median: float32 values near the largest float ----
+
+@pytest.mark.parametrize("values", [
+    [3e38, 3.1e38, 3.2e38],
+    [3e38, 3.1e38, 3.2e38, 3.3e38],
+    [-3.3e38, -3.2e38, -3.1e38, -3e38],
+    [-3.3e38, 3.3e38, -3.2e38, 3.2e38],   # middles of opposite signs: their difference overflows
+])
+def test_median_of_float32_values_near_the_largest_float_is_finite(values):
+    states = [torch.tensor([v], dtype=torch.float32) for v in values]
+    want = np.median(np.array(values, dtype=np.float32).astype(np.float64))
+    got = merges.median(states)
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    assert torch.equal(got, torch.tensor([want], dtype=torch.float32))
+
+
+@pytest.mark.parametrize("n", [3, 4, 7, 8])
+def test_median_of_mixed_coordinates_is_numpys_in_float64_cast_back(n):
+    rng = np.random.default_rng(n)
+    columns = [rng.uniform(3e38, 3.4e38, n), -rng.uniform(3e38, 3.4e38, n),   # sums overflow
+               rng.uniform(-3.4e38, 3.4e38, n), rng.normal(size=n),           # ordinary
+               rng.uniform(0, 1e-40, n)]                                      # subnormal
+    values = np.stack(columns, axis=1).astype(np.float32)
+    got = merges.median([torch.from_numpy(row) for row in values])
+    want = torch.from_numpy(np.median(values.astype(np.float64), axis=0).astype(np.float32))
+    assert torch.equal(got, want)
+
+
+def test_median_of_ordinary_floats_is_still_the_plain_mean_of_the_middles():
+    torch.manual_seed(0)
+    states = list(torch.randn(6, 100))
+    ordered = torch.stack(states).sort(dim=0).values
+    assert torch.equal(merges.median(states), (ordered[2] + ordered[3]) / 2)
+    assert torch.equal(merges.median(states[:5]), torch.stack(states[:5]).sort(dim=0).values[2])

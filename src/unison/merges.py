@@ -51,7 +51,14 @@ def median(states: Sequence[torch.Tensor]) -> torch.Tensor:
     (Yin et al. 2018, "Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates")."""
     ordered = _check(states).sort(dim=0).values
     n = len(ordered)
-    return (ordered[(n - 1) // 2] + ordered[n // 2]) / 2
+    low, high = ordered[(n - 1) // 2], ordered[n // 2]
+    if n % 2:
+        return high.clone()  # the middle value itself: (x + x) / 2 overflows for |x| > max / 2
+    total = low + high
+    # two middle values beyond half the largest float overflow their sum: halve them first
+    # there only, so ordinary values keep the exactly rounded (low + high) / 2
+    overflowed = total.isinf() & low.isfinite() & high.isfinite()
+    return torch.where(overflowed, low / 2 + high / 2, total / 2)
 
 
 def trimmed_count(n: int, beta: float) -> int:
