@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from unison import merges
+from unison.errors import ConfigError
+from unison.partitions import Explicit
 
 # ---- krum: near-equal replicas (torch.cdist's |a|² + |b|² − 2ab cancels above 25 rows) ----
 
@@ -89,3 +91,35 @@ def test_median_of_ordinary_floats_is_still_the_plain_mean_of_the_middles():
     ordered = torch.stack(states).sort(dim=0).values
     assert torch.equal(merges.median(states), (ordered[2] + ordered[3]) / 2)
     assert torch.equal(merges.median(states[:5]), torch.stack(states[:5]).sort(dim=0).values[2])
+
+
+# ---- partitions.Explicit: indices that are not integers ----
+
+@pytest.mark.parametrize("shares", [
+    [[0.0, 1.7], [2.0]],                       # as_tensor(..., int64) truncated 1.7 to 1
+    [[0, 1], [2.0]],                           # integer-valued floats are refused too
+    [np.array([0.0, 1.0]), np.array([2])],
+    [torch.tensor([0, 1]), torch.tensor([2.0])],
+    [[True, False], [1]],                      # a mask, not indices
+    [np.array([True, False]), [1]],
+    [torch.tensor([True, False]), [1]],
+])
+def test_explicit_refuses_indices_that_are_not_integers(shares):
+    with pytest.raises(ConfigError, match=r"partition=.*explicit.*expected integer sample indices"):
+        Explicit(shares)
+
+
+@pytest.mark.parametrize("shares", [
+    [[0, 1, 2], [3, 4]],
+    [range(0, 3), range(3, 5)],
+    [np.array([0, 1, 2], dtype=np.int32), np.array([3, 4], dtype=np.uint8)],
+    [torch.tensor([0, 1, 2]), torch.tensor([3, 4], dtype=torch.int16)],
+    [[np.int64(0), np.int64(1), 2], [torch.tensor(3), 4]],
+])
+def test_explicit_keeps_integer_indices_of_every_kind(shares):
+    part = Explicit(shares)
+    part.check(5, 2)
+    for rank, share in enumerate(shares):
+        mine = part.indices(5, 2, rank, epoch=0, seed=0)
+        assert mine.dtype == torch.int64
+        assert sorted(mine.tolist()) == sorted(int(i) for i in share)
