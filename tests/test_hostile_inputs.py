@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from unison import merges
-from unison.errors import ConfigError
+from unison import datafiles, merges
+from unison.errors import ConfigError, DataError
 from unison.partitions import Explicit
 
 # ---- krum: near-equal replicas (torch.cdist's |a|² + |b|² − 2ab cancels above 25 rows) ----
@@ -123,3 +123,32 @@ def test_explicit_keeps_integer_indices_of_every_kind(shares):
         mine = part.indices(5, 2, rank, epoch=0, seed=0)
         assert mine.dtype == torch.int64
         assert sorted(mine.tolist()) == sorted(int(i) for i in share)
+
+
+# ---- datafiles: CSV files with a UTF-8 byte-order mark ----
+
+BOM = "\ufeff".encode("utf-8")
+
+
+def test_csv_with_a_byte_order_mark_reads_like_the_same_file_without(tmp_path):
+    text = "a,b,label\n" + "".join(f"{i},{i / 4},{i % 2}\n" for i in range(12))
+    plain, marked = tmp_path / "plain.csv", tmp_path / "marked.csv"
+    plain.write_bytes(text.encode("utf-8"))
+    marked.write_bytes(BOM + text.encode("utf-8"))
+    for label in ("a", "b", None):  # "a", the first column, was "\ufeffa" and not found
+        x, y = datafiles.read(marked, label=label)
+        x_plain, y_plain = datafiles.read(plain, label=label)
+        assert torch.equal(x, x_plain) and torch.equal(y, y_plain)
+
+
+def test_csv_with_a_byte_order_mark_names_its_first_column_plainly(tmp_path):
+    text = "a,label\nnot a number,0\n"
+    plain, marked = tmp_path / "plain.csv", tmp_path / "marked.csv"
+    plain.write_bytes(text.encode("utf-8"))
+    marked.write_bytes(BOM + text.encode("utf-8"))
+    messages = []
+    for path in (plain, marked):
+        with pytest.raises(DataError) as caught:
+            datafiles.read(path)
+        messages.append(str(caught.value).replace(str(path), "FILE"))
+    assert messages[1] == messages[0] and "column 'a'" in messages[0]
