@@ -40,7 +40,9 @@ def read(path: str | Path, label: str | None = None) -> tuple[torch.Tensor, torc
 
 def _read_csv(path: Path, label: str | None) -> tuple[torch.Tensor, torch.Tensor]:
     try:
-        with path.open(newline="") as handle:
+        # utf-8-sig: Excel and Windows editors start a CSV with a byte-order mark, which
+        # would otherwise stay in the first column's name ("\ufeffa", so label="a" fails)
+        with path.open(newline="", encoding="utf-8-sig") as handle:
             rows = [row for row in csv.reader(handle) if row]  # blank lines are not samples
     except (UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"{path}: not a readable CSV file ({exc})") from None

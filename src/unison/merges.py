@@ -51,7 +51,14 @@ def median(states: Sequence[torch.Tensor]) -> torch.Tensor:
     (Yin et al. 2018, "Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates")."""
     ordered = _check(states).sort(dim=0).values
     n = len(ordered)
-    return (ordered[(n - 1) // 2] + ordered[n // 2]) / 2
+    low, high = ordered[(n - 1) // 2], ordered[n // 2]
+    if n % 2:
+        return high.clone()  # the middle value itself: (x + x) / 2 overflows for |x| > max / 2
+    total = low + high
+    # two middle values beyond half the largest float overflow their sum: halve them first
+    # there only, so ordinary values keep the exactly rounded (low + high) / 2
+    overflowed = total.isinf() & low.isfinite() & high.isfinite()
+    return torch.where(overflowed, low / 2 + high / 2, total / 2)
 
 
 def trimmed_count(n: int, beta: float) -> int:
@@ -77,9 +84,23 @@ def krum_scores(states: Sequence[torch.Tensor], f: int) -> torch.Tensor:
     n = len(stacked)
     if f < 0 or n < 2 * f + 3:
         raise ValueError(f"krum with f={f} needs at least 2f+3={2 * f + 3} states, got {n}")
-    distances = torch.cdist(stacked.reshape(n, -1), stacked.reshape(n, -1)).square()
+    distances = _squared_distances(stacked.reshape(n, -1))
     distances.fill_diagonal_(math.inf)  # a state is not its own neighbour
     return distances.sort(dim=1).values[:, :n - f - 2].sum(dim=1)
+
+
+def _squared_distances(flat: torch.Tensor) -> torch.Tensor:
+    """The n × n squared distances of the rows of ``flat`` as sums of squared differences.
+
+    Not torch.cdist: above 25 rows it uses |a|² + |b|² − 2a·b, which cancels for near-equal
+    states (replicas just after a merge) and then picks the wrong Krum winner. One row at a
+    time keeps the extra memory at one copy of ``flat`` and the matrix exactly symmetric.
+    """
+    n = len(flat)
+    distances = torch.zeros(n, n, dtype=flat.dtype, device=flat.device)
+    for i in range(1, n):
+        distances[i, :i] = distances[:i, i] = (flat[:i] - flat[i]).square_().sum(dim=1)
+    return distances
 
 
 def multi_krum(states: Sequence[torch.Tensor], f: int, m: int | None = None) -> torch.Tensor:

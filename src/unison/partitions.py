@@ -99,12 +99,36 @@ class Explicit(Partition):
     """Fixed, user-given index lists, one per worker, each shuffled every epoch.
 
     Shares may differ in size: merges then weight each replica by the samples it trained on.
+    Indices must be integers (ints, numpy or torch integer arrays); floats, even 2.0, and bools
+    are refused, since converting them would silently truncate 1.7 to 1 or read a mask as 0/1.
     """
 
     name = "explicit"
 
     def __init__(self, shares: Sequence[Sequence[int]]):
-        self.shares = [torch.as_tensor(list(s), dtype=torch.int64) for s in shares]
+        self.shares = [self._indices(rank, s) for rank, s in enumerate(shares)]
+
+    @staticmethod
+    def _indices(rank: int, share: Any) -> torch.Tensor:
+        """One share as an int64 tensor of its own, or a ConfigError naming what is not integer."""
+        def integral(value: Any) -> bool:
+            dtype = getattr(value, "dtype", None)  # numpy and torch arrays and scalars
+            if isinstance(dtype, torch.dtype):
+                return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+            if dtype is not None:
+                return np.issubdtype(dtype, np.integer)  # False for numpy's bool_ and floats
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        if isinstance(share, (torch.Tensor, np.ndarray)):
+            bad = None if integral(share) else f"of dtype {share.dtype}"
+        else:
+            share = list(share)
+            bad = next((f"with index {value!r}" for value in share if not integral(value)), None)
+        if bad is not None:
+            raise ConfigError(expected("partition", f"explicit share {rank} {bad}",
+                                       "integer sample indices (int, numpy or torch integers; "
+                                       "not floats, even 2.0, nor bools)"))
+        return torch.as_tensor(share, dtype=torch.int64).cpu().clone()
 
     def check(self, n, world_size):
         if len(self.shares) != world_size:
