@@ -190,11 +190,7 @@ def compare(model: nn.Module | Callable[[], nn.Module] | ModelConfig | None = No
     if train_data.x_val is None:
         raise ConfigError("compare needs validation data to judge the strategies: pass val= (a fraction "
                           "such as 0.2, or (X, y)) or a named data set (which holds out 20%)")
-    if target is not None:
-        if train_data.task == "classification":
-            check_float("target", target, low=0.0, high=1.0, low_open=True, high_open=False)
-        else:
-            check_float("target", target, low=0.0, low_open=True)
+    _check_target(target, train_data.task)
     out = Path(out) if out is not None else rundir.default_out("compare")
     rundir.check_free(out, overwrite)
     if tensorboard:
@@ -211,28 +207,15 @@ def compare(model: nn.Module | Callable[[], nn.Module] | ModelConfig | None = No
         scratch.mkdir(parents=True)
         _warm_up(build_model, train_data, configs, common)
         for number, run in enumerate(runs, start=1):
-            config = configs[run.label]
-            reason = _cannot_run(config)
-            if reason is None:
-                try:
-                    started = time.time()
-                    result = api.run(config, build_model, train_data, **_callables(common), progress=progress,
-                                 log_dir=scratch / run.dir_name)
-                except ConfigError as exc:
-                    reason = f"refused: {exc}"
-                except WorkerError as exc:
-                    reason = f"failed: {exc}"
-            if reason is not None:
-                skipped[run.label] = reason
-                shutil.rmtree(scratch / run.dir_name, ignore_errors=True)
-                print(f"[{number}/{len(runs)}] {run.label}: skipped, {reason}", file=sys.stderr)
+            outcome = _run_one(run, configs[run.label], build_model, train_data, common, scratch, settings,
+                               progress=progress, tensorboard=tensorboard)
+            if isinstance(outcome, str):
+                skipped[run.label] = outcome
+                print(f"[{number}/{len(runs)}] {run.label}: skipped, {outcome}", file=sys.stderr)
                 continue
-            results[run.label] = result
-            _write_run(scratch / run.dir_name, settings, config, result)
-            if tensorboard:
-                history.write_tensorboard(result.history, scratch / "tensorboard" / run.dir_name, started=started)
+            results[run.label] = outcome
             if progress:
-                print(f"[{number}/{len(runs)}] {run.label}: {_line(result)}", flush=True)
+                print(f"[{number}/{len(runs)}] {run.label}: {_line(outcome)}", flush=True)
         if not results:
             first = next(iter(skipped.values()))
             error = WorkerError if first.startswith("failed") else ConfigError
@@ -245,6 +228,33 @@ def compare(model: nn.Module | Callable[[], nn.Module] | ModelConfig | None = No
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return Comparison(results=results, summary=summary, skipped=skipped, out=out)
+
+
+def _check_target(target: float | None, task: str) -> None:
+    if target is None:
+        return
+    if task == "classification":
+        check_float("target", target, low=0.0, high=1.0, low_open=True, high_open=False)
+    else:
+        check_float("target", target, low=0.0, low_open=True)
+
+
+def _run_one(run: Run, config: TrainConfig, model: Any, data, common: dict[str, Any], scratch: Path,
+             settings: dict[str, Any], *, progress: bool, tensorboard: bool) -> Result | str:
+    """One run of the comparison into ``scratch/<run>``: its Result, or why it did not run."""
+    reason = _cannot_run(config)
+    if reason is not None:
+        return reason
+    try:
+        started = time.time()
+        result = api.run(config, model, data, **_callables(common), progress=progress, log_dir=scratch / run.dir_name)
+    except (ConfigError, WorkerError) as exc:
+        shutil.rmtree(scratch / run.dir_name, ignore_errors=True)
+        return f"{'refused' if isinstance(exc, ConfigError) else 'failed'}: {exc}"
+    _write_run(scratch / run.dir_name, settings, config, result)
+    if tensorboard:
+        history.write_tensorboard(result.history, scratch / "tensorboard" / run.dir_name, started=started)
+    return result
 
 
 def _warm_up(model: Any, data, configs: dict[str, TrainConfig], common: dict[str, Any]) -> None:
