@@ -56,14 +56,14 @@ def fit(model: nn.Module | Callable[[], nn.Module], data: Any, val: Any = None, 
     "unit_ball(r)", "non_negative" (unison.penalties).
     ``backend="stacked"``: the ``workers`` replicas train as one batched computation in this
     process, on ``device`` ("cpu", "cuda", "cuda:N"); ``replicas_per_worker=R`` makes each
-    process of backend "processes" or "torchrun" hold R stacked replicas (unison.stacked).
+    process of backend "processes" or "torchrun" hold R stacked replicas (unison.engine.stacked).
     Everything is checked before any worker starts; problems raise unison.errors exceptions.
 
     Reliability: ``checkpoint_every`` (rounds, or a duration such as "10min") writes a
     checkpoint into ``checkpoint_dir`` (default ``log_dir/checkpoints``) at round ends, keeping
     the newest ``keep_checkpoints``; ``resume=True`` continues from the newest valid one (a
     restarted torchrun group does so by itself). ``nan``: "stop", "skip" or "rollback" (see
-    unison.nonfinite). ``timeout``: seconds any collective may wait for a peer.
+    unison.engine.guard). ``timeout``: seconds any collective may wait for a peer.
     """
     started = time.time()
     config = TrainConfig(

@@ -1,6 +1,6 @@
 """Collectives among replicas stacked in one process, and across processes when there are several.
 
-A stacked replica (unison.stacked) holds R replicas as tensors whose first dimension is the
+A stacked replica (unison.engine.stacked) holds R replicas as tensors whose first dimension is the
 replica: every tensor handed to a collective here has shape [R, ...], one row per replica. A
 collective first reduces over that dimension in this process (no communication at all), then,
 when several processes each hold R replicas (``replicas_per_worker``), makes one call to the
