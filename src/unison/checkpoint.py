@@ -4,9 +4,10 @@ A checkpoint is a directory ``ckpt-<step>`` holding safetensors files (tensors),
 (everything else) and ``MANIFEST.json`` (the SHA-256 and size of every other file). It is
 written into a hidden temporary directory, every file fsync'ed, the manifest last, and only
 then renamed into place: a checkpoint exists only once complete, as in PyTorch's distributed
-checkpoint, where a checkpoint is valid once its metadata is atomically in place. Loading
-reads each file once, checks it against the manifest and parses the bytes it checked, so a
-truncated file or a flipped byte is refused with CheckpointError instead of loaded.
+checkpoint, where a checkpoint is valid once its metadata is atomically in place. A save that
+fails midway removes its temporary directory. Loading reads each file once, checks it against
+the manifest and parses the bytes it checked, so a truncated file or a flipped byte is refused
+with CheckpointError instead of loaded.
 
 Nothing here unpickles: safetensors holds only tensors and JSON only plain values, so a
 checkpoint from a stranger cannot run code. Optimizer state dicts are flattened into tensors
@@ -68,32 +69,51 @@ def save(directory: str | Path, step: int, state: dict[str, Any], model: dict[st
     """Write checkpoint ``step`` atomically under ``directory``; keep the newest ``keep``.
 
     ``replicas`` are each replica's tensors already serialised with safetensors (they arrive
-    as bytes from the other workers). Returns the checkpoint's path.
+    as bytes from the other workers). Returns the checkpoint's path. A save that fails leaves
+    no temporary directory behind and the checkpoints already there as they were.
     """
     directory = Path(directory)
+    final = directory / directory_name(step)
+    encoded = json.dumps({"format": FORMAT, "step": step, **state}).encode()
     directory.mkdir(parents=True, exist_ok=True)
     # copies: safetensors refuses tensors that share memory (tied weights)
     files = {MODEL: save_tensors({k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.items()}),
-             STATE: json.dumps({"format": FORMAT, "step": step, **state}).encode()}
+             STATE: encoded}
     files.update({replica_file(rank): blob for rank, blob in enumerate(replicas)})
-    final = directory / directory_name(step)
     temporary = directory / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir()
-    manifest = {"format": FORMAT, "step": step, "files": {}}
-    for name, data in files.items():
-        _write(temporary / name, data)
-        manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    _write(temporary / MANIFEST, json.dumps(manifest, indent=1).encode())  # last: it seals the rest
-    _fsync_directory(temporary)
-    if final.exists():  # left by an abandoned attempt (we resumed from an older step): replace it
-        stale = directory / f".{final.name}.old-{os.getpid()}"
-        final.rename(stale)
-        shutil.rmtree(stale, ignore_errors=True)
-    temporary.rename(final)
+    try:
+        temporary.mkdir()
+        manifest = {"format": FORMAT, "step": step, "files": {}}
+        for name, data in files.items():
+            _write(temporary / name, data)
+            manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        _write(temporary / MANIFEST, json.dumps(manifest, indent=1).encode())  # last: it seals the rest
+        _fsync_directory(temporary)
+        _replace(temporary, final)
+    except BaseException:  # a full disk, say: free what this save took, keep what was there
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
     _fsync_directory(directory)
     prune(directory, keep, newest=step)
     return final
+
+
+def _replace(temporary: Path, final: Path) -> None:
+    """Rename ``temporary`` to ``final``. One already there (left by an abandoned attempt: we
+    resumed from an older step) is removed only once replaced, and restored if that fails."""
+    stale = final.with_name(f".{final.name}.old-{os.getpid()}")
+    moved = final.exists()
+    if moved:
+        shutil.rmtree(stale, ignore_errors=True)
+        final.rename(stale)
+    try:
+        temporary.rename(final)
+    except BaseException:
+        if moved:
+            stale.rename(final)
+        raise
+    shutil.rmtree(stale, ignore_errors=True)
 
 
 def _write(path: Path, data: bytes) -> None:
