@@ -236,3 +236,14 @@ def test_load_latest_falls_back_past_hostile_newer_checkpoints(tmp_path):
             pytest.warns(files.CheckpointWarning):
         files.load_latest(tmp_path)
     assert files.latest_valid_path(tmp_path) is None
+
+
+@pytest.mark.parametrize("state, replicas, expected", [
+    (STATE | {"world_size": "2"}, 2, "world_size must be an int"),
+    (STATE | {"world_size": 3}, 2, "world_size is 3 but 2 replica files"),
+    (STATE | {"history": {}}, 2, "history must be a list"),
+])
+def test_save_refuses_to_write_what_load_would_refuse(tmp_path, state, replicas, expected):
+    with pytest.raises(CheckpointError, match=expected):
+        write(tmp_path, 5, state=state, replicas=[replica_blob(float(r)) for r in range(replicas)])
+    assert list(tmp_path.iterdir()) == []  # checked before anything is written

@@ -154,6 +154,7 @@ def save(directory: str | Path, step: int, state: dict[str, Any], model: dict[st
     directory = Path(directory)
     final = directory / directory_name(step)
     encoded = json.dumps({"format": FORMAT, "step": step, **state}).encode()
+    _writable(final, json.loads(encoded), len(encoded), len(replicas))  # what load() would refuse
     directory.mkdir(parents=True, exist_ok=True)
     # copies: safetensors refuses tensors that share memory (tied weights)
     files = {MODEL: save_tensors({k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.items()}),
@@ -176,6 +177,15 @@ def save(directory: str | Path, step: int, state: dict[str, Any], model: dict[st
     _fsync_directory(directory)
     prune(directory, keep, newest=step)
     return final
+
+
+def _writable(final: Path, state: dict[str, Any], size: int, replicas: int) -> None:
+    """Refuse to write a checkpoint that load() would refuse to read."""
+    _check(state, _STATE_SCHEMA, final, STATE)
+    if size > STATE_LIMIT:
+        raise _bad(final, f"{STATE} would have {size} bytes, over STATE_LIMIT={STATE_LIMIT}")
+    if state["world_size"] != replicas:
+        raise _bad(final, f"world_size is {state['world_size']} but {replicas} replica files were given")
 
 
 def _replace(temporary: Path, final: Path) -> None:
