@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -129,19 +131,23 @@ class Checkpointer:
     def _save(self, *, epoch_end: bool, samples_seen: int, history: list[dict[str, Any]],
               guard: "NonFiniteGuard") -> None:
         replica, comm = self.replica, self.comm
-        with uncounted(comm):
-            blobs = gather_bytes(comm, self._replica_bytes(guard), replica.device)
-        self.last_saved, self.saved_step = time.monotonic(), replica.step
-        if comm.rank != 0:
-            return
-        if self._fingerprint is None:
-            self._fingerprint = data_fingerprint(self.job.data)
-        state = {"world_size": comm.world_size, "steps_per_epoch": self.steps_per_epoch,
-                 "epoch_end": epoch_end, "samples_seen": samples_seen, "rounds": self.rounds,
-                 "history": history, "config": self.job.checkpoint.record,
-                 "data": self._fingerprint}
-        files.save(self.directory, replica.step, state, replica.model.state_dict(), blobs,
-                   keep=self.job.checkpoint.keep)
+        # From the gather on, a peer may fail at its next step and the launcher end this
+        # worker: the writer finishes the checkpoint first (SIGTERM waits; SIGKILL follows
+        # after the launcher's grace period), so that it is there to resume from.
+        with _termination_deferred(comm.rank == 0):
+            with uncounted(comm):
+                blobs = gather_bytes(comm, self._replica_bytes(guard), replica.device)
+            self.last_saved, self.saved_step = time.monotonic(), replica.step
+            if comm.rank != 0:
+                return
+            if self._fingerprint is None:
+                self._fingerprint = data_fingerprint(self.job.data)
+            state = {"world_size": comm.world_size, "steps_per_epoch": self.steps_per_epoch,
+                     "epoch_end": epoch_end, "samples_seen": samples_seen, "rounds": self.rounds,
+                     "history": history, "config": self.job.checkpoint.record,
+                     "data": self._fingerprint}
+            files.save(self.directory, replica.step, state, replica.model.state_dict(), blobs,
+                       keep=self.job.checkpoint.keep)
 
     def _replica_bytes(self, guard: "NonFiniteGuard") -> bytes:
         """This replica's own state as safetensors bytes; JSON parts in its metadata."""
@@ -157,6 +163,19 @@ class Checkpointer:
             tensors[_STRATEGY + name] = value.detach().to("cpu", copy=True)
         meta = {"optimizer": optimizer_meta, "bytes_sent": self.comm.bytes_sent, "nan": guard.state()}
         return save_tensors(tensors, metadata={files.REPLICA_META: json.dumps(meta)})
+
+
+@contextmanager
+def _termination_deferred(writer: bool):
+    """Block SIGTERM in this thread while the writer saves; a pending one arrives after."""
+    if not writer or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def gather_bytes(comm: "Communicator", blob: bytes, device: torch.device) -> list[bytes]:
