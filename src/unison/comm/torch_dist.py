@@ -25,6 +25,7 @@ import torch.distributed as dist
 from .base import Communicator, PeerFailed, nbytes
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+_PEER = re.compile(r"\[([0-9A-Fa-f.:]+)\]:\d+")  # gloo names the peer of a broken pair: [address]:port
 
 
 _MISSING = re.compile(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier")
@@ -46,7 +47,9 @@ class TorchDistComm(Communicator):
             return call(*args, **kwargs)
         except RuntimeError as exc:  # DistBackendError and gloo's errors are RuntimeErrors
             if "timed out" not in str(exc).lower() and "timeout" not in str(exc).lower():
-                raise PeerFailed(f"{name} failed, a peer is gone: {exc}", rank=self.rank) from exc
+                peer = _PEER.search(str(exc))
+                who = f"the worker at {peer.group(1)} is gone" if peer else "a peer is gone"
+                raise PeerFailed(f"{name} failed, {who}: {exc}", rank=self.rank) from exc
             missing = self._who_did_not_arrive()
             if missing:
                 ranks = ", ".join(str(r) for r in missing)

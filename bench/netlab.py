@@ -1,0 +1,159 @@
+"""A real two-host network on one machine: two network namespaces joined by a veth pair.
+
+Each namespace is a host with its own address on the link (10.213.0.1 and 10.213.0.2, used only
+inside these namespaces); ``tc qdisc ... tbf rate R`` limits the link (netem, which would add
+latency, is not in these kernels). ``torchrun_hosts`` runs the README's multi-node command in
+both namespaces, over the veth addresses and never loopback:
+
+    torchrun --nnodes 2 --nproc-per-node K --node-rank I --rdzv-backend c10d
+             --rdzv-endpoint 10.213.0.1:29400 --local-addr <this host> -m unison train RUN_FILE
+
+Needs root (``ip netns``); the namespaces and the link are deleted on exit, also on failure.
+
+    python bench/netlab.py [--rate 100mbit] [--nproc-per-node 1]   # one 2-host run, timed
+
+It measures and prints; it asserts nothing (tests/test_netlab.py holds the runs to threads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SUBNET = "10.213.0"
+PORT = 29400
+
+
+@dataclass(frozen=True)
+class Host:
+    namespace: str
+    device: str
+    address: str
+
+
+def _ip(*args: str, namespace: str | None = None) -> None:
+    command = ["ip", *(["netns", "exec", namespace, "ip"] if namespace else []), *args]
+    subprocess.run(command, check=True, capture_output=True, text=True)
+
+
+def available() -> str | None:
+    """None when namespaces can be made here, else why not (for a test's skip reason)."""
+    if shutil.which("ip") is None:
+        return "the ip command (iproute2) is not installed"
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    name = f"unison-probe-{os.getpid()}"
+    try:
+        _ip("netns", "add", name)
+    except subprocess.CalledProcessError as exc:
+        return f"ip netns add is not allowed here: {exc.stderr.strip()}"
+    _ip("netns", "del", name)
+    return None
+
+
+@contextlib.contextmanager
+def two_hosts(rate: str | None = None):
+    """Two namespaced hosts joined by a veth pair, the link limited to ``rate`` (e.g. "100mbit")
+    in both directions when given; yields (host0, host1) and removes everything afterwards."""
+    tag = f"{os.getpid() % 100000}"
+    hosts = [Host(f"unison-h{i}-{tag}", f"ulab{i}-{tag}", f"{SUBNET}.{i + 1}") for i in range(2)]
+    made: list[str] = []
+    try:
+        for host in hosts:
+            _ip("netns", "add", host.namespace)
+            made.append(host.namespace)
+        _ip("link", "add", hosts[0].device, "type", "veth", "peer", "name", hosts[1].device)
+        for host in hosts:
+            _ip("link", "set", host.device, "netns", host.namespace)
+            _ip("addr", "add", f"{host.address}/24", "dev", host.device, namespace=host.namespace)
+            _ip("link", "set", host.device, "up", namespace=host.namespace)
+            _ip("link", "set", "lo", "up", namespace=host.namespace)
+            if rate is not None:  # a token bucket: the rate, a burst of a few packets, a bounded queue
+                subprocess.run(["ip", "netns", "exec", host.namespace, "tc", "qdisc", "add", "dev", host.device,
+                                "root", "tbf", "rate", rate, "burst", "32kbit", "latency", "400ms"],
+                               check=True, capture_output=True, text=True)
+        yield tuple(hosts)
+    finally:
+        for host in hosts:  # nothing may outlive its host
+            if host.namespace in made:
+                kill_host(host)
+        for namespace in made:  # deleting a namespace deletes its end of the veth pair, and so the pair
+            subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
+
+
+def kill_host(host: Host) -> None:
+    """SIGKILL every process in the host's namespace, as a machine that loses power would lose them."""
+    found = subprocess.run(["ip", "netns", "pids", host.namespace], capture_output=True, text=True).stdout.split()
+    for pid in found:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGKILL)
+
+
+def torchrun_hosts(hosts: tuple[Host, Host], run_file: Path, out: Path, *, nproc_per_node: int = 1,
+                   extra: tuple[str, ...] = ()) -> list[subprocess.Popen]:
+    """Start `torchrun ... -m unison train RUN_FILE --out OUT` in each host's namespace; the
+    first host holds the c10d rendezvous. Gloo is told to use the veth device."""
+    processes = []
+    for rank, host in enumerate(hosts):
+        environment = os.environ | {"GLOO_SOCKET_IFNAME": host.device, "OMP_NUM_THREADS": "1"}
+        command = ["ip", "netns", "exec", host.namespace, sys.executable, "-m", "torch.distributed.run",
+                   "--nnodes", "2", "--nproc-per-node", str(nproc_per_node), "--node-rank", str(rank),
+                   "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{hosts[0].address}:{PORT}",
+                   "--rdzv-id", "unison-lab", "--local-addr", host.address,
+                   *(["--rdzv-conf", "is_host=1"] if rank == 0 else []),
+                   "-m", "unison", "train", str(run_file), "--out", str(out), "--quiet", *extra]
+        processes.append(subprocess.Popen(command, env=environment, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True, start_new_session=True))
+    return processes
+
+
+RUN = """
+[data]
+dataset = "digits"
+[model]
+hidden = [64]
+[train]
+strategy = "{strategy}"
+workers = 2
+backend = "processes"
+epochs = {epochs}
+batch_size = 16
+lr = 0.05
+momentum = 0.9
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rate", default=None, help="tbf rate of the link, e.g. 100mbit (default: unlimited)")
+    parser.add_argument("--strategy", default="sync")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--nproc-per-node", type=int, default=1)
+    args = parser.parse_args()
+    why = available()
+    if why:
+        sys.exit(f"netlab: {why}")
+    with tempfile.TemporaryDirectory() as folder, two_hosts(args.rate) as hosts:
+        run_file = Path(folder) / "run.toml"
+        run_file.write_text(RUN.format(strategy=args.strategy, epochs=args.epochs))
+        started = time.monotonic()
+        processes = torchrun_hosts(hosts, run_file, Path(folder) / "run", nproc_per_node=args.nproc_per_node)
+        outputs = [p.communicate(timeout=600)[0] for p in processes]
+        took = time.monotonic() - started
+        print(outputs[0])
+        codes = [p.returncode for p in processes]
+        print(f"| link | strategy | hosts x procs | exit codes | wall (s) |\n| --- | --- | --- | --- | --- |\n"
+              f"| {args.rate or 'veth, unlimited'} | {args.strategy} | 2 x {args.nproc_per_node} | {codes} | {took:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Two real hosts on one machine (network namespaces joined by a veth pair, bench/netlab.py):
+the README's multi-node torchrun command, over the veth addresses."""
+
+import importlib.util
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+import unison
+from unison.data import prepare
+from unison.models import mlp
+
+from torchrun_runs import assert_saved_model_equals
+
+_spec = importlib.util.spec_from_file_location("netlab", Path(__file__).parents[1] / "bench" / "netlab.py")
+netlab = importlib.util.module_from_spec(_spec)
+sys.modules["netlab"] = netlab
+_spec.loader.exec_module(netlab)
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.netns,
+              pytest.mark.skipif(netlab.available() is not None, reason=str(netlab.available()))]
+
+SYNC_ON_MOONS = """
+[data]
+dataset = "moons"
+[model]
+hidden = [16]
+[train]
+strategy = "sync"
+workers = 2
+backend = "processes"
+epochs = {epochs}
+batch_size = 16
+lr = 0.1
+momentum = 0.9
+timeout = 20
+"""
+
+
+@pytest.mark.timeout(240)
+def test_a_two_host_sync_run_equals_threads(tmp_path):
+    run_file, out = tmp_path / "run.toml", tmp_path / "run"
+    run_file.write_text(SYNC_ON_MOONS.format(epochs=2))
+    with netlab.two_hosts(rate="1gbit") as hosts:
+        processes = netlab.torchrun_hosts(hosts, run_file, out)
+        outputs = [p.communicate(timeout=200)[0] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs
+    assert "backend=torchrun" in outputs[0] and "2 worker(s)" in outputs[0]
+    data = prepare("moons", seed=0)
+    on_threads = unison.fit(lambda: mlp(data.features, [16], data.outputs), data, strategy="sync", workers=2,
+                            backend="threads", epochs=2, batch_size=16, lr=0.1, momentum=0.9, progress=False)
+    assert_saved_model_equals(out, on_threads)
+
+
+@pytest.mark.timeout(240)
+def test_a_killed_host_is_reported_naming_it(tmp_path):
+    run_file, out = tmp_path / "run.toml", tmp_path / "run"
+    run_file.write_text(SYNC_ON_MOONS.format(epochs=2000))
+    with netlab.two_hosts() as hosts:
+        processes = netlab.torchrun_hosts(hosts, run_file, out)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not list(tmp_path.glob(".run.partial-*/history.jsonl")):
+            time.sleep(0.2)  # rank 0 is training once its history file exists
+        assert processes[0].poll() is None, processes[0].communicate()[0]
+        killed = time.monotonic()
+        netlab.kill_host(hosts[1])
+        output = processes[0].communicate(timeout=120)[0]
+        noticed = time.monotonic() - killed
+    assert processes[0].returncode != 0
+    errors = [line for line in output.splitlines() if line.startswith("unison: error:")]
+    assert errors, output
+    assert f"worker at {hosts[1].address}" in errors[0]
+    assert noticed < 20 + 10  # at most the run's timeout plus the roll call
