@@ -117,3 +117,61 @@ def test_parse_specs_with_options():
     assert parse(" dirichlet( 0.2 ) ").alpha == 0.2
     with pytest.raises(ConfigError, match="'shard', 'full', 'dirichlet'"):
         parse("iid")
+
+
+def test_pathological_gives_each_worker_k_label_sorted_shards(blobs):
+    from unison.partitions import Pathological
+
+    bound = Pathological(2).bind(LABELS, 5, seed=1)  # 10 shards of 30: one class each
+    shares = [bound.indices(300, 5, r, 0, 1) for r in range(5)]
+    assert torch.equal(torch.cat(shares).sort().values, torch.arange(300))  # disjoint, all used
+    assert [len(LABELS[s].unique()) for s in shares] == [2] * 5
+    assert bound.sizes(300, 5) == [60] * 5
+    assert parse("pathological(3)").k == 3 and parse(bound.spec()) == Pathological(2)
+    uneven = Pathological(2).bind(LABELS[:293], 4, seed=1)  # 8 shards of 36 (5 left out), straddling classes
+    for rank in range(4):
+        mine = uneven.indices(293, 4, rank, 0, 1)
+        # classes of ~29 samples: a shard of 36 label-sorted samples meets at most three of them
+        assert len(mine) == 72 and len(LABELS[mine].unique()) <= 6
+    again = Pathological(2).bind(LABELS, 5, seed=1)
+    assert all(torch.equal(a.sort().values, again.indices(300, 5, r, 1, 1).sort().values) for r, a in enumerate(shares))
+    assert not torch.equal(Pathological(2).bind(LABELS, 5, seed=2).indices(300, 5, 0, 0, 2).sort().values,
+                           shares[0].sort().values)
+    with pytest.raises(ConfigError, match="pathological.k"):
+        parse("pathological(0)")
+    with pytest.raises(ConfigError, match="integer class labels"):
+        Pathological(2).bind(torch.rand(10), 2, 0)
+
+
+def test_powerlaw_share_sizes_follow_the_power_law_and_use_every_sample():
+    from unison.partitions import PowerLaw, powerlaw_sizes
+
+    for n, workers, alpha in [(300, 5, 1.0), (1000, 8, 1.5), (97, 4, 0.0), (20, 10, 3.0)]:
+        sizes = powerlaw_sizes(n, workers, alpha)
+        assert sum(sizes) == n and min(sizes) >= 1
+        weights = [(r + 1) ** -alpha for r in range(workers)]
+        spare = n - workers
+        for size, weight in zip(sizes, weights):  # 1 each, the rest by the law, within rounding
+            assert abs(size - 1 - spare * weight / sum(weights)) < 1
+        part = PowerLaw(alpha)
+        shares = [part.indices(n, workers, r, 0, 7) for r in range(workers)]
+        assert [len(s) for s in shares] == sizes == part.sizes(n, workers)
+        assert torch.equal(torch.cat(shares).sort().values, torch.arange(n))
+        later = [part.indices(n, workers, r, 3, 7) for r in range(workers)]
+        assert all(torch.equal(a.sort().values, b.sort().values) for a, b in zip(shares, later))
+    assert powerlaw_sizes(97, 4, 0.0) == [25, 24, 24, 24]
+    assert parse("powerlaw(2)").alpha == 2 and parse(PowerLaw(2).spec()) == PowerLaw(2)
+    with pytest.raises(ConfigError, match="powerlaw.alpha"):
+        parse("powerlaw(-1)")
+
+
+@pytest.mark.parametrize("partition", ["pathological(2)", "powerlaw(1.0)"])
+def test_fit_trains_on_the_new_partitions_counting_every_sample(blobs, small_model, partition):
+    import unison
+    from unison.partitions import parse as parse_partition
+
+    result = unison.fit(small_model, blobs, strategy="periodic", partition=partition, workers=3,
+                        backend="threads", epochs=2, batch_size=8, val=None, progress=False)
+    shares = parse_partition(partition).bind(blobs[1], 3, 0).sizes(96, 3)
+    assert result.history[-1]["samples"] == 2 * sum(shares)
+    assert result.config.partition.spec() == parse_partition(partition).spec()

@@ -7,6 +7,7 @@ collectives in step when shares are uneven).
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -157,8 +158,39 @@ class Explicit(Partition):
         return f"explicit({'/'.join(str(len(s)) for s in self.shares)})"
 
 
+class LabelShares(Partition):
+    """Shares drawn once from the training labels (``bind``, which fit() calls), fixed for the
+    run and reshuffled every epoch. Subclasses hold the drawn shares in ``_shares``."""
+
+    _shares: tuple | None = None
+
+    def _bound(self) -> tuple:
+        if self._shares is None:
+            raise ConfigError(f"partition {self.name!r} needs the training labels: call bind(labels, workers, "
+                              "seed) first (fit() does this)")
+        return self._shares
+
+    def _with_shares(self, shares: list[torch.Tensor]) -> "LabelShares":
+        bound = dataclasses.replace(self)
+        object.__setattr__(bound, "_shares", tuple(shares))
+        return bound
+
+    def check(self, n, world_size):
+        if len(self._bound()) != world_size:
+            raise ConfigError(f"partition {self.spec()!r} was drawn for {len(self._bound())} workers, "
+                              f"not {world_size}")
+        super().check(n, world_size)
+
+    def indices(self, n, world_size, rank, epoch, seed):
+        share = self._bound()[rank]
+        return share[torch.randperm(len(share), generator=_replica_generator(seed, epoch, rank))]
+
+    def sizes(self, n, world_size):
+        return [len(s) for s in self._bound()]
+
+
 @dataclass(frozen=True, eq=False)
-class Dirichlet(Partition):
+class Dirichlet(LabelShares):
     """Label-skewed, non-IID shares as in Hsu et al. 2019, "Measuring the Effects of
     Non-Identical Data Distribution for Federated Visual Classification": every worker draws
     its own class mix q ~ Dirichlet(alpha·p), p the classes' frequencies, and receives n // N
@@ -177,36 +209,12 @@ class Dirichlet(Partition):
             raise ConfigError(expected("dirichlet.alpha", self.alpha, "a finite number > 0"))
 
     def bind(self, labels, world_size, seed):
-        bound = Dirichlet(self.alpha)
-        object.__setattr__(bound, "_shares", tuple(dirichlet_shares(labels, world_size, self.alpha, seed)))
-        return bound
-
-    def _bound(self) -> tuple:
-        if self._shares is None:
-            raise ConfigError("partition 'dirichlet' needs the training labels: call bind(labels, workers, "
-                              "seed) first (fit() does this)")
-        return self._shares
-
-    def check(self, n, world_size):
-        if len(self._bound()) != world_size:
-            raise ConfigError(f"partition {self.spec()!r} was drawn for {len(self._bound())} workers, "
-                              f"not {world_size}")
-        super().check(n, world_size)
-
-    def indices(self, n, world_size, rank, epoch, seed):
-        share = self._bound()[rank]
-        return share[torch.randperm(len(share), generator=_replica_generator(seed, epoch, rank))]
-
-    def sizes(self, n, world_size):
-        return [len(s) for s in self._bound()]
+        return self._with_shares(dirichlet_shares(labels, world_size, self.alpha, seed))
 
 
 def dirichlet_shares(labels: Any, world_size: int, alpha: float, seed: int) -> list[torch.Tensor]:
     """Hsu et al.'s draw: worker r gets n // N samples whose classes follow q_r ~ Dir(alpha·p)."""
-    y = torch.as_tensor(labels)
-    if y.dim() != 1 or y.is_floating_point() or y.is_complex():
-        raise ConfigError("partition 'dirichlet' needs integer class labels (a classification task)")
-    y = y.cpu().numpy()
+    y = _class_labels(labels, "dirichlet").numpy()
     rng = np.random.default_rng(seed)
     classes, counts = np.unique(y, return_counts=True)
     pools = [list(rng.permutation(np.flatnonzero(y == c))) for c in classes]
@@ -228,6 +236,91 @@ def dirichlet_shares(labels: Any, world_size: int, alpha: float, seed: int) -> l
     return [torch.as_tensor(share) for _, share in sorted(shares, key=lambda item: item[0])]
 
 
+@dataclass(frozen=True, eq=False)
+class Pathological(LabelShares):
+    """McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks from
+    Decentralized Data" (the pathological non-IID split of MNIST): the samples sorted by label
+    are cut into workers·k shards of equal size, and each worker gets k shards at random, so
+    it sees about k classes. Ties are ordered by a seeded permutation, leftovers (n mod
+    workers·k) are left out; shares are drawn once from the seed and reshuffled every epoch.
+    """
+
+    name = "pathological"
+    k: int = 2
+    _shares: tuple | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ConfigError(expected("pathological.k", self.k, "an integer >= 1 (shards per worker)"))
+
+    def bind(self, labels, world_size, seed):
+        return self._with_shares(pathological_shares(labels, world_size, self.k, seed))
+
+
+def pathological_shares(labels: Any, world_size: int, k: int, seed: int) -> list[torch.Tensor]:
+    """McMahan et al.'s draw: label-sorted shards, k of them to each worker at random."""
+    y = _class_labels(labels, "pathological")
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(y), generator=generator)            # ties in a seeded order
+    order = order[torch.sort(y[order], stable=True).indices]       # then sorted by label
+    shards = world_size * k
+    size = len(y) // shards
+    if size < 1:
+        raise DataError(f"partition 'pathological(k={k})' needs at least workers·k = {shards} training "
+                        f"samples; there are {len(y)}")
+    pieces = order[:size * shards].reshape(shards, size)
+    dealt = torch.randperm(shards, generator=generator).reshape(world_size, k)
+    return [pieces[row].reshape(-1).sort().values for row in dealt]
+
+
+@dataclass(frozen=True, eq=False)
+class PowerLaw(Partition):
+    """Disjoint IID shares whose sizes follow a power law, the unbalanced setting of Li et
+    al. 2020 ("Federated Optimization in Heterogeneous Networks", FedProx), where the samples
+    per device follow a power law: worker r's share is ∝ (r+1)^−alpha (worker 0's the
+    largest), at least one sample each, all n samples used; which samples, is drawn from the
+    seed. Merges weight each replica by the samples it trained on.
+    """
+
+    name = "powerlaw"
+    alpha: float = 1.0
+
+    def __post_init__(self):
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) \
+                or not 0 <= self.alpha < float("inf"):
+            raise ConfigError(expected("powerlaw.alpha", self.alpha, "a finite number >= 0 (0: equal shares)"))
+
+    def sizes(self, n, world_size):
+        return powerlaw_sizes(n, world_size, self.alpha)
+
+    def indices(self, n, world_size, rank, epoch, seed):
+        ends = torch.tensor(self.sizes(n, world_size)).cumsum(0).tolist()
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))  # the same every epoch
+        share = order[(ends[rank - 1] if rank else 0):ends[rank]]
+        return share[torch.randperm(len(share), generator=_replica_generator(seed, epoch, rank))]
+
+
+def powerlaw_sizes(n: int, world_size: int, alpha: float) -> list[int]:
+    """n split into world_size sizes ∝ (r+1)^−alpha, largest first, each >= 1 (when n allows),
+    rounded by largest remainder so that they add up to n."""
+    if n < world_size:
+        return [1] * n + [0] * (world_size - n)
+    weights = [(r + 1) ** -alpha for r in range(world_size)]
+    spare = n - world_size  # one sample each first, the rest by the power law
+    exact = [spare * w / sum(weights) for w in weights]
+    sizes = [1 + int(e) for e in exact]
+    for r in sorted(range(world_size), key=lambda r: int(exact[r]) - exact[r])[:n - sum(sizes)]:
+        sizes[r] += 1
+    return sizes
+
+
+def _class_labels(labels: Any, name: str) -> torch.Tensor:
+    y = torch.as_tensor(labels)
+    if y.dim() != 1 or y.is_floating_point() or y.is_complex():
+        raise ConfigError(f"partition {name!r} needs integer class labels (a classification task)")
+    return y.cpu()
+
+
 def describe(partition: Any, labels: Any, workers: int, seed: int = 0) -> str:
     """A table of how many samples of each class every worker trains on (epoch 0)."""
     y = torch.as_tensor(labels)
@@ -246,7 +339,7 @@ def describe(partition: Any, labels: Any, workers: int, seed: int = 0) -> str:
     return "\n".join(lines)
 
 
-REGISTRY: dict[str, type[Partition]] = {"shard": Shard, "full": Full, "dirichlet": Dirichlet}
+REGISTRY: dict[str, type[Partition]] = {cls.name: cls for cls in (Shard, Full, Dirichlet, Pathological, PowerLaw)}
 NAMES = tuple(REGISTRY)
 
 
