@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("unison: interrupted", file=sys.stderr)
             return 130
-    for warning in caught:
-        warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+    for warning in caught:  # one line each, like the errors
+        print(f"unison: warning: {' '.join(str(warning.message).split())}", file=sys.stderr)
     return status
 
 
