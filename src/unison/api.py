@@ -8,10 +8,12 @@ unison.plan.
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+from safetensors.torch import load_file
 from torch import nn
 
 from . import launch, rundir
@@ -19,6 +21,7 @@ from . import plan as plans
 from .config import RunConfig, TrainConfig, from_dict
 from .data import prepare
 from .errors import ConfigError, WorkerError
+from .history import read_jsonl
 from .launch.torchrun import world_size as torchrun_world_size
 from .models import mlp
 from .plan import HISTORY_FILE, MODEL_FILE, RESUME_HINT
@@ -44,12 +47,13 @@ def fit(model: nn.Module | Callable[[], nn.Module], data: Any, val: Any = None, 
         progress: bool = True, log_dir: str | Path | None = None, timeout: float = 300.0,
         device: str = "cpu", replicas_per_worker: int = 1,
         checkpoint_every: int | str | None = None, checkpoint_dir: str | Path | None = None,
-        keep_checkpoints: int = 2, nan: str = "stop", resume: bool = False) -> Result:
+        keep_checkpoints: int = 2, nan: str = "stop", resume: bool = False, label: str | None = None) -> Result:
     """Train ``workers`` replicas of ``model`` on ``data`` with ``strategy`` and merge them.
 
     ``model``: an nn.Module (its weights are every replica's start) or a zero-argument factory
     (called under ``torch.manual_seed(seed)``). ``data``/``val``: (X, y) arrays or tensors, a
-    torch Dataset, or a built-in name; ``val`` may also be a fraction to hold out.
+    torch Dataset, a built-in name or a .csv/.npz/.pt file (``label``: a CSV file's label
+    column, default the last); ``val`` may also be a fraction to hold out.
     ``workers``: 2 by default, torchrun's WORLD_SIZE on backend="torchrun".
     ``schedule``: None, "cosine", "step(every=10, gamma=0.1)" or "warmup(100)" (unison.schedules);
     ``penalty``: "l2(λ)", "l1(λ)", "elastic(λ1, λ2)"; ``constraint``: "max_norm(c)",
@@ -76,15 +80,16 @@ def fit(model: nn.Module | Callable[[], nn.Module], data: Any, val: Any = None, 
         checkpoint_dir=str(checkpoint_dir) if isinstance(checkpoint_dir, Path) else checkpoint_dir)
     return run(config, model, data, val, optimizer=optimizer if callable(optimizer) else None,
                loss=loss if callable(loss) else None, progress=progress, log_dir=log_dir, resume=resume,
-               started=started)
+               started=started, label=label)
 
 
 def run(config: TrainConfig, model: nn.Module | Callable[[], nn.Module], data: Any, val: Any = None, *,
         optimizer: Callable | None = None, loss: Callable | None = None, progress: bool = True,
-        log_dir: str | Path | None = None, resume: bool = False, started: float | None = None) -> Result:
+        log_dir: str | Path | None = None, resume: bool = False, started: float | None = None,
+        label: str | None = None) -> Result:
     """fit() for a TrainConfig: ``optimizer``/``loss`` are the callables it calls "custom"."""
     plan = plans.resolve(config, model, data, val, optimizer=optimizer, loss=loss, log_dir=log_dir,
-                         resume=resume, progress=progress, started=started)
+                         resume=resume, progress=progress, started=started, label=label)
     return plan.finish(plan.launch())
 
 
@@ -106,6 +111,12 @@ def train(run_config: RunConfig, *, out: str | Path | None = None, resume: bool 
                           "must find the same run directory (the default name has the time in it)")
     out = Path(out) if out is not None else rundir.default_out("train")
     writer = launcher.is_writer()
+    if launcher.restarted() and (checkpointing or not overwrite) and _published(out):
+        # Every rank had finished and rank 0 had published the run before one rank failed.
+        if writer:
+            print(f"unison: run {out} was already complete (rank 0 published it before the failure); "
+                  "nothing to do", file=sys.stderr)
+        return _published_result(run_config, out), out
     # Train into a scratch folder; the run folder appears (or is replaced) only on success.
     scratch = rundir.training_dir(out, checkpointing=checkpointing, resume=resume, overwrite=overwrite,
                                   restarted=launcher.restarted(), writer=writer)
@@ -113,15 +124,7 @@ def train(run_config: RunConfig, *, out: str | Path | None = None, resume: bool 
         scratch.mkdir(parents=True, exist_ok=True)
         (scratch / rundir.CONFIG_FILE).write_text(run_config.to_toml())
     plans.start_early(cfg)  # the workers' interpreter starts while the data is loaded
-    data_config = run_config.data
-    data = prepare(data_config.dataset, seed=cfg.seed, val_fraction=data_config.val_fraction, loss=cfg.loss,
-                   label=data_config.label)
-    model_config = run_config.model
-
-    def model() -> nn.Module:  # a factory: the plan builds it under the run's seed, so runs repeat
-        return mlp(data.features, list(model_config.hidden), data.outputs, activation=model_config.activation,
-                   dropout=model_config.dropout, batchnorm=model_config.batchnorm)
-
+    data, model = _data_and_model(run_config)
     succeeded = False
     try:
         # checkpoints go to the scratch folder's checkpoints/ unless the run file names a folder
@@ -141,3 +144,33 @@ def train(run_config: RunConfig, *, out: str | Path | None = None, resume: bool 
             shutil.rmtree(scratch, ignore_errors=True)
     return result, out
 
+
+def _data_and_model(run_config: RunConfig) -> tuple[Any, Callable[[], nn.Module]]:
+    """A run file's training data, and its model as a factory (the plan builds it under the
+    run's seed, so runs repeat)."""
+    data_config, model_config, cfg = run_config.data, run_config.model, run_config.train
+    data = prepare(data_config.dataset, seed=cfg.seed, val_fraction=data_config.val_fraction, loss=cfg.loss,
+                   label=data_config.label)
+
+    def model() -> nn.Module:
+        return mlp(data.features, list(model_config.hidden), data.outputs, activation=model_config.activation,
+                   dropout=model_config.dropout, batchnorm=model_config.batchnorm)
+
+    return data, model
+
+
+def _published(out: Path) -> bool:
+    """Whether ``out`` holds a finished run (its model and history) and nothing is unfinished."""
+    return all((out / name).is_file() for name in (MODEL_FILE, HISTORY_FILE)) and not rundir.partial_dir(out).exists()
+
+
+def _published_result(run_config: RunConfig, out: Path) -> Result:
+    """The Result of a run already written to ``out``: its model and history read back."""
+    data, model = _data_and_model(run_config)
+    built = model()
+    built.load_state_dict(load_file(out / MODEL_FILE))
+    history = read_jsonl(out / HISTORY_FILE)
+    cfg = run_config.train
+    wall_s = float(history[-1].get("wall_s", 0.0)) if history else 0.0
+    return Result(model=built, history=history, config=cfg, workers=plans.world_size(cfg), startup_s=0.0,
+                  wall_s=wall_s, data_name=data.name)

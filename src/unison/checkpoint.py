@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import stat
 import warnings
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from .errors import CheckpointError
 
 FORMAT = "unison-checkpoint/1"
 MANIFEST, STATE, MODEL = "MANIFEST.json", "state.json", "model.safetensors"
+LOCK = "writer.lock"  # in the checkpoint folder itself (not a ckpt-* directory): who writes there
 REPLICA_META = "unison"  # the key of a replica file's JSON in its safetensors metadata
 MAX_WORLD_SIZE = 65536    # replicas a checkpoint may have
 MANIFEST_LIMIT = 16 << 20  # bytes: room for MAX_WORLD_SIZE entries of ~150 bytes (10 MB)
@@ -238,6 +240,76 @@ def prune(directory: str | Path, keep: int, newest: int) -> None:
             shutil.rmtree(directory / directory_name(step), ignore_errors=True)
     for leftover in directory.glob(".ckpt-*"):  # one writer per run, and it has finished
         shutil.rmtree(leftover, ignore_errors=True)
+
+
+# ---- one writer per checkpoint folder --------------------------------------------------------
+
+def lock(directory: str | Path) -> Path:
+    """Claim ``directory`` for this process's checkpoints: a file ``writer.lock`` created with
+    O_EXCL, holding this process's PID and host. Another live writer's lock is a CheckpointError
+    naming it; one left by a dead process on this host is taken over with a CheckpointWarning.
+    Release it with ``unlock``. (Two writers would each prune the other's checkpoints.)"""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / LOCK
+    mine = json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode()
+    for _ in range(3):  # a stale lock removed, then created by us (or a racing writer)
+        try:
+            handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except FileExistsError:
+            holder = _holder(path)
+            if holder is None or _alive(holder):
+                raise CheckpointError(_held_message(directory, holder)) from None
+            warnings.warn(f"checkpoint_dir={str(directory)!r}: taking over the lock of process "
+                          f"{holder['pid']} on this host, which is no longer running", CheckpointWarning,
+                          stacklevel=2)
+            path.unlink(missing_ok=True)
+            continue
+        with open(handle, "wb") as sink:
+            sink.write(mine)
+        return path
+    raise CheckpointError(_held_message(directory, _holder(path)))
+
+
+def unlock(directory: str | Path) -> None:
+    """Release ``lock(directory)``; a lock that another process holds now is left alone."""
+    path = Path(directory) / LOCK
+    holder = _holder(path)
+    if holder is not None and holder["pid"] == os.getpid() and holder["host"] == socket.gethostname():
+        path.unlink(missing_ok=True)
+
+
+def _holder(path: Path) -> dict[str, Any] | None:
+    """The lock's {pid, host}; None when it cannot be read as one (refused: it may be live)."""
+    try:
+        with open(os.open(path, _OPEN), "rb") as source:
+            value = json.loads(source.read(4096))
+    except (OSError, ValueError):
+        return None
+    if type(value) is dict and _int(1)(value.get("pid")) and type(value.get("host")) is str:
+        return value
+    return None
+
+
+def _alive(holder: dict[str, Any]) -> bool:
+    """Whether the lock's process may still be running (always so on another host)."""
+    if holder["host"] != socket.gethostname():
+        return True
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, run by another user
+        return True
+    return True
+
+
+def _held_message(directory: Path, holder: dict[str, Any] | None) -> str:
+    who = (f"process {holder['pid']} on host {holder['host']!r}" if holder is not None
+           else "another process (its lock file cannot be read)")
+    return (f"checkpoint_dir={str(directory)!r} is being written by {who}: two runs writing one "
+            "checkpoint folder would delete each other's checkpoints; wait for it to finish, or "
+            f"choose another checkpoint_dir (if that process is gone, remove {str(directory / LOCK)!r})")
 
 
 # ---- reading -------------------------------------------------------------------------------

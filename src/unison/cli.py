@@ -1,13 +1,15 @@
 """`unison train|compare|report|demo`: a thin layer that maps TOML run files and flags onto
 fit() and compare().
 
-Every unison error becomes one line on stderr and exit status 2, never a traceback.
+Every unison error, and any filesystem error, becomes one line on stderr and exit status 2,
+never a traceback; warnings raised by a command that fails are not printed before that line.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from . import config as run_config
@@ -66,14 +68,40 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        return {"train": _train, "compare": _compare, "report": _report, "demo": _demo}[args.command](args)
-    except UnisonError as exc:
-        print(f"unison: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("unison: interrupted", file=sys.stderr)
-        return 130
+    command = {"train": _train, "compare": _compare, "report": _report, "demo": _demo}[args.command]
+    # Warnings wait for the command's end: printed if it succeeds, dropped if it fails (its
+    # error is then the one line on stderr).
+    with warnings.catch_warnings(record=True) as caught:
+        try:
+            status = command(args)
+        except UnisonError as exc:
+            return _error(str(exc))
+        except OSError as exc:  # a full disk, a folder that vanished, ...: the path and the reason
+            return _error(_os_error(exc))
+        except KeyboardInterrupt:
+            print("unison: interrupted", file=sys.stderr)
+            return 130
+    for warning in caught:  # one line each, like the errors
+        print(f"unison: warning: {' '.join(str(warning.message).split())}", file=sys.stderr)
+    return status
+
+
+def _error(message: str) -> int:
+    print(f"unison: error: {' '.join(message.split())}", file=sys.stderr)  # one line, always
+    return 2
+
+
+def _os_error(exc: OSError) -> str:
+    paths = " -> ".join(repr(str(p)) for p in (exc.filename, exc.filename2) if p is not None)
+    reason = exc.strerror or str(exc)
+    return f"{paths}: {reason}" if paths else reason
+
+
+def _run_file(path: str) -> str:
+    """A run file's path, refused if it is a folder (reading it would be an IsADirectoryError)."""
+    if Path(path).is_dir():
+        raise ConfigError(f"run file {path!r} is a directory; expected a TOML file")
+    return path
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -84,7 +112,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.resume and args.out:
         raise ConfigError("--resume RUN_DIR continues into RUN_DIR; leave out --out")
     out = rundir.run_dir_of(args.resume) if args.resume else args.out
-    cfg = run_config.load(rundir.resume_config(out) if args.resume else args.run_file, args.sets)
+    cfg = run_config.load(rundir.resume_config(out) if args.resume else _run_file(args.run_file), args.sets)
     result, out = train(cfg, out=out, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.quiet)
     if launch.get(cfg.train.backend).is_writer():
         print(result.summary())
@@ -103,7 +131,7 @@ def _compare(args: argparse.Namespace) -> int:
     raw: dict = DEFAULTS
     if args.run_file:
         try:
-            raw = tomllib.loads(Path(args.run_file).read_text())
+            raw = tomllib.loads(Path(_run_file(args.run_file)).read_text())
         except FileNotFoundError:
             raise ConfigError(f"run file {args.run_file!r} does not exist") from None
         except tomllib.TOMLDecodeError as exc:

@@ -121,7 +121,7 @@ class TrainConfig:
         check_float("weight_decay", self.weight_decay, low=0.0)
         if self.loss is not None and self.loss != "custom":
             check_choice("loss", self.loss, LOSSES)
-        check_int("seed", self.seed, minimum=0)
+        check_int("seed", self.seed, minimum=0, maximum=2**63 - 1)  # what every generator it seeds accepts
         check_float("timeout", self.timeout, low=0.0, low_open=True)
         self._check_reliability()
         # parse() raises ConfigError naming the accepted names and options.

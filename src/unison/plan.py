@@ -28,7 +28,7 @@ from .engine.checkpointer import data_fingerprint
 from .engine.job import CheckpointSettings, Job, OptimizerSettings, Outcome
 from .engine.replica import resolve_loss
 from .engine.stacked import check_vmappable
-from .errors import CheckpointError, ConfigError, DataError, WorkerError, expected
+from .errors import CheckpointError, ConfigError, DataError, UnisonError, WorkerError, expected
 from .history import with_throughput, write_jsonl
 from .launch.base import Backend
 from .result import Result
@@ -50,6 +50,7 @@ class Plan:
     replicas: int            # replicas in all: what partitions and merges count
     job: Job
     log_dir: Path | None     # this process writes the run's log there (None: not the writer)
+    locked: str | None = None  # the checkpoint folder this process holds the lock of, until launch() ends
 
     def launch(self) -> Outcome:
         try:
@@ -57,6 +58,9 @@ class Plan:
         except WorkerError as exc:
             _name_checkpoint(exc, self.job.checkpoint.directory if self.job.checkpoint else None)
             raise
+        finally:
+            if self.locked is not None:
+                checkpoints.unlock(self.locked)
 
     def finish(self, outcome: Outcome) -> Result:
         merged = copy.deepcopy(self.job.model)
@@ -83,9 +87,11 @@ def start_early(config: TrainConfig) -> None:
 
 def resolve(config: TrainConfig, model: nn.Module | Callable[[], nn.Module], data: Any, val: Any = None, *,
             optimizer: Callable | None = None, loss: Callable | None = None, log_dir: str | Path | None = None,
-            resume: bool = False, progress: bool = True, started: float | None = None) -> Plan:
+            resume: bool = False, progress: bool = True, started: float | None = None,
+            label: str | None = None) -> Plan:
     """The Plan of one run; raises unison.errors exceptions for anything that cannot work,
-    before any worker starts. ``optimizer``/``loss``: the callables a config calls "custom"."""
+    before any worker starts. ``optimizer``/``loss``: the callables a config calls "custom";
+    ``label``: a CSV file's label column (unison.data.prepare)."""
     started = time.time() if started is None else started
     if not isinstance(resume, bool):
         raise ConfigError(expected("resume", resume, "True or False"))
@@ -118,7 +124,7 @@ def resolve(config: TrainConfig, model: nn.Module | Callable[[], nn.Module], dat
         optimizer_settings.build([])  # raises: 'custom' names a callable that was not given
     if config.loss == "custom" and loss is None:
         resolve_loss("custom", CLASSIFICATION)  # raises likewise
-    train = prepare(data, val, seed=config.seed, loss=None if config.loss == "custom" else config.loss)
+    train = prepare(data, val, seed=config.seed, loss=None if config.loss == "custom" else config.loss, label=label)
     if replicas > len(train.x):
         raise ConfigError(expected("workers", replicas, f"at most the {len(train.x)} training samples"))
     # A label-aware partition (dirichlet) draws its shares from the training labels here, once.
@@ -151,16 +157,28 @@ def resolve(config: TrainConfig, model: nn.Module | Callable[[], nn.Module], dat
         # A custom optimizer factory is tried once here, so that its errors come before any
         # worker. (A named optimizer is fully checked by TrainConfig; building one without need
         # would cost the caller torch's lazy import of torch._dynamo, ~0.7 s.)
-        probe = optimizer_settings.build(copy.deepcopy(start_model).parameters())
+        probe = _called("optimizer factory", optimizer_settings.build, copy.deepcopy(start_model).parameters(),
+                        given=optimizer)
         if settings is not None:  # its settings must fit in JSON: fail now, not mid-run
             checkpoints.flatten_optimizer(probe.state_dict(), "")
-    job.resume = _resume_point(config, checkpoint_dir, resume, train, start_model, replicas, writer)
-    if log_path is not None:
-        log_path.mkdir(parents=True, exist_ok=True)
-        write_jsonl(log_path / HISTORY_FILE, job.resume.state["history"] if job.resume else [])
+    # One writer per checkpoint folder, claimed before its checkpoints are read (and released
+    # by launch()): a second run there would prune the first one's checkpoints, and the first the second's.
+    locked = checkpoint_dir if settings is not None and writer else None
+    if locked is not None:
+        checkpoints.lock(locked)
+    try:
+        job.resume = _resume_point(config, checkpoint_dir, resume, train, start_model, replicas, writer)
+        if log_path is not None:
+            log_path.mkdir(parents=True, exist_ok=True)
+            write_jsonl(log_path / HISTORY_FILE, job.resume.state["history"] if job.resume else [])
+    except BaseException:
+        if locked is not None:
+            checkpoints.unlock(locked)
+        raise
     resolved = copy.copy(config)  # the settings as run: the partition bound to the labels (no re-validation)
     object.__setattr__(resolved, "partition", partition)
-    return Plan(config=resolved, backend=backend, world_size=size, replicas=replicas, job=job, log_dir=log_path)
+    return Plan(config=resolved, backend=backend, world_size=size, replicas=replicas, job=job, log_dir=log_path,
+                locked=locked)
 
 
 def _check_backend(config: TrainConfig, backend: Backend, size: int) -> None:
@@ -273,12 +291,26 @@ def _start_model(model: Any, seed: int) -> nn.Module:
     if callable(model):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            built = model()
+            built = _called("model factory", model)
         if not isinstance(built, nn.Module):
             raise ConfigError(expected("model", f"a factory returning {type(built).__name__}",
                                        "an nn.Module or a zero-argument callable returning one"))
         return built.cpu()
     raise ConfigError(expected("model", type(model).__name__, "an nn.Module or a zero-argument callable returning one"))
+
+
+def _called(what: str, function: Callable, *args: Any, given: Any = None) -> Any:
+    """``function(*args)``, which calls ``given`` (default: ``function``), a callable the user
+    gave; what it raises becomes a ConfigError naming it, before any worker starts (the same
+    call would fail in every worker)."""
+    try:
+        return function(*args)
+    except UnisonError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's code: any exception is its failure
+        given = function if given is None else given
+        name = getattr(given, "__qualname__", type(given).__name__)
+        raise ConfigError(f"the {what} {name!r} raised {type(exc).__name__}: {exc}") from exc
 
 
 def _check_batchnorm(model: nn.Module, shares: list[int], batch_size: int) -> None:
@@ -304,6 +336,7 @@ def _check_model(model: nn.Module, data: TrainData, loss: Any) -> None:
         raise DataError(f"model cannot run on the data (input shape {tuple(data.x.shape[1:])}): "
                         f"{type(exc).__name__}: {exc}") from None
     if callable(loss):
+        _called("loss callable", loss, out, data.y[:2])
         return
     if not isinstance(out, torch.Tensor):
         raise ConfigError(f"model returns {type(out).__name__}; expected a tensor of outputs")

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save_file
+from safetensors.torch import save as save_tensors
 from torch import nn
 
 from .config import TrainConfig
@@ -57,5 +57,6 @@ class Result:
         return "\n".join(lines)
 
     def save_model(self, path: str | Path) -> None:
-        """The merged model's state_dict as safetensors (no pickle)."""
-        save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, str(path))
+        """The merged model's state_dict as safetensors (no pickle), with the mode every other
+        file gets (0666 less the umask; safetensors' save_file would make it 0600)."""
+        Path(path).write_bytes(save_tensors({k: v.contiguous() for k, v in self.model.state_dict().items()}))
