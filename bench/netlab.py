@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import os
 import shutil
 import signal
@@ -31,6 +32,7 @@ from pathlib import Path
 
 SUBNET = "10.213.0"
 PORT = 29400
+_PAIRS = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,7 @@ def available() -> str | None:
 def two_hosts(rate: str | None = None):
     """Two namespaced hosts joined by a veth pair, the link limited to ``rate`` (e.g. "100mbit")
     in both directions when given; yields (host0, host1) and removes everything afterwards."""
-    tag = f"{os.getpid() % 100000}"
+    tag = f"{os.getpid() % 10000}{next(_PAIRS)}"  # a fresh name (and rendezvous port) per pair
     hosts = [Host(f"unison-h{i}-{tag}", f"ulab{i}-{tag}", f"{SUBNET}.{i + 1}") for i in range(2)]
     made: list[str] = []
     try:
@@ -103,12 +105,16 @@ def torchrun_hosts(hosts: tuple[Host, Host], run_file: Path, out: Path, *, nproc
     """Start `torchrun ... -m unison train RUN_FILE --out OUT` in each host's namespace; the
     first host holds the c10d rendezvous. Gloo is told to use the veth device."""
     processes = []
+    port = PORT + int(hosts[0].namespace.rsplit("-", 1)[1]) % 1000  # a rendezvous of this pair's own
+    inherited = {k: v for k, v in os.environ.items()  # no torchrun variables of a caller's group
+                 if not k.startswith(("TORCHELASTIC_", "MASTER_", "GROUP_", "ROLE_")) and k not in
+                 ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
     for rank, host in enumerate(hosts):
-        environment = os.environ | {"GLOO_SOCKET_IFNAME": host.device, "OMP_NUM_THREADS": "1"}
+        environment = inherited | {"GLOO_SOCKET_IFNAME": host.device, "OMP_NUM_THREADS": "1"}
         command = ["ip", "netns", "exec", host.namespace, sys.executable, "-m", "torch.distributed.run",
                    "--nnodes", "2", "--nproc-per-node", str(nproc_per_node), "--node-rank", str(rank),
-                   "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{hosts[0].address}:{PORT}",
-                   "--rdzv-id", "unison-lab", "--local-addr", host.address,
+                   "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{hosts[0].address}:{port}",
+                   "--rdzv-id", hosts[0].namespace, "--local-addr", host.address,
                    *(["--rdzv-conf", "is_host=1"] if rank == 0 else []),
                    "-m", "unison", "train", str(run_file), "--out", str(out), "--quiet", *extra]
         processes.append(subprocess.Popen(command, env=environment, stdout=subprocess.PIPE,
