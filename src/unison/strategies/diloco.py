@@ -25,6 +25,11 @@ class DiLoCo(Strategy):
     The outer step is torch.optim.SGD itself, stepping θ with Δ as its gradient (as torchft's
     DiLoCo does).
 
+    Defaults: the paper's outer lr 0.7 with Nesterov, but outer momentum 0.5, not its 0.9. The
+    paper runs thousands of rounds with AdamW inside; with few rounds and SGD-momentum inner
+    steps (unison's default comparison: 20 rounds on digits), 0.9 oscillates and diverges
+    (README, "Choosing diloco's outer step"). Long runs can set outer_momentum=0.9.
+
     With outer_lr=1 and outer_momentum=0 the outer step lands on the merge itself, so it
     equals ``periodic`` with the same ``every``. Floating buffers (BatchNorm statistics) take
     the merged value directly; the inner optimizers keep their state, as in the paper.
@@ -33,7 +38,7 @@ class DiLoCo(Strategy):
     name = "diloco"
     every: int | str = "epoch"
     outer_lr: float = 0.7
-    outer_momentum: float = 0.9
+    outer_momentum: float = 0.5
     nesterov: bool = True
     merge: merges.Merge = merges.Mean()
 
