@@ -47,7 +47,8 @@ class _Version(argparse.Action):
         super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        parser.exit(0, f"unison {version()}\n")
+        print(f"unison {version()}")  # on stdout, as argparse's own version action does
+        parser.exit(0)
 
 
 def version() -> str:
