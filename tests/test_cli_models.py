@@ -209,3 +209,25 @@ def test_the_cli_module_parses_help_without_importing_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "usage: unison train" in done.stdout and done.stdout.strip().endswith("TORCH False")
+
+
+def test_a_failed_cnn_run_resumes_from_its_recorded_run_file(cnn_run, tmp_path, capsys, monkeypatch):
+    import unison.engine.replica
+
+    run_file = cnn_run(extra="checkpoint_every = 1\n")
+    out = tmp_path / "out"
+    real = unison.engine.replica.Replica.forward_backward
+
+    def forward_backward(self, x, y):  # digits: 12 steps an epoch per worker; fail in epoch 3
+        if self.step + 1 == 30:
+            raise RuntimeError("power cut")
+        return real(self, x, y)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(unison.engine.replica.Replica, "forward_backward", forward_backward)
+        assert main(["train", str(run_file), "--out", str(out), "--quiet"]) == 2
+    assert "power cut" in capsys.readouterr().err
+    run_file.unlink()  # --resume needs only the run folder's config.toml (and the model file)
+    monkeypatch.chdir("/")
+    assert main(["train", "--resume", str(out), "--quiet"]) == 0, capsys.readouterr().err
+    _check_cnn_run(out, tmp_path)
