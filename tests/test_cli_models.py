@@ -64,8 +64,8 @@ lr = 0.1
 
 @pytest.fixture
 def cnn_run(tmp_path):
-    """A run file naming SmallCNN in cnn.py beside it, by a relative path."""
-    (tmp_path / "models").mkdir()
+    """A run file naming SmallCNN in models/cnn.py beside it, by a relative path."""
+    (tmp_path / "models").mkdir(exist_ok=True)
     (tmp_path / "models" / "cnn.py").write_text(CNN)
 
     def write(backend="threads", class_path="models/cnn.py:SmallCNN", extra=""):
@@ -106,6 +106,21 @@ def test_a_cnn_from_a_file_trains_on_processes(cnn_run, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["train", str(cnn_run("processes")), "--out", str(out), "--quiet"]) == 0, capsys.readouterr().err
     _check_cnn_run(out, tmp_path)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(240)
+def test_a_cnn_from_a_file_trains_under_torchrun_as_on_threads(cnn_run, tmp_path, capsys):
+    import torch
+    from torchrun_runs import torchrun_train
+
+    cnn_run()  # writes models/cnn.py
+    done, out = torchrun_train(RUN.format(class_path="models/cnn.py:SmallCNN", backend="threads"), tmp_path)
+    assert "backend=torchrun" in done.stdout and done.stdout.count("run directory:") == 1  # rank 0 only
+    _check_cnn_run(out, tmp_path)
+    assert main(["train", str(cnn_run()), "--out", str(tmp_path / "threads"), "--quiet"]) == 0
+    on_threads, on_torchrun = load_file(tmp_path / "threads" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert all(torch.allclose(on_threads[k], on_torchrun[k], atol=1e-5, rtol=0) for k in on_threads)
 
 
 def test_a_module_class_path_and_a_factory_function(tmp_path, monkeypatch):

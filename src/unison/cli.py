@@ -170,7 +170,7 @@ def _train(args: argparse.Namespace) -> int:
         print(cfg.to_toml(), end="")
         return 0
     result, out = train(cfg, out=out, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.quiet)
-    if launch.get(cfg.train.backend).is_writer():
+    if launch.get(result.config.backend).is_writer():  # under torchrun the run's backend became torchrun
         print(result.summary())
         print(f"run directory: {out}")
     return 0
