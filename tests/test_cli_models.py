@@ -129,9 +129,9 @@ def test_a_module_class_path_and_a_factory_function(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     cfg = config.from_dict({"model": {"class_path": "my_models_pkg:SmallCNN", "init_args": {"channels": 2}}})
     assert cfg.model.class_path == "my_models_pkg:SmallCNN"  # a module path is kept as it is
-    assert cfg.model.factory(64, 10)().conv.out_channels == 2
+    assert cfg.model.factory()().conv.out_channels == 2
     made = config.from_dict({"model": {"class_path": "my_models_pkg:make", "init_args": {"width": 10}}})
-    assert made.model.factory(64, 10)().out_features == 10
+    assert made.model.factory()().out_features == 10
 
 
 @pytest.mark.parametrize("class_path, init_args, words", [

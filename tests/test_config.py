@@ -66,4 +66,7 @@ def test_a_class_path_model_round_trips_through_toml(tmp_path):
     again.parent.mkdir()
     again.write_text(loaded.to_toml())
     assert config.load(again) == loaded
-    assert loaded.model.factory(0, 0)().weight.shape == (2, 4)
+    assert loaded.model.factory()().weight.shape == (2, 4)
+    wider = config.load(run, ["model.init_args.out_features=3"])
+    assert wider.model.init_args == {"in_features": 4, "out_features": 3}
+    assert loaded.model.init_args["out_features"] == 2  # the first load's table is not changed

@@ -203,7 +203,7 @@ def _compare(args: argparse.Namespace) -> int:
     # Every [train] setting but the strategy applies to every run (compare forwards them to fit).
     train = {f.name: getattr(cfg.train, f.name) for f in fields(cfg.train) if f.name != "strategy"}
     # compare() sizes a ModelConfig as an MLP; a class_path model goes as its factory
-    model = cfg.model if cfg.model.class_path is None else cfg.model.factory(0, 0)
+    model = cfg.model if cfg.model.class_path is None else cfg.model.factory()
     result = compare(model, cfg.data.dataset, cfg.data.val_fraction, label=cfg.data.label,
                      strategies=strategies, target=target,
                      target_fraction=options.get("target_fraction", TARGET_FRACTION), out=args.out,

@@ -92,9 +92,12 @@ class ModelConfig:
         target = classpath.load("model.class_path", self.class_path)
         classpath.check_args("model.init_args", self.class_path, target, self.init_args)
 
-    def factory(self, inputs: int, outputs: int) -> Callable[[], Any]:
-        """A zero-argument factory of this model; ``inputs``/``outputs`` size the MLP only."""
+    def factory(self, inputs: int | None = None, outputs: int | None = None) -> Callable[[], Any]:
+        """A zero-argument factory of this model; ``inputs``/``outputs`` (from the data) size the
+        MLP and are not needed for a class_path model."""
         if self.class_path is None:
+            if inputs is None or outputs is None:
+                raise ConfigError("the built-in MLP needs its inputs and outputs (from the data)")
             return lambda: mlp(inputs, list(self.hidden), outputs, activation=self.activation,
                                dropout=self.dropout, batchnorm=self.batchnorm)
         target = classpath.load("model.class_path", self.class_path)
@@ -278,6 +281,12 @@ def from_dict(raw: Mapping[str, Any], overrides: Mapping[str, Any] | None = None
         section, _, name = key.partition(".")
         if section not in SECTIONS or not name:
             raise ConfigError(expected("--set key", key, "data.<name>, model.<name> or train.<name>"))
+        if section == "model" and name.startswith("init_args.") and name != "init_args.":
+            args = tables.setdefault("model", {}).setdefault("init_args", {})
+            if not isinstance(args, Mapping):
+                raise ConfigError(expected("model.init_args", args, "a table of keyword arguments"))
+            tables["model"]["init_args"] = {**args, name.removeprefix("init_args."): value}
+            continue
         tables.setdefault(section, {})[name] = value
     built = {}
     for name, cls in SECTIONS.items():
