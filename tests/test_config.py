@@ -52,3 +52,21 @@ def test_unknown_table_is_refused():
 def test_model_table_is_checked():
     with pytest.raises(ConfigError, match="model.activation='swish'"):
         config.from_dict({"model": {"activation": "swish"}})
+
+
+def test_a_class_path_model_round_trips_through_toml(tmp_path):
+    (tmp_path / "net.py").write_text("from torch import nn\n\nclass Net(nn.Linear):\n    pass\n")
+    run = tmp_path / "run.toml"
+    run.write_text('[model]\nclass_path = "net.py:Net"\n[model.init_args]\nin_features = 4\nout_features = 2\n')
+    loaded = config.load(run)
+    assert loaded.model.class_path == f"{tmp_path / 'net.py'}:Net"  # resolved against the run file's folder
+    assert loaded.model.init_args == {"in_features": 4, "out_features": 2}
+    assert "hidden" not in loaded.to_dict()["model"]
+    again = tmp_path / "elsewhere" / "config.toml"
+    again.parent.mkdir()
+    again.write_text(loaded.to_toml())
+    assert config.load(again) == loaded
+    assert loaded.model.factory()().weight.shape == (2, 4)
+    wider = config.load(run, ["model.init_args.out_features=3"])
+    assert wider.model.init_args == {"in_features": 4, "out_features": 3}
+    assert loaded.model.init_args["out_features"] == 2  # the first load's table is not changed

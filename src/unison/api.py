@@ -23,7 +23,6 @@ from .data import prepare
 from .errors import ConfigError, WorkerError
 from .history import read_jsonl
 from .launch.torchrun import world_size as torchrun_world_size
-from .models import mlp
 from .plan import HISTORY_FILE, MODEL_FILE, RESUME_HINT
 from .result import Result
 
@@ -147,16 +146,12 @@ def train(run_config: RunConfig, *, out: str | Path | None = None, resume: bool 
 
 def _data_and_model(run_config: RunConfig) -> tuple[Any, Callable[[], nn.Module]]:
     """A run file's training data, and its model as a factory (the plan builds it under the
-    run's seed, so runs repeat)."""
+    run's seed, so runs repeat): the MLP sized to the data, or the class_path's model."""
     data_config, model_config, cfg = run_config.data, run_config.model, run_config.train
     data = prepare(data_config.dataset, seed=cfg.seed, val_fraction=data_config.val_fraction, loss=cfg.loss,
                    label=data_config.label)
 
-    def model() -> nn.Module:
-        return mlp(data.features, list(model_config.hidden), data.outputs, activation=model_config.activation,
-                   dropout=model_config.dropout, batchnorm=model_config.batchnorm)
-
-    return data, model
+    return data, model_config.factory(data.features, data.outputs)
 
 
 def _published(out: Path) -> bool:

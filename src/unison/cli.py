@@ -3,6 +3,9 @@ fit() and compare().
 
 Every unison error, and any filesystem error, becomes one line on stderr and exit status 2,
 never a traceback; warnings raised by a command that fails are not printed before that line.
+
+Parsing the arguments imports no torch: ``unison --help`` and ``--version`` answer at once, and
+each command imports what it runs (unison's modules, and with them torch) in its handler.
 """
 
 from __future__ import annotations
@@ -12,18 +15,63 @@ import sys
 import warnings
 from pathlib import Path
 
-from . import config as run_config
-from . import launch, rundir
-from .errors import ConfigError, UnisonError
+from .errors import ConfigError, UnisonError  # errors imports nothing else
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):  # one line, like every other unison error
         self.exit(2, f"unison: error: {message} (see `{self.prog} --help`)\n")
 
 
+_BACKENDS = "<the backends compare can run>"  # filled in when the help is shown
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Fills in the backends' names only when a help text is shown, so that building the parser
+    imports nothing heavy (they come from unison.launch, which imports torch)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.help and _BACKENDS in action.help:
+            return action.help.replace(_BACKENDS, _in_process_backends())
+        return action.help
+
+
+class _Version(argparse.Action):
+    """--version: looked up only when asked for."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"unison {version()}")  # on stdout, as argparse's own version action does
+        parser.exit(0)
+
+
+def version() -> str:
+    """The installed distribution's version, else the package's own ``__version__``."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("unison")
+    except metadata.PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
+def _in_process_backends() -> str:
+    from . import launch
+
+    return ", ".join(name for name, b in launch.REGISTRY.items() if b.in_process)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="unison", description="Train replicas of a network in parallel and merge them.")
+    parser.add_argument("--version", action=_Version, help="print unison's version and exit")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = commands.add_parser("train", help="train one run described by a TOML file")
@@ -35,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="run directory (default runs/<date-time>-train)")
     train.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument("--print-config", action="store_true",
+                       help="print the resolved run file (every default filled in, --set applied) as TOML "
+                            "and exit without training")
 
     compare = commands.add_parser(
         "compare", help="train with several strategies and report which reaches a good model fastest",
@@ -45,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--strategies", help="comma-separated, e.g. 'single,sync,periodic(every=8)'")
     compare.add_argument("--dataset", help="a built-in name, 'synthetic(samples=..)' or a .csv/.npz/.pt file")
     compare.add_argument("--workers", type=int, help="workers per run (single always uses one)")
-    compare.add_argument("--backend", help=", ".join(name for name, b in launch.REGISTRY.items() if b.in_process))
+    compare.add_argument("--backend", help=_BACKENDS)
     compare.add_argument("--epochs", type=int, help="epochs per run")
     compare.add_argument("--target", type=float, help="validation accuracy to time (default: 98%% of "
                          "single's best)")
@@ -105,6 +156,8 @@ def _run_file(path: str) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from . import config as run_config
+    from . import launch, rundir
     from .api import train
 
     if (args.run_file is None) == (args.resume is None):
@@ -113,8 +166,11 @@ def _train(args: argparse.Namespace) -> int:
         raise ConfigError("--resume RUN_DIR continues into RUN_DIR; leave out --out")
     out = rundir.run_dir_of(args.resume) if args.resume else args.out
     cfg = run_config.load(rundir.resume_config(out) if args.resume else _run_file(args.run_file), args.sets)
+    if args.print_config:
+        print(cfg.to_toml(), end="")
+        return 0
     result, out = train(cfg, out=out, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.quiet)
-    if launch.get(cfg.train.backend).is_writer():
+    if launch.get(result.config.backend).is_writer():  # under torchrun the run's backend became torchrun
         print(result.summary())
         print(f"run directory: {out}")
     return 0
@@ -124,6 +180,7 @@ def _compare(args: argparse.Namespace) -> int:
     import tomllib
     from dataclasses import fields
 
+    from . import config as run_config
     from .comparison import DEFAULTS, compare, load_settings, runs_from_options
     from .report import REPORT_HTML
     from .summary import TARGET_FRACTION
@@ -136,6 +193,7 @@ def _compare(args: argparse.Namespace) -> int:
             raise ConfigError(f"run file {args.run_file!r} does not exist") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"run file {args.run_file!r} is not valid TOML: {exc}") from None
+        raw = run_config.resolve_paths(raw, Path(args.run_file).parent)  # a model file beside the run file
     flags = {"data.dataset": args.dataset, "train.workers": args.workers, "train.backend": args.backend,
              "train.epochs": args.epochs}
     overrides = run_config.parse_sets(args.sets) | {k: v for k, v in flags.items() if v is not None}
@@ -144,7 +202,9 @@ def _compare(args: argparse.Namespace) -> int:
     target = args.target if args.target is not None else options.get("target")
     # Every [train] setting but the strategy applies to every run (compare forwards them to fit).
     train = {f.name: getattr(cfg.train, f.name) for f in fields(cfg.train) if f.name != "strategy"}
-    result = compare(cfg.model, cfg.data.dataset, cfg.data.val_fraction, label=cfg.data.label,
+    # compare() sizes a ModelConfig as an MLP; a class_path model goes as its factory
+    model = cfg.model if cfg.model.class_path is None else cfg.model.factory()
+    result = compare(model, cfg.data.dataset, cfg.data.val_fraction, label=cfg.data.label,
                      strategies=strategies, target=target,
                      target_fraction=options.get("target_fraction", TARGET_FRACTION), out=args.out,
                      overwrite=args.overwrite, progress=not args.quiet, tensorboard=args.tensorboard, **train)

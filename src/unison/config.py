@@ -3,7 +3,8 @@
 A run file has three tables, one per dataclass::
 
     [data]   dataset = "digits"   val_fraction = 0.2
-    [model]  hidden = [64]        activation = "relu"
+    [model]  hidden = [64]        activation = "relu"      (the built-in MLP), or your own model:
+    [model]  class_path = "cnn.py:Net"   [model.init_args] channels = 8
     [train]  strategy = "periodic(every=epoch)"   workers = 4   epochs = 60   lr = 0.05
 """
 
@@ -13,15 +14,15 @@ import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import tomli_w
 
-from . import partitions, penalties, schedules, strategies
+from . import classpath, partitions, penalties, schedules, strategies
 from .engine.job import OPTIMIZERS
 from .errors import ConfigError, expected
 from .launch import NAMES as BACKENDS
-from .models import ACTIVATIONS
+from .models import ACTIVATIONS, mlp
 from .validators import check_bool, check_choice, check_float, check_int
 
 DEVICE = re.compile(r"cpu|cuda(:\d+)?")
@@ -49,14 +50,24 @@ class DataConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    """An MLP (see unison.models.mlp); inputs and outputs are taken from the data."""
+    """The model: the built-in MLP (see unison.models.mlp; inputs and outputs are taken from the
+    data), or your own, named Lightning-CLI style by ``class_path`` ("package.module:Name" or
+    "path/to/file.py:Name", an nn.Module subclass or a function returning one) and built as
+    ``Name(**init_args)``. A relative file is resolved against the run file's folder when the
+    run file is read (see from_dict's ``base``); the class is imported and its arguments
+    checked here, so a bad one fails before any worker starts."""
 
     hidden: tuple[int, ...] = (64,)
     activation: str = "relu"
     dropout: float = 0.0
     batchnorm: bool = False
+    class_path: str | None = None
+    init_args: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.class_path is not None or self.init_args:
+            self._check_class_path()
+            return
         if isinstance(self.hidden, list):
             object.__setattr__(self, "hidden", tuple(self.hidden))
         if not isinstance(self.hidden, tuple):
@@ -66,6 +77,48 @@ class ModelConfig:
         check_choice("model.activation", self.activation, ACTIVATIONS)
         check_float("model.dropout", self.dropout, low=0.0, high=1.0)
         check_bool("model.batchnorm", self.batchnorm)
+
+    def _check_class_path(self) -> None:
+        if self.class_path is None:
+            raise ConfigError("model.init_args needs model.class_path (the model they are for); the "
+                              f"built-in MLP takes {', '.join(MLP_SETTINGS)} directly under [model]")
+        given = [f.name for f in fields(self) if f.name in MLP_SETTINGS and getattr(self, f.name) != f.default]
+        if given:
+            raise ConfigError(_mixed(given))
+        if not isinstance(self.init_args, Mapping):
+            raise ConfigError(expected("model.init_args", self.init_args, "a table of keyword arguments"))
+        object.__setattr__(self, "init_args", dict(self.init_args))
+        object.__setattr__(self, "class_path", classpath.absolute("model.class_path", self.class_path, None))
+        target = classpath.load("model.class_path", self.class_path)
+        classpath.check_args("model.init_args", self.class_path, target, self.init_args)
+
+    def factory(self, inputs: int | None = None, outputs: int | None = None) -> Callable[[], Any]:
+        """A zero-argument factory of this model; ``inputs``/``outputs`` (from the data) size the
+        MLP and are not needed for a class_path model."""
+        if self.class_path is None:
+            if inputs is None or outputs is None:
+                raise ConfigError("the built-in MLP needs its inputs and outputs (from the data)")
+            return lambda: mlp(inputs, list(self.hidden), outputs, activation=self.activation,
+                               dropout=self.dropout, batchnorm=self.batchnorm)
+        target = classpath.load("model.class_path", self.class_path)
+        return lambda: classpath.build("model.init_args", self.class_path, target, self.init_args)
+
+    def table(self) -> dict[str, Any]:
+        """The [model] table: the MLP's settings, or class_path and init_args."""
+        if self.class_path is None:
+            return {name: _plain(getattr(self, name)) for name in MLP_SETTINGS}
+        table: dict[str, Any] = {"class_path": self.class_path}
+        if self.init_args:
+            table["init_args"] = dict(self.init_args)
+        return table
+
+
+MLP_SETTINGS = ("hidden", "activation", "dropout", "batchnorm")
+
+
+def _mixed(keys: list[str]) -> str:
+    return (f"model.class_path cannot be combined with the built-in MLP's settings ({', '.join(keys)}); "
+            "give your model's arguments under [model.init_args]")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -182,6 +235,9 @@ class RunConfig:
         out = {}
         for section in fields(self):
             table = getattr(self, section.name)
+            if isinstance(table, ModelConfig):
+                out[section.name] = table.table()
+                continue
             values = {f.name: getattr(table, f.name) for f in fields(table)}
             # TOML has no null: an unset optional value is simply left out.
             out[section.name] = {k: _plain(v) for k, v in values.items() if v is not None}
@@ -210,8 +266,10 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def from_dict(raw: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> RunConfig:
-    """Build a RunConfig from nested tables plus ``{"train.lr": 0.1}``-style overrides."""
+def from_dict(raw: Mapping[str, Any], overrides: Mapping[str, Any] | None = None,
+              base: str | Path | None = None) -> RunConfig:
+    """Build a RunConfig from nested tables plus ``{"train.lr": 0.1}``-style overrides; a
+    relative model.class_path file is resolved against ``base`` (the run file's folder)."""
     tables: dict[str, dict[str, Any]] = {}
     for name, table in raw.items():
         if name not in SECTIONS:
@@ -223,6 +281,12 @@ def from_dict(raw: Mapping[str, Any], overrides: Mapping[str, Any] | None = None
         section, _, name = key.partition(".")
         if section not in SECTIONS or not name:
             raise ConfigError(expected("--set key", key, "data.<name>, model.<name> or train.<name>"))
+        if section == "model" and name.startswith("init_args.") and name != "init_args.":
+            args = tables.setdefault("model", {}).setdefault("init_args", {})
+            if not isinstance(args, Mapping):
+                raise ConfigError(expected("model.init_args", args, "a table of keyword arguments"))
+            tables["model"]["init_args"] = {**args, name.removeprefix("init_args."): value}
+            continue
         tables.setdefault(section, {})[name] = value
     built = {}
     for name, cls in SECTIONS.items():
@@ -231,6 +295,11 @@ def from_dict(raw: Mapping[str, Any], overrides: Mapping[str, Any] | None = None
         for key in table:
             if key not in known:
                 raise ConfigError(f"unknown setting {name}.{key}; accepted: {', '.join(known)}")
+        if name == "model" and "class_path" in table:
+            mixed = [key for key in MLP_SETTINGS if key in table]
+            if mixed:
+                raise ConfigError(_mixed(mixed))
+            table["class_path"] = classpath.absolute("model.class_path", table["class_path"], base)
         try:
             built[name] = cls(**table)
         except TypeError as exc:  # pragma: no cover - guarded by the key check above
@@ -247,7 +316,16 @@ def load(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> RunConfig:
         raise ConfigError(f"run file {str(path)!r} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"run file {str(path)!r} is not valid TOML: {exc}") from None
-    return from_dict(raw, parse_sets(sets))
+    return from_dict(raw, parse_sets(sets), base=path.parent)
+
+
+def resolve_paths(raw: Mapping[str, Any], base: str | Path) -> dict[str, Any]:
+    """``raw`` with a relative model.class_path file made absolute against ``base``, for
+    readers that build the RunConfig themselves (compare's run files)."""
+    model = raw.get("model")
+    if not isinstance(model, Mapping) or "class_path" not in model:
+        return dict(raw)
+    return {**raw, "model": {**model, "class_path": classpath.absolute("model.class_path", model["class_path"], base)}}
 
 
 def parse_sets(sets: list[str] | tuple[str, ...]) -> dict[str, Any]:
