@@ -100,6 +100,22 @@ def clear_lead(first: Any, second: Any) -> bool:
     return slowest is not None and fastest is not None and slowest < fastest
 
 
+def _reached(rows: Sequence[Any]) -> list[Any]:
+    """The runs that reached the target without diverging, fastest (median) first."""
+    return sorted((r for r in rows if r.time_to_target_s is not None and not r.diverging),
+                  key=lambda r: r.time_to_target_s)
+
+
+def lead(rows: Sequence[Any]) -> tuple[Any | None, list[Any]]:
+    """The winner (None when no run's lead holds across repeats) and the leaders: the fastest
+    run and every run whose spread overlaps with its."""
+    reached = _reached(rows)
+    if not reached:
+        return None, []
+    leaders = [reached[0]] + [r for r in reached[1:] if not clear_lead(reached[0], r)]
+    return (reached[0] if len(leaders) == 1 else None), leaders
+
+
 def _time(row: Any) -> str:
     text = f"{row.time_to_target_s:.2f} s"
     if row.attempts > 1 and row.time_min_s is not None:
@@ -120,18 +136,16 @@ def verdict(summary: Any) -> str:
     speedups, diverging runs, a noisy machine; which run ended best."""
     metric, rows = summary.metric, summary.rows
     reference = next((r for r in rows if r.label == summary.reference), None)
-    reached = sorted((r for r in rows if r.time_to_target_s is not None and not r.diverging),
-                     key=lambda r: r.time_to_target_s)
+    reached = _reached(rows)
+    winner, leaders = lead(rows)
     sentences = []
     if not reached:
         sentences.append(f"No strategy reached the target ({metric_text(summary.target, metric)})"
                          + (" without diverging." if any(r.diverging for r in rows) else "."))
-    elif len(reached) > 1 and not clear_lead(reached[0], reached[1]):
-        leaders = [r for r in reached if not clear_lead(reached[0], r)]
+    elif winner is None:
         sentences.append("No clear winner: the times to target of " + ", ".join(
             f"**{r.label}** ({_time(r)})" for r in leaders) + " overlap across repeats.")
     else:
-        winner = reached[0]
         text = f"**{winner.label}** reached the target first, after {_time(winner)}"
         if reference is not None and winner is not reference:
             if reference.time_to_target_s is None:
