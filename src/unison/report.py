@@ -257,7 +257,7 @@ def _intervals_plot(summary: summaries.Summary, colours: dict[str, str], path: P
 # ---- HTML --------------------------------------------------------------------------------------
 
 _STYLE = """
-body { font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; padding: 0 1rem;
+body { font-family: system-ui, sans-serif; max-width: 76rem; margin: 2rem auto; padding: 0 1rem;
        color: #222; line-height: 1.45; }
 table { border-collapse: collapse; margin: 1rem 0; font-size: 0.9rem; }
 th, td { border: 1px solid #ccc; padding: 0.3rem 0.6rem; text-align: right; }
@@ -292,7 +292,7 @@ def _settings_list(settings: dict[str, Any]) -> list[tuple[str, str]]:
     if compare.get("strategies"):
         items.append(("runs", ", ".join(compare["strategies"])))
     for label in compare.get("strategies", []):
-        extra = {k: v for k, v in runs.get(label, {}).items() if k not in ("dir", "strategy")}
+        extra = {k: v for k, v in runs.get(label, {}).items() if k not in ("dir", "strategy", "attempts")}
         if extra:  # a run with settings of its own
             extra = {"strategy": runs[label].get("strategy")} | extra
             items.append((f"run {label}", ", ".join(f"{k}={v}" for k, v in extra.items())))
@@ -340,7 +340,7 @@ def html_report(loaded: Loaded, summary: summaries.Summary, plots: dict[str, Pat
 <h1>unison comparison</h1>
 <p class="verdict">{_markdown_bold(summaries.verdict(summary))}</p>
 <h2>What was run</h2>
-<p>The same model, data and seed trained once per strategy, one run after another on this machine.
+<p>The same model and data trained with each strategy (as often as the measurement line says), one run after another on this machine.
 Each run's merged model was evaluated on the validation set at every round end (a merge).</p>
 <dl>{settings}</dl>
 {f"<p>Not run:</p><ul>{skipped}</ul>" if skipped else ""}

@@ -120,7 +120,7 @@ def _time(row: Any) -> str:
     text = f"{row.time_to_target_s:.2f} s"
     if row.attempts > 1 and row.time_min_s is not None:
         high = "not reached" if row.time_max_s is None else f"{row.time_max_s:.2f}"
-        text += f" (median of {row.attempts}, {row.time_min_s:.2f}–{high})"
+        text += f" (median of {row.attempts}, range {row.time_min_s:.2f}–{high} s)"
     return text
 
 
@@ -144,7 +144,7 @@ def verdict(summary: Any) -> str:
                          + (" without diverging." if any(r.diverging for r in rows) else "."))
     elif winner is None:
         sentences.append("No clear winner: the times to target of " + ", ".join(
-            f"**{r.label}** ({_time(r)})" for r in leaders) + " overlap across repeats.")
+            f"**{r.label}** {_time(r)}" for r in leaders) + " overlap across repeats.")
     else:
         text = f"**{winner.label}** reached the target first, after {_time(winner)}"
         if reference is not None and winner is not reference:
