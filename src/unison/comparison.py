@@ -221,7 +221,7 @@ def compare(model: nn.Module | Callable[[], nn.Module] | ModelConfig | None = No
         measure.warm_up(build_model, train_data, configs, _callables(common))
         one = measure.single_threads(build_model, train_data, next(iter(configs.values())), _callables(common),
                                      threads)
-        _record_budget(settings, repeat, seeds, one)
+        settings["compare"] |= {"repeat": repeat, "seeds": seeds, "budget": measure.budget_table(*one)}
         by_label, order = {run.label: run for run in runs}, measure.schedule([run.label for run in runs], repeat, seeds)
         attempts: dict[str, list[dict[str, Any]]] = {run.label: [] for run in runs}
         for number, (name, k, r) in enumerate(order, start=1):
@@ -287,16 +287,6 @@ def _run_one(run: Run, config: TrainConfig, model: Any, data, common: dict[str, 
     if tensorboard:
         history.write_tensorboard(result.history, scratch / "tensorboard" / folder, started=started)
     return result
-
-
-def _record_budget(settings: dict[str, Any], repeat: int, seeds: int, threads: tuple[int, Any]) -> None:
-    """The measurement rule in config.toml's [compare]: what the report states."""
-    chosen, timed = threads
-    budget = {"rule": measure.budget_rule(cpu_cores()), "cores": cpu_cores(), "single_threads": chosen,
-              "single_threads_from": "pinned (--threads)" if timed is None else "calibrated"}
-    if timed:
-        budget["calibration_s"] = {str(k): v for k, v in timed.items()}
-    settings["compare"] |= {"repeat": repeat, "seeds": seeds, "budget": budget}
 
 
 def _train_config(values: dict[str, Any]) -> TrainConfig:

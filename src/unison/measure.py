@@ -50,6 +50,16 @@ def budget_rule(cores: int) -> str:
             "a one-worker run uses the intra-op thread count fastest for it")
 
 
+def budget_table(threads: int, timed: dict[int, float] | None) -> dict[str, Any]:
+    """The measurement rule as config.toml's [compare.budget] records it (the report states it)."""
+    cores = cpu_cores()
+    table: dict[str, Any] = {"rule": budget_rule(cores), "cores": cores, "single_threads": threads,
+                             "single_threads_from": "pinned (--threads)" if timed is None else "calibrated"}
+    if timed:
+        table["calibration_s"] = {str(k): v for k, v in timed.items()}
+    return table
+
+
 def calibrate_threads(train: Callable[[], Any], cores: int, rounds: int = 2) -> tuple[int, dict[int, float]]:
     """The intra-op thread count (1 or ``cores``) with which ``train()`` ran fastest, timed
     ``rounds`` times each in alternating order (best of each), and those times."""
