@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--target", type=float, help="validation accuracy to time (default: 98%% of "
                          "single's best)")
     compare.add_argument("--repeat", type=_integer, metavar="N", help="measure each run N times, in "
-                         "interleaved order (default 2); times are medians with their min–max spread")
+                         "interleaved order (default 3); times are medians with their min–max spread")
     compare.add_argument("--seeds", type=_integer, metavar="K", help="train each run with K seeds (default 1); "
                          "final accuracy as mean ± a 95%% interval")
     compare.add_argument("--threads", type=_integer, metavar="T", help="intra-op threads of one-worker runs "
