@@ -49,7 +49,9 @@ RUN_OPTIONS = tuple(name for name in TRAIN_FIELDS if name not in ("seed", "timeo
 # Backends that fit() launches itself, so that compare can run them one after another here.
 BACKENDS = tuple(name for name, backend in launch.REGISTRY.items() if backend.in_process)
 _TRAIN = DEFAULTS["train"]
-DEFAULT_REPEAT = 3   # every run measured three times, interleaved (the default comparison: ~20 s at 2 on a loaded 2-core VM)
+# Every run measured three times, interleaved (the default comparison took ~20 s at repeat 2 on a
+# loaded 2-core VM: far below the 3 minutes a default may take).
+DEFAULT_REPEAT = 3
 
 
 def default_strategies() -> list[str]:
@@ -174,8 +176,9 @@ def compare(model: nn.Module | Callable[[], nn.Module] | ModelConfig | None = No
     (A B C, C B A, ...): times are medians with their spread. ``seeds``: each run is also
     trained with seeds seed, seed+1, ...: finals are means ± a 95% t interval. ``threads``:
     the intra-op threads of one-worker runs (default: 1 or every core, whichever a short
-    calibration finds faster); runs with N workers give each cores // N. Every other training setting of unison.fit (weight_decay, loss,
-    timeout, ...) is accepted as a keyword and applies to every run.
+    calibration finds faster); runs with N workers give each cores // N. Every other
+    training setting of unison.fit (weight_decay, loss, timeout, ...) is accepted as a
+    keyword and applies to every run.
     """
     runs, skipped = plan(strategies)
     if backend not in BACKENDS:

@@ -340,7 +340,8 @@ def html_report(loaded: Loaded, summary: summaries.Summary, plots: dict[str, Pat
 <h1>unison comparison</h1>
 <p class="verdict">{_markdown_bold(summaries.verdict(summary))}</p>
 <h2>What was run</h2>
-<p>The same model and data trained with each strategy (as often as the measurement line says), one run after another on this machine.
+<p>The same model and data trained with each strategy (as often as the measurement line says),
+one run after another on this machine.
 Each run's merged model was evaluated on the validation set at every round end (a merge).</p>
 <dl>{settings}</dl>
 {f"<p>Not run:</p><ul>{skipped}</ul>" if skipped else ""}
