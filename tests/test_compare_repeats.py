@@ -125,3 +125,13 @@ def test_report_renders_in_headless_chromium(tmp_path):
         assert image.size == (1280, 2000)
         colours = image.convert("RGB").resize((64, 100)).getcolors(maxcolors=100_000)
     assert colours is not None and len(colours) > 50  # text, a table and plots, not a blank page
+
+
+def test_a_run_file_sets_repeat_and_a_flag_overrides_it(tmp_path, capsys):
+    run_file = tmp_path / "run.toml"
+    run_file.write_text('[train]\nbackend = "threads"\n[compare]\nstrategies = ["single"]\nrepeat = 0\n')
+    assert main(["compare", str(run_file), "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "repeat=0 is not accepted; expected an integer in [1, 100]" in err
+    assert main(["compare", str(run_file), "--repeat", "-3", "--out", str(tmp_path / "a")]) == 2
+    assert "repeat=-3" in capsys.readouterr().err
