@@ -134,7 +134,8 @@ def plan(strategies: Any = None) -> tuple[list[Run], dict[str, str]]:
 
 @dataclasses.dataclass
 class Comparison:
-    """What compare() returns: each run's Result, the summary table and where it was written."""
+    """What compare() returns: each run's Result (its first attempt), the summary table (every
+    attempt) and where it was written."""
 
     results: dict[str, Result]
     summary: summaries.Summary

@@ -80,11 +80,11 @@ def sample_of(data: Any, n: int) -> Any:
 
 def single_threads(model: Any, data: Any, config: Any, callables: dict[str, Any], pinned: int | None,
                    ) -> tuple[int, dict[int, float] | None]:
-    """The intra-op threads for one-worker runs: ``pinned``, else calibrated on one epoch of a
-    few hundred samples with threads (the loop is the same under every backend)."""
+    """The intra-op threads for one-worker runs: ``pinned``, else calibrated on one epoch of
+    64 batches with threads (the loop is the same under every backend)."""
     if pinned is not None:
         return pinned, None
-    sample = sample_of(data, min(len(data.x), 16 * config.batch_size))
+    sample = sample_of(data, min(len(data.x), 64 * config.batch_size))
     short = dataclasses.replace(config, strategy="single", backend="threads", epochs=1, workers=1)
 
     def train() -> None:

@@ -154,7 +154,8 @@ def write_plots(histories: dict[str, list[dict[str, Any]]], summary: summaries.S
     name = "validation accuracy (%)" if percent else "validation loss"
 
     diverging = {row.label for row in summary.rows if row.diverging}
-    figure, axes = _figure(f"{name.split(' (')[0].capitalize()} against wall time (start-up included)",
+    first = " (first attempt)" if any(row.attempts > 1 for row in summary.rows) else ""
+    figure, axes = _figure(f"{name.split(' (')[0].capitalize()} against wall time (start-up included){first}",
                            "wall time (s, log scale)", name)
     for label, records in histories.items():
         points = [(r["wall_s"], r[metric] * scale) for r in records if r.get(metric) is not None]
