@@ -154,8 +154,8 @@ def write_plots(histories: dict[str, list[dict[str, Any]]], summary: summaries.S
     name = "validation accuracy (%)" if percent else "validation loss"
 
     diverging = {row.label for row in summary.rows if row.diverging}
-    first = " (first attempt)" if any(row.attempts > 1 for row in summary.rows) else ""
-    figure, axes = _figure(f"{name.split(' (')[0].capitalize()} against wall time (start-up included){first}",
+    first = "; first attempt" if any(row.attempts > 1 for row in summary.rows) else ""
+    figure, axes = _figure(f"{name.split(' (')[0].capitalize()} against wall time (start-up included{first})",
                            "wall time (s, log scale)", name)
     for label, records in histories.items():
         points = [(r["wall_s"], r[metric] * scale) for r in records if r.get(metric) is not None]
@@ -262,6 +262,7 @@ body { font-family: system-ui, sans-serif; max-width: 76rem; margin: 2rem auto; 
        color: #222; line-height: 1.45; }
 table { border-collapse: collapse; margin: 1rem 0; font-size: 0.9rem; }
 th, td { border: 1px solid #ccc; padding: 0.3rem 0.6rem; text-align: right; }
+td { white-space: nowrap; }
 th:first-child, td:first-child { text-align: left; }
 th { background: #f3f3f3; }
 .verdict { font-size: 1.1rem; background: #eef6ee; padding: 0.8rem 1rem; border-radius: 6px; }
