@@ -49,6 +49,11 @@ def test_overlapping_spreads_give_no_clear_winner_and_name_the_leaders():
     assert text.startswith("No clear winner: the times to target of **sync** 2.30 s (median of 2, range "
                            "2.00–2.60 s), **periodic** 2.55 s (median of 2, range 2.20–2.90 s) overlap across repeats.")
     assert "**single**" not in text
+    # a leader that missed the target in one of its three attempts holds no clear lead
+    missed = (0, records([1.0, 2.0], [0.5, 0.6]))
+    s = judge({"single": attempts([5.0, 5.5, 5.2]), "sync": attempts([1.0, 1.1]) + [missed]})
+    assert s.rows[1].time_max_s is None and verdict.lead(s.rows)[0] is None
+    assert "1.10 s (median of 3, range 1.00–not reached)" in summary.verdict(s)
 
 
 def test_one_attempt_each_names_the_winner_but_says_the_lead_is_unchecked():

@@ -94,8 +94,10 @@ def noisy(load: Sequence[float] | None, cores: int | None) -> bool:
 
 
 def clear_lead(first: Any, second: Any) -> bool:
-    """Whether ``first``'s time-to-target spread lies wholly below ``second``'s."""
-    slowest = first.time_max_s if first.time_max_s is not None else first.time_to_target_s
+    """Whether ``first``'s time-to-target spread lies wholly below ``second``'s (an attempt of
+    ``first`` that missed the target is slower than any of ``second``'s)."""
+    slowest = first.time_max_s if first.time_max_s is not None else \
+        first.time_to_target_s if first.attempts < 2 else math.inf
     fastest = second.time_min_s if second.time_min_s is not None else second.time_to_target_s
     return slowest is not None and fastest is not None and slowest < fastest
 
@@ -119,8 +121,8 @@ def lead(rows: Sequence[Any]) -> tuple[Any | None, list[Any]]:
 def _time(row: Any) -> str:
     text = f"{row.time_to_target_s:.2f} s"
     if row.attempts > 1 and row.time_min_s is not None:
-        high = "not reached" if row.time_max_s is None else f"{row.time_max_s:.2f}"
-        text += f" (median of {row.attempts}, range {row.time_min_s:.2f}–{high} s)"
+        high = "not reached" if row.time_max_s is None else f"{row.time_max_s:.2f} s"
+        text += f" (median of {row.attempts}, range {row.time_min_s:.2f}–{high})"
     return text
 
 
