@@ -55,7 +55,8 @@ def main() -> None:
         strategies=args.strategies, workers=args.workers, backend=args.backend, epochs=args.epochs,
         batch_size=32, optimizer="adam", lr=3e-3, out=args.out)
     print(comparison.table())
-    print(f"winner: {comparison.winner}; report: {comparison.out / 'report.html'}")
+    winner = comparison.winner or "no clear winner (see the verdict)"
+    print(f"winner: {winner}; report: {comparison.out / 'report.html'}")
 
 
 if __name__ == "__main__":  # required: the processes backend re-imports this file in each worker

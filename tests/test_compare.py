@@ -18,13 +18,15 @@ from unison.history import read_jsonl
 from unison.strategies import Oneshot
 
 FOUR = "single,sync,periodic(every=2),oneshot"
-PLOTS = ["divergence_vs_round.png", "throughput.png", "val_acc_vs_time.png", "val_loss_vs_epoch.png"]
+PLOTS = ["divergence_vs_round.png", "throughput.png", "time_to_target.png", "val_acc_vs_time.png",
+         "val_loss_vs_epoch.png"]
 RUN_FILES = ["config.toml", "history.jsonl", "model.safetensors", "summary.txt"]
 
 
 def run_compare(tmp_path, blobs, small_model, **kwargs):
+    # one attempt per run keeps these tests short; repeats are tested in test_compare_repeats.py
     kwargs = dict(strategies=FOUR, workers=2, backend="threads", epochs=3, batch_size=8, lr=0.1,
-                  progress=False, out=tmp_path / "cmp") | kwargs
+                  progress=False, out=tmp_path / "cmp", repeat=1) | kwargs
     return unison.compare(small_model, blobs, 0.25, **kwargs)
 
 
@@ -40,8 +42,8 @@ def test_compare_writes_every_file(tmp_path, blobs, small_model):
     for name in PLOTS:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (out / "report.html").read_text()
-    assert page.count('src="data:image/png;base64,') == 4 and "http" not in page  # self-contained
-    assert result.winner in page and "What was run" in page and "<table>" in page
+    assert page.count('src="data:image/png;base64,') == 5 and "http" not in page  # self-contained
+    assert str(result.winner) in page and "What was run" in page and "<table>" in page
 
     history = read_jsonl(out / "sync" / "history.jsonl")
     assert [r["epoch"] for r in history] == [1.0, 2.0, 3.0]
@@ -54,7 +56,8 @@ def test_compare_writes_every_file(tmp_path, blobs, small_model):
     assert run.train.strategy.spec() == "periodic(every=2)" and run.train.workers == 2
     top = compare_module.load_settings(__import__("tomllib").loads((out / "config.toml").read_text()))[1]
     assert top["strategies"] == list(result.results) and top["reference"] == "single"
-    assert top["runs"]["periodic(every=2)"] == {"dir": "periodic-every-2", "strategy": "periodic(every=2)"}
+    assert top["runs"]["periodic(every=2)"] == {"dir": "periodic-every-2", "strategy": "periodic(every=2)",
+                                                "attempts": [{"dir": "periodic-every-2", "seed": 0, "repeat": 1}]}
 
     rows = list(csv.DictReader((out / "summary.csv").open()))
     assert [r["strategy"] for r in rows] == list(result.results)
@@ -263,7 +266,10 @@ def test_compare_on_processes_from_the_command_line(tmp_path, csv_file):
                            "single,periodic(every=epoch)", "--epochs", "2", "--out", str(out)],
                           capture_output=True, text=True, timeout=150)
     assert done.returncode == 0, done.stderr
-    assert "[2/2] periodic(every=epoch): final val acc" in done.stdout  # progress lines, not bars
+    # progress lines, not bars; the default measures each run three times, interleaved (A B, B A, A B)
+    assert "[2/6] periodic(every=epoch) (seed 0, repeat 1): final val acc" in done.stdout
+    assert "[3/6] periodic(every=epoch) (seed 0, repeat 2)" in done.stdout
+    assert "[6/6] periodic(every=epoch) (seed 0, repeat 3)" in done.stdout
     assert "epoch/s" not in done.stderr and "\r" not in done.stderr   # no tqdm bar off a terminal
     rows = list(csv.DictReader((out / "summary.csv").open()))
     assert [(r["strategy"], r["workers"]) for r in rows] == [("single", "1"), ("periodic(every=epoch)", "2")]

@@ -100,6 +100,12 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--epochs", type=int, help="epochs per run")
     compare.add_argument("--target", type=float, help="validation accuracy to time (default: 98%% of "
                          "single's best)")
+    compare.add_argument("--repeat", type=_integer, metavar="N", help="measure each run N times, in "
+                         "interleaved order (default 3); times are medians with their min–max spread")
+    compare.add_argument("--seeds", type=_integer, metavar="K", help="train each run with K seeds (default 1); "
+                         "final accuracy as mean ± a 95%% interval")
+    compare.add_argument("--threads", type=_integer, metavar="T", help="intra-op threads of one-worker runs "
+                         "(default: 1 or every core, whichever a short calibration finds faster)")
     compare.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                          help="override a setting, e.g. --set train.lr=0.1 (repeatable)")
     compare.add_argument("--out", help="output directory (default runs/<date-time>-compare)")
@@ -115,6 +121,15 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("name", choices=["xor"], help="which demo")
     demo.add_argument("--backend", default="threads", choices=("threads", "processes"))
     return parser
+
+
+def _integer(text: str) -> int | str:
+    """An integer flag; anything else is passed on as given, for compare's own check to refuse
+    with the field's name and accepted values."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,6 +215,8 @@ def _compare(args: argparse.Namespace) -> int:
     cfg, options = load_settings(raw, overrides)
     strategies = args.strategies if args.strategies is not None else runs_from_options(options)
     target = args.target if args.target is not None else options.get("target")
+    measuring = {name: value for name in ("repeat", "seeds", "threads")
+                 if (value := getattr(args, name) if getattr(args, name) is not None else options.get(name)) is not None}
     # Every [train] setting but the strategy applies to every run (compare forwards them to fit).
     train = {f.name: getattr(cfg.train, f.name) for f in fields(cfg.train) if f.name != "strategy"}
     # compare() sizes a ModelConfig as an MLP; a class_path model goes as its factory
@@ -207,7 +224,8 @@ def _compare(args: argparse.Namespace) -> int:
     result = compare(model, cfg.data.dataset, cfg.data.val_fraction, label=cfg.data.label,
                      strategies=strategies, target=target,
                      target_fraction=options.get("target_fraction", TARGET_FRACTION), out=args.out,
-                     overwrite=args.overwrite, progress=not args.quiet, tensorboard=args.tensorboard, **train)
+                     overwrite=args.overwrite, progress=not args.quiet, tensorboard=args.tensorboard,
+                     **measuring, **train)
     print(result.table(), end="")
     print(f"report: {result.out / REPORT_HTML}")
     return 0

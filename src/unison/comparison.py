@@ -22,8 +22,9 @@ import tomli_w
 import torch
 from torch import nn
 
-from . import api, history, launch, report, rundir
+from . import api, history, launch, measure, report, rundir
 from . import summary as summaries
+from . import verdict as verdicts
 from .api import Result
 from .config import DataConfig, ModelConfig, RunConfig, TrainConfig, from_dict
 from .data import prepare
@@ -32,7 +33,7 @@ from .launch import cpu_cores
 from .models import mlp
 from .plan import start_early, world_size
 from .strategies import REGISTRY, Strategy, parse
-from .validators import check_float
+from .validators import check_float, check_int
 
 # The embedded default: digits, an MLP with one hidden layer of 64, 2 workers on processes.
 DEFAULT_STRATEGIES = ("single", "sync", "periodic(every=epoch)", "periodic(every=16)", "oneshot")
@@ -48,6 +49,9 @@ RUN_OPTIONS = tuple(name for name in TRAIN_FIELDS if name not in ("seed", "timeo
 # Backends that fit() launches itself, so that compare can run them one after another here.
 BACKENDS = tuple(name for name, backend in launch.REGISTRY.items() if backend.in_process)
 _TRAIN = DEFAULTS["train"]
+# Every run measured three times, interleaved (the default comparison took ~20 s at repeat 2 on a
+# loaded 2-core VM: far below the 3 minutes a default may take).
+DEFAULT_REPEAT = 3
 
 
 def default_strategies() -> list[str]:
@@ -130,7 +134,8 @@ def plan(strategies: Any = None) -> tuple[list[Run], dict[str, str]]:
 
 @dataclasses.dataclass
 class Comparison:
-    """What compare() returns: each run's Result, the summary table and where it was written."""
+    """What compare() returns: each run's Result (its first attempt), the summary table (every
+    attempt) and where it was written."""
 
     results: dict[str, Result]
     summary: summaries.Summary
@@ -143,9 +148,10 @@ class Comparison:
 
     @property
     def winner(self) -> str | None:
-        """The label of the run that reached the target first (None if none did)."""
-        reached = [r for r in self.summary.rows if r.time_to_target_s is not None]
-        return min(reached, key=lambda r: r.time_to_target_s).label if reached else None
+        """The label of the run that reached the target first by a lead that holds across
+        repeats, without diverging (None if none did: see the verdict for the leaders)."""
+        winner, _ = verdicts.lead(self.summary.rows)
+        return None if winner is None else winner.label
 
 
 def compare(model: nn.Module | Callable[[], nn.Module] | ModelConfig | None = None, data: Any = "digits",
@@ -156,7 +162,8 @@ def compare(model: nn.Module | Callable[[], nn.Module] | ModelConfig | None = No
             momentum: float | None = None, seed: int = _TRAIN["seed"], label: str | None = None,
             target: float | None = None, target_fraction: float = summaries.TARGET_FRACTION,
             out: str | Path | None = None, overwrite: bool = False, progress: bool = True,
-            tensorboard: bool = False, **train: Any) -> Comparison:
+            tensorboard: bool = False, repeat: int = DEFAULT_REPEAT, seeds: int = 1, threads: int | None = None,
+            **train: Any) -> Comparison:
     """Train ``model`` on ``data`` once per strategy and write the comparison to ``out``.
 
     ``model``: an nn.Module, a factory, a ModelConfig (an MLP sized to the data) or None (an
@@ -166,8 +173,13 @@ def compare(model: nn.Module | Callable[[], nn.Module] | ModelConfig | None = No
     registered strategy. ``target``: the validation accuracy (loss, for regression) that
     times are measured to; by default ``target_fraction`` of single's best accuracy.
     ``momentum``: None means 0.9 with SGD and 0 with other optimizers. ``out``: default
-    runs/<date-time>-compare. Every other training setting of unison.fit (weight_decay, loss,
-    timeout, ...) is accepted as a keyword and applies to every run.
+    runs/<date-time>-compare. ``repeat``: times each run is measured, in interleaved order
+    (A B C, C B A, ...): times are medians with their spread. ``seeds``: each run is also
+    trained with seeds seed, seed+1, ...: finals are means ± a 95% t interval. ``threads``:
+    the intra-op threads of one-worker runs (default: 1 or every core, whichever a short
+    calibration finds faster); runs with N workers give each cores // N. Every other
+    training setting of unison.fit (weight_decay, loss, timeout, ...) is accepted as a
+    keyword and applies to every run.
     """
     runs, skipped = plan(strategies)
     if backend not in BACKENDS:
@@ -183,6 +195,10 @@ def compare(model: nn.Module | Callable[[], nn.Module] | ModelConfig | None = No
                           batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum, seed=seed)
     configs = {run.label: _train_config(common | run.options | {"strategy": run.strategy}) for run in runs}
     check_float("target_fraction", target_fraction, low=0.0, high=1.0, low_open=True, high_open=False)
+    check_int("repeat", repeat, minimum=1, maximum=100)
+    check_int("seeds", seeds, minimum=1, maximum=100)
+    if threads is not None:
+        check_int("threads", threads, minimum=1, maximum=cpu_cores())
     loss = train.get("loss")
     for config in configs.values():
         start_early(config)  # the workers' interpreter starts while the data is prepared
@@ -205,17 +221,37 @@ def compare(model: nn.Module | Callable[[], nn.Module] | ModelConfig | None = No
         print(f"{name}: skipped, {reason}", file=sys.stderr)
     try:
         scratch.mkdir(parents=True)
-        _warm_up(build_model, train_data, configs, common)
-        for number, run in enumerate(runs, start=1):
-            outcome = _run_one(run, configs[run.label], build_model, train_data, common, scratch, settings,
-                               progress=progress, tensorboard=tensorboard)
-            if isinstance(outcome, str):
-                skipped[run.label] = outcome
-                print(f"[{number}/{len(runs)}] {run.label}: skipped, {outcome}", file=sys.stderr)
+        load_before = measure.machine_load()
+        measure.warm_up(build_model, train_data, configs, _callables(common))
+        one = measure.single_threads(build_model, train_data, next(iter(configs.values())), _callables(common),
+                                     threads)
+        settings["compare"] |= {"repeat": repeat, "seeds": seeds, "budget": measure.budget_table(*one)}
+        by_label, order = {run.label: run for run in runs}, measure.schedule([run.label for run in runs], repeat, seeds)
+        attempts: dict[str, list[dict[str, Any]]] = {run.label: [] for run in runs}
+        for number, (name, k, r) in enumerate(order, start=1):
+            run, tag = by_label[name], f" (seed {seed + k}, repeat {r + 1})" if len(order) > len(runs) else ""
+            if name in skipped:
                 continue
-            results[run.label] = outcome
+            config = dataclasses.replace(configs[name], seed=seed + k)
+            folder = measure.attempt_dir(run.dir_name, k, r)
+            with launch.pinned_threads(one[0] if world_size(config) == 1 else None):
+                outcome = _run_one(run, config, build_model, train_data, common, scratch, settings, folder,
+                                   progress=progress, tensorboard=tensorboard)
+            if isinstance(outcome, str):
+                skipped[name] = outcome
+                results.pop(name, None)
+                for done in attempts.pop(name):
+                    shutil.rmtree(scratch / done["dir"], ignore_errors=True)
+                print(f"[{number}/{len(order)}] {name}{tag}: skipped, {outcome}", file=sys.stderr)
+                continue
+            results.setdefault(name, outcome)
+            attempts[name].append({"dir": folder, "seed": seed + k, "repeat": r + 1})
             if progress:
-                print(f"[{number}/{len(runs)}] {run.label}: {_line(outcome)}", flush=True)
+                print(f"[{number}/{len(order)}] {name}{tag}: {_line(outcome)}", flush=True)
+        results = {run.label: results[run.label] for run in runs if run.label in results}
+        settings["compare"]["machine"] |= {"load_before": load_before, "load_after": measure.machine_load()}
+        for name, done in attempts.items():
+            settings["compare"]["runs"][name]["attempts"] = done
         if not results:
             first = next(iter(skipped.values()))
             error = WorkerError if first.startswith("failed") else ConfigError
@@ -240,42 +276,21 @@ def _check_target(target: float | None, task: str) -> None:
 
 
 def _run_one(run: Run, config: TrainConfig, model: Any, data, common: dict[str, Any], scratch: Path,
-             settings: dict[str, Any], *, progress: bool, tensorboard: bool) -> Result | str:
-    """One run of the comparison into ``scratch/<run>``: its Result, or why it did not run."""
+             settings: dict[str, Any], folder: str, *, progress: bool, tensorboard: bool) -> Result | str:
+    """One attempt of a run into ``scratch/<folder>``: its Result, or why it did not run."""
     reason = _cannot_run(config)
     if reason is not None:
         return reason
     try:
         started = time.time()
-        result = api.run(config, model, data, **_callables(common), progress=progress, log_dir=scratch / run.dir_name)
+        result = api.run(config, model, data, **_callables(common), progress=progress, log_dir=scratch / folder)
     except (ConfigError, WorkerError) as exc:
-        shutil.rmtree(scratch / run.dir_name, ignore_errors=True)
+        shutil.rmtree(scratch / folder, ignore_errors=True)
         return f"{'refused' if isinstance(exc, ConfigError) else 'failed'}: {exc}"
-    _write_run(scratch / run.dir_name, settings, config, result)
+    _write_run(scratch / folder, settings, config, result)
     if tensorboard:
-        history.write_tensorboard(result.history, scratch / "tensorboard" / run.dir_name, started=started)
+        history.write_tensorboard(result.history, scratch / "tensorboard" / folder, started=started)
     return result
-
-
-def _warm_up(model: Any, data, configs: dict[str, TrainConfig], common: dict[str, Any]) -> None:
-    """Train one worker for a moment on a few samples, so that one-off costs of this process
-    (torch imports its compiler stack lazily at the first optimizer step, about a second) are
-    not charged to whichever run comes first; and wait for the worker processes' forkserver to
-    finish importing torch (~1.5 s), which would otherwise be charged to the first run with
-    workers, and slow a one-worker run that trains while it imports. Every run is thus measured
-    with a warm start. Its failures are left to the real runs."""
-    if any(c.backend == "processes" and world_size(c) > 1 for c in configs.values()):
-        from .launch import processes
-
-        processes.wait_until_ready()
-    first = next(iter(configs.values()))
-    n = 2 * first.batch_size
-    sample = dataclasses.replace(data, x=data.x[:n], y=data.y[:n], x_val=data.x_val[:n], y_val=data.y_val[:n])
-    try:
-        config = dataclasses.replace(first, strategy="single", backend="threads", epochs=1)
-        api.run(config, model, sample, **_callables(common), progress=False)
-    except UnisonError:
-        pass
 
 
 def _train_config(values: dict[str, Any]) -> TrainConfig:
@@ -379,8 +394,8 @@ def load_settings(raw: Mapping[str, Any], overrides: Mapping[str, Any] | None = 
     is not used) plus an optional [compare] table: strategies, target, target_fraction, runs."""
     raw = dict(raw)
     options = dict(raw.pop("compare", {}) or {})
-    settings, recorded = ("strategies", "runs", "target", "target_fraction"), ("reference", "skipped", "machine", "model",
-                                                                                   "world_sizes")
+    settings = ("strategies", "runs", "target", "target_fraction", "repeat", "seeds", "threads")
+    recorded = ("reference", "skipped", "machine", "model", "world_sizes", "budget")
     for key in options:
         if key not in settings + recorded:  # what compare records in config.toml is read back and ignored
             raise ConfigError(f"unknown setting compare.{key}; accepted: {', '.join(settings)}")
@@ -397,5 +412,5 @@ def runs_from_options(options: Mapping[str, Any]) -> Any:
         return strategies
     listed = split_specs(strategies) if isinstance(strategies, str) else list(strategies or [])
     order = listed + [label for label in runs if label not in listed]
-    return {label: {k: v for k, v in runs[label].items() if k != "dir"} if label in runs else label
+    return {label: {k: v for k, v in runs[label].items() if k not in ("dir", "attempts")} if label in runs else label
             for label in order}

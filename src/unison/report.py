@@ -18,12 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from . import summary as summaries
+from . import verdict as verdicts
 from .errors import ConfigError
 from .history import read_jsonl
 
 CONFIG_FILE, HISTORY_FILE = "config.toml", "history.jsonl"
 SUMMARY_MD, SUMMARY_CSV, REPORT_HTML = "summary.md", "summary.csv", "report.html"
 LOSS_PLOT, DIVERGENCE_PLOT, THROUGHPUT_PLOT = "val_loss_vs_epoch.png", "divergence_vs_round.png", "throughput.png"
+INTERVALS_PLOT = "time_to_target.png"
 
 
 def time_plot_name(metric: str) -> str:
@@ -38,6 +40,7 @@ class Loaded:
     workers: dict[str, int] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)      # the top config.toml
     skipped: dict[str, str] = field(default_factory=dict)       # label -> why it did not run
+    attempts: dict[str, list[tuple[int, list[dict[str, Any]]]]] = field(default_factory=dict)  # (seed, records)
 
     @property
     def compare(self) -> dict[str, Any]:
@@ -66,6 +69,11 @@ def load(run_dir: str | Path) -> Loaded:
         records = read_jsonl(path / HISTORY_FILE)
         if records:
             loaded.histories[label] = records
+            loaded.attempts[label] = [(0, records)]
+            listed = runs.get(label, {}).get("attempts", [])
+            if listed:  # repeats and seeds: every attempt's history, the first one's for the plots
+                loaded.attempts[label] = [(int(a.get("seed", 0)), read_jsonl(run_dir / a["dir"] / HISTORY_FILE))
+                                          for a in listed if (run_dir / a["dir"] / HISTORY_FILE).is_file()]
             # the run's world size as compare recorded it (single: 1), else the workers asked for
             workers = settings.get("compare", {}).get("world_sizes", {}).get(label)
             if workers is None and (path / CONFIG_FILE).is_file():
@@ -87,9 +95,12 @@ def _toml(path: Path) -> dict[str, Any]:
 
 def summarise(loaded: Loaded) -> summaries.Summary:
     options = loaded.compare
+    machine = options.get("machine", {})
+    load = (machine["load_before"], machine["load_after"]) if {"load_before", "load_after"} <= set(machine) else None
     return summaries.summarise(loaded.histories, workers=loaded.workers, target=options.get("target"),
                                reference=options.get("reference"),
-                               fraction=options.get("target_fraction", summaries.TARGET_FRACTION))
+                               fraction=options.get("target_fraction", summaries.TARGET_FRACTION),
+                               attempts=loaded.attempts, cores=machine.get("cores"), load=load)
 
 
 def build(run_dir: str | Path) -> summaries.Summary:
@@ -142,12 +153,19 @@ def write_plots(histories: dict[str, list[dict[str, Any]]], summary: summaries.S
     scale = 100.0 if percent else 1.0
     name = "validation accuracy (%)" if percent else "validation loss"
 
-    figure, axes = _figure(f"{name.split(' (')[0].capitalize()} against wall time (start-up included)",
-                           "wall time (s)", name)
+    diverging = {row.label for row in summary.rows if row.diverging}
+    first = "; first attempt" if any(row.attempts > 1 for row in summary.rows) else ""
+    figure, axes = _figure(f"{name.split(' (')[0].capitalize()} against wall time (start-up included{first})",
+                           "wall time (s, log scale)", name)
     for label, records in histories.items():
         points = [(r["wall_s"], r[metric] * scale) for r in records if r.get(metric) is not None]
         if points:
-            axes.plot(*zip(*points), marker="o", markersize=3, label=label, color=colours[label])
+            axes.plot(*zip(*points), marker="o", markersize=3, color=colours[label],
+                      label=_marked(label, diverging), linestyle="--" if label in diverging else "-")
+            if label in diverging:
+                axes.plot(*points[-1], marker="X", markersize=10, color=colours[label])
+    if all(r["wall_s"] > 0 for records in histories.values() for r in records):
+        axes.set_xscale("log")  # a fast run's rounds stay readable beside a slow run's
     if summary.target is not None:
         axes.axhline(summary.target * scale, color="grey", linestyle="--", linewidth=1,
                      label=f"target ({summary.target_note})")
@@ -158,7 +176,8 @@ def write_plots(histories: dict[str, list[dict[str, Any]]], summary: summaries.S
     for label, records in histories.items():
         points = [(r["epoch"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
         if points:
-            axes.plot(*zip(*points), marker="o", markersize=3, label=label, color=colours[label])
+            axes.plot(*zip(*points), marker="o", markersize=3, label=_marked(label, diverging), color=colours[label],
+                      linestyle="--" if label in diverging else "-")
     if all(r["val_loss"] > 0 for records in histories.values() for r in records if r.get("val_loss") is not None):
         axes.set_yscale("log")
     axes.legend(fontsize="small")
@@ -190,20 +209,68 @@ def write_plots(histories: dict[str, list[dict[str, Any]]], summary: summaries.S
     axes.invert_yaxis()  # first run on top, as in the table
     axes.margins(x=0.15)
     _save(figure, out / THROUGHPUT_PLOT)
-    return [time_plot_name(metric), LOSS_PLOT, DIVERGENCE_PLOT, THROUGHPUT_PLOT]
+    _intervals_plot(summary, colours, out / INTERVALS_PLOT)
+    return [time_plot_name(metric), INTERVALS_PLOT, LOSS_PLOT, DIVERGENCE_PLOT, THROUGHPUT_PLOT]
+
+
+def _marked(label: str, diverging: set[str]) -> str:
+    return f"{label} (diverging)" if label in diverging else label
+
+
+def _intervals_plot(summary: summaries.Summary, colours: dict[str, str], path: Path) -> None:
+    """Time to target (median, min–max as error bars, log scale) and the final metric (mean ±
+    its 95% interval over seeds), one bar per run, first run on top."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(9, 0.5 * len(summary.rows) + 1.8), dpi=100, layout="constrained")
+    left, right = figure.subplots(1, 2, sharey=True)
+    labels = [row.label + (" (diverging)" if row.diverging else "") for row in summary.rows]
+    reached = [row for row in summary.rows if row.time_to_target_s is not None]
+    for axes in (left, right):
+        axes.grid(True, axis="x", alpha=0.3)
+    for i, row in enumerate(summary.rows):
+        colour = colours.get(row.label, "C0")
+        if row.time_to_target_s is not None:
+            low = row.time_to_target_s - (row.time_min_s if row.time_min_s is not None else row.time_to_target_s)
+            high = (row.time_max_s if row.time_max_s is not None else row.time_to_target_s) - row.time_to_target_s
+            left.errorbar(row.time_to_target_s, i, xerr=[[low], [high]], fmt="o", color=colour, capsize=4,
+                          markersize=7)
+        else:
+            left.text(0.02, i, "not reached", transform=left.get_yaxis_transform(), va="center", color="grey",
+                      fontsize="small")
+    if reached:
+        left.set_xscale("log")
+    left.set_title("Time to target (s): median, min–max over repeats", fontsize="medium")
+    percent = summaries.higher_is_better(summary.metric)
+    scale = 100.0 if percent else 1.0
+    for i, row in enumerate(summary.rows):
+        if row.final is not None:
+            error = 0.0 if row.final_interval is None else row.final_interval * scale
+            right.errorbar(row.final * scale, i, xerr=error, fmt="s", color=colours.get(row.label, "C0"), capsize=4,
+                           markersize=7)
+    right.set_title(f"Final validation {'accuracy (%)' if percent else 'loss'}: mean ± 95% interval",
+                    fontsize="medium")
+    left.set_yticks(range(len(labels)), labels)
+    left.set_ylim(len(labels) - 0.5, -0.5)  # first run on top, as in the table
+    _save(figure, path)
 
 
 # ---- HTML --------------------------------------------------------------------------------------
 
 _STYLE = """
-body { font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; padding: 0 1rem;
+body { font-family: system-ui, sans-serif; max-width: 76rem; margin: 2rem auto; padding: 0 1rem;
        color: #222; line-height: 1.45; }
 table { border-collapse: collapse; margin: 1rem 0; font-size: 0.9rem; }
 th, td { border: 1px solid #ccc; padding: 0.3rem 0.6rem; text-align: right; }
+td { white-space: nowrap; }
 th:first-child, td:first-child { text-align: left; }
 th { background: #f3f3f3; }
 .verdict { font-size: 1.1rem; background: #eef6ee; padding: 0.8rem 1rem; border-radius: 6px; }
-img { max-width: 100%; }
+img { max-width: 100%; height: auto; }
+.table-wrap { overflow-x: auto; }
+tr.winner td { background: #e3f2e1; font-weight: 600; }
+tr.diverging td { background: #fbe9e7; color: #8a1c0b; }
+.budget { background: #f6f6f6; padding: 0.6rem 1rem; border-radius: 6px; }
 dl { display: grid; grid-template-columns: max-content auto; gap: 0.2rem 1rem; }
 dt { font-weight: 600; }
 """
@@ -227,20 +294,39 @@ def _settings_list(settings: dict[str, Any]) -> list[tuple[str, str]]:
     if compare.get("strategies"):
         items.append(("runs", ", ".join(compare["strategies"])))
     for label in compare.get("strategies", []):
-        extra = {k: v for k, v in runs.get(label, {}).items() if k not in ("dir", "strategy")}
+        extra = {k: v for k, v in runs.get(label, {}).items() if k not in ("dir", "strategy", "attempts")}
         if extra:  # a run with settings of its own
             extra = {"strategy": runs[label].get("strategy")} | extra
             items.append((f"run {label}", ", ".join(f"{k}={v}" for k, v in extra.items())))
     machine = compare.get("machine", {})
+    budget = compare.get("budget", {})
+    if budget:
+        timed = budget.get("calibration_s", {})
+        calibration = ", ".join(f"{k} thread(s) {v:.3f} s" for k, v in timed.items())
+        items.append(("compute budget", f"{budget.get('rule')}; single: {budget.get('single_threads')} "
+                      f"thread(s), {budget.get('single_threads_from')}" + (f" ({calibration})" if calibration else "")))
+    if "repeat" in compare:
+        items.append(("measurement", f"each run {compare['repeat']}× in interleaved order (A B C, C B A, ...) "
+                      f"with {compare.get('seeds', 1)} seed(s); times: median (min–max); finals: mean ± 95% "
+                      "Student t interval over seeds"))
+    if machine.get("load_before") is not None:
+        items.append(("machine load", f"1-minute load average {machine['load_before']} before, "
+                      f"{machine.get('load_after')} after, on {machine.get('cores')} core(s)"))
     if machine:
-        items.append(("machine", ", ".join(f"{k}: {v}" for k, v in machine.items())))
+        items.append(("machine", ", ".join(f"{k}: {v}" for k, v in machine.items() if not k.startswith("load_"))))
     return items
 
 
 def html_report(loaded: Loaded, summary: summaries.Summary, plots: dict[str, Path]) -> str:
     """One HTML file with everything inline: settings, table, verdict, plots (base64 PNG)."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in summaries.headers(summary))
-    rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in summaries.cells(row, summary.metric))
+    winner, _ = verdicts.lead(summary.rows)
+
+    def row_class(row: summaries.Row) -> str:
+        name = "winner" if winner is row else "diverging" if row.diverging else ""
+        return f' class="{name}"' if name else ""
+    rows = "".join(f"<tr{row_class(row)}>" + "".join(f"<td>{html.escape(c)}</td>"
+                                                     for c in summaries.cells(row, summary.metric))
                    + "</tr>" for row in summary.rows)
     settings = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>"
                        for k, v in _settings_list(loaded.settings))
@@ -250,24 +336,29 @@ def html_report(loaded: Loaded, summary: summaries.Summary, plots: dict[str, Pat
         f'{base64.b64encode(path.read_bytes()).decode("ascii")}"></figure>' for name, path in plots.items())
     target = summaries.metric_text(summary.target, summary.metric)
     return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>unison comparison</title>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1"><title>unison comparison</title>
 <style>{_STYLE}</style></head><body>
 <h1>unison comparison</h1>
 <p class="verdict">{_markdown_bold(summaries.verdict(summary))}</p>
 <h2>What was run</h2>
-<p>The same model, data and seed trained once per strategy, one run after another on this machine.
+<p>The same model and data trained with each strategy (as often as the measurement line says),
+one run after another on this machine.
 Each run's merged model was evaluated on the validation set at every round end (a merge).</p>
 <dl>{settings}</dl>
 {f"<p>Not run:</p><ul>{skipped}</ul>" if skipped else ""}
 <h2>Results</h2>
-<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>
+<div class="table-wrap"><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>
 <p>Target: {html.escape(target)} ({html.escape(summary.target_note)}). Time to target is the wall time
 from the start of a run, process start-up included, to the first round end at which the merged model
 reached the target; speedup is {html.escape(str(summary.reference))}'s time divided by the run's.
 The merged model is measured at round ends only (see the rounds column): a run with more rounds is
 measured more often, and its time to target is found more precisely.
 samples/s counts training samples of all workers per second after start-up; comm MB/worker is what
-each worker sent (ring all-reduce accounting).</p>
+each worker sent (ring all-reduce accounting).
+With several attempts a time is the median with its spread (min–max) and a final value the mean over
+seeds ± the half-width of its 95% Student t interval; the winner's row is highlighted only when its lead
+holds across repeats, and a diverging run (validation loss well above its best) is marked.</p>
 <h2>Plots</h2>
 {images}
 </body></html>

@@ -5,14 +5,24 @@ metric reaches the target; rounds are the only points where the merged model is 
 there is no interpolation between them. The default target is ``fraction`` (0.98) of the
 reference run's best accuracy; for regression, a loss of best × (2 − fraction), i.e. within 2%
 of the reference's best loss. Speedup = the reference's time to target / the run's.
+
+A run measured several times (repeats, seeds) has one row: its time to target is the median
+over its attempts with the spread (min–max) beside it, its final metric the mean over seeds with
+a 95% Student t interval. The verdict and its statistics are in unison.verdict.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import statistics
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
+
+from . import verdict as verdicts
+from .verdict import higher_is_better, metric_text, verdict
+
+__all__ = ["Row", "Summary", "summarise", "markdown", "csv_text", "verdict", "metric_text", "higher_is_better"]
 
 Records = Sequence[Mapping[str, Any]]
 
@@ -34,6 +44,13 @@ class Row:
     comm_bytes: int              # sent per worker over the whole run
     startup_s: float
     wall_s: float
+    attempts: int = 1            # how many times the run was measured (seeds × repeats)
+    seeds: int = 1
+    time_min_s: float | None = None   # the spread of time to target over the attempts
+    time_max_s: float | None = None   # (None: some attempt did not reach it)
+    final_interval: float | None = None  # half-width of the 95% t interval of final over seeds
+    diverging: bool = False      # some attempt's validation loss rose well above its best
+    implausible: bool = False    # its speedup exceeds what its workers on these cores can give
 
 
 @dataclass(frozen=True)
@@ -43,10 +60,12 @@ class Summary:
     target: float | None
     target_note: str             # how the target was chosen, for people
     reference: str | None        # the label speedups are measured against
+    cores: int | None = None     # the machine's cores (each run's compute budget)
+    load: tuple[float, float] | None = None  # its 1-minute load average before and after
 
 
-def higher_is_better(metric: str) -> bool:
-    return metric.endswith("acc")
+def _median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else 0.0
 
 
 def metric_of(histories: Mapping[str, Records]) -> str:
@@ -102,40 +121,72 @@ def throughput(records: Records) -> float:
     return last["samples"] / seconds if seconds > 0 else 0.0
 
 
+Attempts = Mapping[str, Sequence[tuple[int, Records]]]
+
+
 def summarise(histories: Mapping[str, Records], *, workers: Mapping[str, int] | None = None,
               target: float | None = None, reference: str | None = None,
-              fraction: float = TARGET_FRACTION) -> Summary:
+              fraction: float = TARGET_FRACTION, attempts: Attempts | None = None,
+              cores: int | None = None, load: Sequence[float] | None = None) -> Summary:
     """The comparison table. ``reference``: the label speedups are measured against and whose
-    best metric sets the default target (default: "single" if present, else the first run)."""
+    best metric sets the default target (default: "single" if present, else the first run).
+    ``attempts``: per label, every measurement as (seed, records) (default: the one history);
+    ``cores`` and ``load`` (before, after) let the verdict judge speedups and the machine."""
+    attempts = attempts or {label: [(0, records)] for label, records in histories.items()}
     metric = metric_of(histories)
     if reference is None or reference not in histories:
         reference = "single" if "single" in histories else next(iter(histories), None)
     note = "given"
-    if target is None and reference is not None and best(histories[reference], metric) is not None:
-        target = default_target(best(histories[reference], metric), metric, fraction)
+    reference_bests = [b for _, records in attempts.get(reference, ()) if (b := best(records, metric)) is not None]
+    if target is None and reference_bests:
+        target = default_target(statistics.median(reference_bests), metric, fraction)
         note = f"{fraction:.0%} of {reference}'s best" if higher_is_better(metric) else \
             f"within {1 - fraction:.0%} of {reference}'s best"
-    times = {label: None if target is None else time_to_target(records, target, metric)
-             for label, records in histories.items()}
+    spreads = {label: verdicts.median_spread([None if target is None else time_to_target(records, target, metric)
+                                              for _, records in runs]) for label, runs in attempts.items()}
     rows = []
     for label, records in histories.items():
+        runs = attempts.get(label) or [(0, records)]
         last = records[-1] if records else {}
-        rows.append(Row(label=label, workers=(workers or {}).get(label), rounds=len(records),
-                        final=last.get(metric), best=best(records, metric),
-                        time_to_target_s=times[label], speedup=speedup(times.get(reference), times[label]),
-                        samples_per_s=throughput(records), comm_bytes=int(last.get("comm_bytes", 0)),
-                        startup_s=float(last.get("startup_s", 0.0)), wall_s=float(last.get("wall_s", 0.0))))
-    return Summary(rows=rows, metric=metric, target=target, target_note=note, reference=reference)
-
-
-def metric_text(value: float | None, metric: str) -> str:
-    if value is None:
-        return "—"
-    return f"{value:.2%}" if higher_is_better(metric) else f"{value:.4g}"
+        by_seed: dict[int, list[float]] = {}
+        for seed, run in runs:
+            if run and run[-1].get(metric) is not None:
+                by_seed.setdefault(seed, []).append(run[-1][metric])
+        final, interval = verdicts.mean_interval([statistics.fmean(v) for v in by_seed.values()]) if by_seed \
+            else (None, None)
+        bests = [b for _, run in runs if (b := best(run, metric)) is not None]
+        median, low, high = spreads[label]
+        count = (workers or {}).get(label)
+        up = speedup(spreads.get(reference, (None,))[0], median)
+        rows.append(Row(label=label, workers=count, rounds=len(records), final=final,
+                        best=statistics.fmean(bests) if bests else None, time_to_target_s=median, speedup=up,
+                        samples_per_s=_median([throughput(run) for _, run in runs]),
+                        comm_bytes=int(last.get("comm_bytes", 0)),
+                        startup_s=_median([float(run[-1].get("startup_s", 0.0)) for _, run in runs if run]),
+                        wall_s=_median([float(run[-1].get("wall_s", 0.0)) for _, run in runs if run]),
+                        attempts=len(runs), seeds=len({seed for seed, _ in runs}), time_min_s=low, time_max_s=high,
+                        final_interval=interval, diverging=any(verdicts.diverging(run) for _, run in runs),
+                        implausible=label != reference and verdicts.implausible(up, count, cores)))
+    return Summary(rows=rows, metric=metric, target=target, target_note=note, reference=reference, cores=cores,
+                   load=tuple(load) if load else None)
 
 
 def _seconds(value: float | None) -> str:
     return "not reached" if value is None else f"{value:.2f}"
+
+
+def time_text(row: Row) -> str:
+    """Time to target; with several attempts, the median and its spread (min–max)."""
+    text = _seconds(row.time_to_target_s)
+    if row.attempts > 1 and row.time_min_s is not None:
+        text += f" ({row.time_min_s:.2f}–{_seconds(row.time_max_s)})"
+    return text
+
+
+def final_text(row: Row, metric: str) -> str:
+    """The final metric; with several seeds, ± the half-width of its 95% interval."""
+    text = metric_text(row.final, metric)
+    return text if row.final_interval is None else f"{text} ± {metric_text(row.final_interval, metric)}"
 
 
 def headers(summary: Summary) -> list[str]:
@@ -148,10 +199,10 @@ def headers(summary: Summary) -> list[str]:
 
 def cells(row: Row, metric: str) -> list[str]:
     """One row as the table shows it."""
-    return [row.label, "—" if row.workers is None else str(row.workers), str(row.rounds),
-            metric_text(row.final, metric),
-            metric_text(row.best, metric), _seconds(row.time_to_target_s),
-            "—" if row.speedup is None else f"{row.speedup:.2f}×", f"{row.samples_per_s:,.0f}",
+    speed = "—" if row.speedup is None else f"{row.speedup:.2f}×" + (" (implausible)" if row.implausible else "")
+    return [row.label + (" (diverging)" if row.diverging else ""), "—" if row.workers is None else str(row.workers),
+            str(row.rounds), final_text(row, metric), metric_text(row.best, metric), time_text(row), speed,
+            f"{row.samples_per_s:,.0f}",
             f"{row.comm_bytes / 1e6:.2f}", f"{row.startup_s:.2f}", f"{row.wall_s:.2f}"]
 
 
@@ -164,13 +215,16 @@ def markdown(summary: Summary) -> str:
                   f"{'accuracy' if higher_is_better(summary.metric) else 'loss'} ({summary.target_note}). "
                   "Times are wall-clock seconds from the start of each run, start-up included; "
                   "the merged model is measured at round ends only, so a run with more rounds is "
-                  "measured more often.",
+                  "measured more often."
+                  + (" With several attempts, times are medians (min–max) and finals means ± a 95% "
+                     "Student t interval over seeds." if any(r.attempts > 1 for r in summary.rows) else ""),
               "", verdict(summary)]
     return "\n".join(lines) + "\n"
 
 
 CSV_COLUMNS = ("strategy", "workers", "rounds", "final", "best", "metric", "target", "time_to_target_s",
-               "speedup", "samples_per_s", "comm_bytes", "startup_s", "wall_s")
+               "speedup", "samples_per_s", "comm_bytes", "startup_s", "wall_s", "attempts", "seeds",
+               "time_min_s", "time_max_s", "final_interval", "diverging", "implausible")
 
 
 def csv_text(summary: Summary) -> str:
@@ -181,47 +235,7 @@ def csv_text(summary: Summary) -> str:
     for row in summary.rows:
         writer.writerow(["" if v is None else v for v in (
             row.label, row.workers, row.rounds, row.final, row.best, summary.metric, summary.target,
-            row.time_to_target_s, row.speedup, row.samples_per_s, row.comm_bytes, row.startup_s, row.wall_s)])
+            row.time_to_target_s, row.speedup, row.samples_per_s, row.comm_bytes, row.startup_s, row.wall_s,
+            row.attempts, row.seeds, row.time_min_s, row.time_max_s, row.final_interval, row.diverging,
+            row.implausible)])
     return out.getvalue()
-
-
-def verdict(summary: Summary) -> str:
-    """Which run reached the target first and by how much; which ended best."""
-    metric = summary.metric
-    reached = sorted((r for r in summary.rows if r.time_to_target_s is not None),
-                     key=lambda r: r.time_to_target_s)
-    finals = [r for r in summary.rows if r.final is not None]
-    best_final = (max if higher_is_better(metric) else min)(finals, key=lambda r: r.final) if finals else None
-    sentences = []
-    if not reached:
-        sentences.append(f"No strategy reached the target ({metric_text(summary.target, metric)}).")
-    else:
-        winner = reached[0]
-        text = f"**{winner.label}** reached the target first, after {winner.time_to_target_s:.2f} s"
-        reference = next((r for r in summary.rows if r.label == summary.reference), None)
-        if reference is not None and winner is not reference:
-            if reference.time_to_target_s is None:
-                text += f"; {reference.label} did not reach it"
-            else:
-                text += f": {winner.speedup:.2f}× the speed of {reference.label} ({reference.time_to_target_s:.2f} s)"
-        if len(reached) > 1 and reached[1] is not reference:
-            runner_up = reached[1]
-            text += (f", {runner_up.time_to_target_s / winner.time_to_target_s:.2f}× the speed of the "
-                     f"runner-up {runner_up.label} ({runner_up.time_to_target_s:.2f} s)")
-        sentences.append(text + ".")
-    if best_final is not None:
-        name = "accuracy" if higher_is_better(metric) else "loss"
-        tied = [r.label for r in finals if r.final == best_final.final]
-        if len(tied) == len(summary.rows) > 1:
-            sentences.append(f"Every run ended at {metric_text(best_final.final, metric)} validation {name}.")
-        else:
-            sentences.append(f"Best final validation {name}: {', '.join(tied)}, "
-                             f"{metric_text(best_final.final, metric)}.")
-    missed = [r.label for r in summary.rows if r.time_to_target_s is None]
-    if missed and reached:
-        sentences.append(f"Not reached by: {', '.join(missed)}.")
-    slow_start = [f"{r.label} ({r.startup_s:.2f} s of {r.time_to_target_s:.2f} s)" for r in reached
-                  if r.startup_s > 0.5 * r.time_to_target_s > 0]
-    if slow_start:
-        sentences.append(f"Start-up was over half the time to target for {', '.join(slow_start)}.")
-    return " ".join(sentences)

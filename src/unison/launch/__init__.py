@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ..errors import ConfigError, expected
 from . import processes, stacked, threads, torchrun
-from .base import Backend, cpu_cores, threads_per_worker
+from .base import Backend, cpu_cores, pinned_threads, threads_per_worker
 
 REGISTRY: dict[str, Backend] = {b.name: b for b in (threads.BACKEND, processes.BACKEND, torchrun.BACKEND,
                                                     stacked.BACKEND)}
@@ -22,4 +22,4 @@ def get(name: str) -> Backend:
     return REGISTRY[name]
 
 
-__all__ = ["Backend", "REGISTRY", "NAMES", "get", "cpu_cores", "threads_per_worker"]
+__all__ = ["Backend", "REGISTRY", "NAMES", "get", "cpu_cores", "pinned_threads", "threads_per_worker"]

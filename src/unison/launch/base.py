@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from typing import ClassVar, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import ClassVar, Iterator, Mapping
 
 from ..engine.job import Job, Outcome
 from ..errors import ConfigError
@@ -23,9 +25,27 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
+# Intra-op threads pinned for the workers that run in this process (compare measures `single`
+# at the count fastest for it, or at --threads); None: each worker gets its share of the cores.
+# A context variable, not process state: it does not travel into a worker process.
+PINNED_THREADS: ContextVar[int | None] = ContextVar("unison_pinned_threads", default=None)
+
+
+@contextmanager
+def pinned_threads(threads: int | None) -> Iterator[None]:
+    """Within the block, a worker launched in this process uses ``threads`` intra-op threads."""
+    token = PINNED_THREADS.set(threads)
+    try:
+        yield
+    finally:
+        PINNED_THREADS.reset(token)
+
+
 def threads_per_worker(workers: int) -> int:
-    """Intra-op threads per worker so that workers × threads ≤ cores (no oversubscription)."""
-    return max(1, cpu_cores() // workers)
+    """Intra-op threads per worker so that workers × threads ≤ cores (no oversubscription),
+    unless pinned_threads() set a count for this context."""
+    pinned = PINNED_THREADS.get()
+    return pinned if pinned is not None else max(1, cpu_cores() // workers)
 
 
 class Backend(ABC):

@@ -15,14 +15,14 @@ from ..comm.base import Communicator, PeerFailed, Solo
 from ..engine import loop
 from ..engine.job import Job, Outcome
 from ..errors import UnisonError, WorkerError
-from .base import cpu_cores, threads_per_worker
+from .base import threads_per_worker
 
 
 def in_this_process(job: Job, device: torch.device | None = None) -> Outcome:
     """One worker, in this process, with every core: the caller's RNG is left as it was."""
     device = device or torch.device("cpu")
     previous = torch.get_num_threads()
-    torch.set_num_threads(cpu_cores())  # one computation, not N competing ones
+    torch.set_num_threads(threads_per_worker(1))  # one computation, not N competing ones
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(job.seed)
