@@ -191,8 +191,8 @@ def test_print_config_of_the_mlp_fills_in_its_defaults(tmp_path, capsys):
 def test_compare_with_a_class_path_run_file(cnn_run, tmp_path, capsys):
     run_file = cnn_run()
     out = tmp_path / "cmp"
-    assert main(["compare", str(run_file), "--strategies", "single,sync", "--epochs", "1", "--out", str(out),
-                 "--quiet"]) == 0, capsys.readouterr().err
+    assert main(["compare", str(run_file), "--strategies", "single,sync", "--epochs", "1", "--repeat", "1",
+                 "--out", str(out), "--quiet"]) == 0, capsys.readouterr().err
     models = sorted(out.glob("*/model.safetensors"))
     assert len(models) == 2
     for path in models:
