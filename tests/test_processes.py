@@ -197,3 +197,22 @@ def test_prestart_starts_the_forkserver_that_fit_then_uses_and_one_worker_needs_
                           env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["None", "True"]
+
+
+IMPORT_SCRIPT = """
+import sys, time
+import torch
+import unison
+from unison import startup
+print("torch._dynamo" in sys.modules, "unison.api" in sys.modules, startup.forkserver_pid() is not None)
+"""
+
+
+@pytest.mark.parametrize("env, forkserver", [({}, True), ({"UNISON_PRESTART": "0"}, False),
+                                             ({"TORCHELASTIC_RUN_ID": "x", "LOCAL_RANK": "0"}, False)])
+def test_import_unison_is_lazy_and_starts_the_forkserver_unless_opted_out_or_under_torchrun(env, forkserver):
+    environment = {k: v for k, v in os.environ.items() if k not in ("UNISON_PRESTART", "TORCHELASTIC_RUN_ID")}
+    done = subprocess.run([sys.executable, "-c", IMPORT_SCRIPT], capture_output=True, text=True, timeout=60,
+                          env=environment | env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["False", "False", str(forkserver)]
