@@ -118,7 +118,11 @@ def maybe_prestart() -> None:
 
 
 def watch_parent(sig: int = signal.SIGKILL) -> None:
-    """Ask Linux to send ``sig`` to this process when its parent dies (PR_SET_PDEATHSIG)."""
+    """Ask Linux to send ``sig`` to this process when its parent dies (PR_SET_PDEATHSIG).
+
+    Linux ties this to the parent's *thread* that started the child: a forkserver started from a
+    thread that later ends is killed then, and the next fit() starts a fresh one (ensure_running
+    notices). ``import unison`` starts it from the importing thread, usually the main one."""
     if not sys.platform.startswith("linux"):
         return
     try:
