@@ -15,8 +15,6 @@ from . import startup as _startup
 
 __version__ = "0.1.0"
 
-_SUBMODULES = {"history", "merges", "models", "partitions", "penalties", "schedules", "strategies", "launch",
-               "api", "plan", "config", "data", "errors", "comparison", "result"}
 _NAMES = {"fit": "api", "prestart": "api", "Result": "api", "Comparison": "comparison", "compare": "comparison",
           **{name: "errors" for name in ("CheckpointError", "ConfigError", "DataError", "NonFiniteError",
                                           "UnisonError", "WorkerError")}}
@@ -35,10 +33,13 @@ if TYPE_CHECKING:  # pragma: no cover - what the lazy names are, for type checke
 def __getattr__(name: str) -> Any:
     if name in _NAMES:
         value = getattr(importlib.import_module(f".{_NAMES[name]}", __name__), name)
-    elif name in _SUBMODULES:
-        value = importlib.import_module(f".{name}", __name__)
-    else:
-        raise AttributeError(f"module 'unison' has no attribute {name!r}")
+    else:  # a submodule, as `import unison` once imported them all: unison.checkpoint, unison.engine, ...
+        try:
+            value = importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module 'unison' has no attribute {name!r}") from None
     globals()[name] = value
     return value
 
