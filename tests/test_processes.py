@@ -1,6 +1,7 @@
 """The processes backend: same results as threads and as the sequential definitions; failures
 are reported, never hung on."""
 
+import os
 import subprocess
 import sys
 import time
@@ -86,30 +87,53 @@ def test_workers_split_the_cores(blobs):
     assert result.history  # a worker with the wrong thread count would have raised
 
 
-def test_a_class_defined_interactively_is_refused_before_any_worker_starts():
-    script = (
-        "import torch, unison\n"
-        "from torch import nn\n"
-        "class Net(nn.Module):\n"
-        "    def __init__(self):\n"
-        "        super().__init__(); self.l = nn.Linear(4, 2)\n"
-        "    def forward(self, x):\n"
-        "        return self.l(x)\n"
-        "x = torch.randn(32, 4); y = (x[:, 0] > 0).long()\n"
-        "try:\n"
-        "    unison.fit(Net(), (x, y), workers=2, backend='processes', progress=False)\n"
-        "except unison.ConfigError as e:\n"
-        "    print('refused:', e)\n")
-    as_command = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    assert "refused: Net is defined interactively" in as_command.stdout, as_command.stdout + as_command.stderr
-    from_stdin = subprocess.run([sys.executable, "-"], input=script, capture_output=True, text=True, timeout=60)
-    assert "refused: worker processes cannot be started from a program read from <stdin>" in from_stdin.stdout
-    for done in (as_command, from_stdin):
-        assert "backend='threads'" in done.stdout and "Traceback" not in done.stderr
+# A program that defines its own model class in __main__, with no `if __name__ == "__main__":`
+# guard: workers must not re-run it (it would train again in every worker) nor need to import it.
+MAIN_PROGRAM = """
+import torch, unison
+from torch import nn
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__(); self.l = nn.Linear(4, 2)
+    def forward(self, x):
+        return self.l(x)
+def loss(out, y):  # a loss from __main__ too
+    return nn.functional.cross_entropy(out, y)
+torch.manual_seed(0)
+x = torch.randn(256, 4); y = (x[:, 0] > 0).long()
+print("training")
+result = unison.fit(Net(), (x, y), val=(x, y), workers=2, backend="processes", progress=False,
+                    epochs=5, lr=0.5, batch_size=16, loss=loss)
+print("val_acc", result.final["val_acc"], "val_loss", result.final["val_loss"])
+"""
 
 
-def test_unpicklable_model_is_refused_before_training(blobs):
-    class Local(nn.Module):  # defined in a function: spawn cannot import it
+def _trained(done):
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.split("\n")
+    assert lines.count("training") == 1, done.stdout  # the program ran once: no worker re-ran it
+    words = next(line for line in lines if line.startswith("val_acc")).split()
+    return float(words[1]), float(words[3])
+
+
+def test_a_script_without_a_main_guard_trains_its_own_model_class_on_processes(tmp_path):
+    script = tmp_path / "no_guard.py"
+    script.write_text(MAIN_PROGRAM)
+    acc, loss = _trained(subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60))
+    assert acc >= 0.95 and loss < 0.3
+
+
+def test_python_c_and_a_program_read_from_stdin_train_on_processes():
+    as_command = _trained(subprocess.run([sys.executable, "-c", MAIN_PROGRAM], capture_output=True, text=True,
+                                         timeout=60))
+    from_stdin = _trained(subprocess.run([sys.executable, "-"], input=MAIN_PROGRAM, capture_output=True,
+                                         text=True, timeout=60))
+    assert as_command[0] >= 0.95 and as_command[1] < 0.3
+    assert from_stdin == as_command  # the same program, seed and data: the same result
+
+
+def test_a_model_class_defined_in_a_function_travels_by_value(blobs):
+    class Local(nn.Module):  # not importable by name: cloudpickle sends the class itself
         def __init__(self):
             super().__init__()
             self.linear = nn.Linear(8, 3)
@@ -117,8 +141,29 @@ def test_unpicklable_model_is_refused_before_training(blobs):
         def forward(self, x):
             return self.linear(x)
 
+    torch.manual_seed(0)
+    model = Local()
+    in_processes = fit(model, blobs, strategy="sync", workers=2)
+    in_threads = fit(model, blobs, strategy="sync", workers=2, backend="threads")
+    assert max_abs_diff(in_processes.model, in_threads.model) <= 1e-5
+
+
+class CopiesButDoesNotPickle:
+    """As a handle to a resource of this process: copyable here, never sent elsewhere."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        raise TypeError("cannot pickle a handle of this process")
+
+
+def test_unpicklable_model_is_refused_before_training(blobs):
+    model = unison.models.mlp(8, [16], 3)
+    model.handle = CopiesButDoesNotPickle()
+
     with pytest.raises(unison.ConfigError, match="backend='threads'"):
-        fit(Local(), blobs, strategy="sync", workers=2)
+        fit(model, blobs, strategy="sync", workers=2)
 
 
 @pytest.mark.slow
@@ -147,6 +192,27 @@ print(started == forkserver._forkserver._forkserver_pid)  # fit's workers came f
 
 
 def test_prestart_starts_the_forkserver_that_fit_then_uses_and_one_worker_needs_none():
-    done = subprocess.run([sys.executable, "-c", PRESTART_SCRIPT], capture_output=True, text=True, timeout=120)
+    env = os.environ | {"UNISON_PRESTART": "0"}  # opted out of the forkserver at import time
+    done = subprocess.run([sys.executable, "-c", PRESTART_SCRIPT], capture_output=True, text=True, timeout=120,
+                          env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["None", "True"]
+
+
+IMPORT_SCRIPT = """
+import sys, time
+import torch
+import unison
+from unison import startup
+print("torch._dynamo" in sys.modules, "unison.api" in sys.modules, startup.forkserver_pid() is not None)
+"""
+
+
+@pytest.mark.parametrize("env, forkserver", [({}, True), ({"UNISON_PRESTART": "0"}, False),
+                                             ({"TORCHELASTIC_RUN_ID": "x", "LOCAL_RANK": "0"}, False)])
+def test_import_unison_is_lazy_and_starts_the_forkserver_unless_opted_out_or_under_torchrun(env, forkserver):
+    environment = {k: v for k, v in os.environ.items() if k not in ("UNISON_PRESTART", "TORCHELASTIC_RUN_ID")}
+    done = subprocess.run([sys.executable, "-c", IMPORT_SCRIPT], capture_output=True, text=True, timeout=60,
+                          env=environment | env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["False", "False", str(forkserver)]

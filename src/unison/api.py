@@ -31,9 +31,10 @@ __all__ = ["fit", "train", "prestart", "Result", "HISTORY_FILE", "MODEL_FILE", "
 
 def prestart() -> None:
     """Start the interpreter that worker processes are forked from (a forkserver importing torch
-    and unison, ~1.5 s) now, in the background, and return at once. fit() on backend "processes"
-    starts it anyway, but only its own data checks then overlap it: call this first thing, before
-    loading data, and the workers start in a fraction of a second. It is kept for later runs."""
+    and unison, ~1.5 s) now, in the background, and return at once. ``import unison`` already
+    does this unless UNISON_PRESTART=0 (or under torchrun); with the opt-out, call this first
+    thing, before loading data, and the workers start in a fraction of a second. It is kept for
+    later runs and ends with this interpreter."""
     launch.get("processes").prestart(workers=2)
 
 

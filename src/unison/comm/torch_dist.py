@@ -16,11 +16,7 @@ import re
 from datetime import timedelta
 
 import torch
-# Imported before any process group exists, on purpose: torch.optim imports torch._dynamo
-# lazily at the first optimizer, and when that happens after gloo's group was created the
-# interpreter often aborts at exit (SIGABRT; 3 of 8 torchrun runs here, 0 of 8 with this).
-import torch._dynamo  # noqa: F401
-import torch.distributed as dist
+import torch.distributed as dist  # (import torch has already imported it)
 
 from .base import Communicator, PeerFailed, nbytes
 
@@ -29,7 +25,10 @@ _PEER = re.compile(r"\[([0-9A-Fa-f.:]+)\]:\d+")  # gloo names the peer of a brok
 
 
 _MISSING = re.compile(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier")
-ROLL_CALL_S = 10.0  # at most this long to find who is missing, after a timeout
+# At most this long to find who is missing, after a timeout: the ranks still running reach the
+# roll call within moments of each other (they timed out on the same collective), so a short one
+# suffices, and a stopped worker is named within timeout + ~2 s.
+ROLL_CALL_S = 2.0
 
 
 class TorchDistComm(Communicator):
@@ -94,6 +93,14 @@ class TorchDistComm(Communicator):
         self._collective("barrier", dist.barrier)
 
 
+def _before_a_group() -> None:
+    """Import torch._dynamo before any process group exists, on purpose: torch.optim imports it
+    lazily at the first optimizer, and when that happens after gloo's group was created the
+    interpreter often aborts at exit (SIGABRT; 3 of 8 torchrun runs here, 0 of 8 with this).
+    Here, not at the top: it costs ~0.7 s that ``import unison`` and the driver need not pay."""
+    import torch._dynamo  # noqa: F401
+
+
 def host_store(world_size: int, timeout: float, host: str) -> dist.TCPStore:
     """A rendezvous store on ``host`` with a free port the OS picks, hosted by the caller.
 
@@ -106,6 +113,7 @@ def host_store(world_size: int, timeout: float, host: str) -> dist.TCPStore:
 
 def join(rank: int, world_size: int, host: str, port: int, timeout: float) -> TorchDistComm:
     """Join the gloo group whose store the launcher hosts on ``host``:``port``."""
+    _before_a_group()
     store = dist.TCPStore(host, port, world_size, is_master=False,
                           timeout=timedelta(seconds=timeout))
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
@@ -134,6 +142,7 @@ def join_from_environment(timeout: float) -> tuple[TorchDistComm, torch.device, 
         device, backend = torch.device("cpu"), "gloo"
     created = not dist.is_initialized()
     if created:
+        _before_a_group()
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout), **_attempt_store(timeout))
     return TorchDistComm(timeout), device, created
 

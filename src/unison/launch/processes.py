@@ -1,21 +1,28 @@
 """Backend "processes": N worker processes on this machine, gloo over 127.0.0.1.
 
-Workers are forked from a forkserver that imported torch and unison once (started by fit()
-while it validates and prepares the data, and kept for later runs), so a worker starts in a
-fraction of a second instead of importing torch anew as a spawned one would. Plain ``fork``
-is not used: a child forked after the parent ran an OpenMP region hangs in its own first
-multi-threaded op (libgomp), and CUDA cannot be used in a forked child. The forkserver
+Workers are forked from a forkserver that imported torch and unison once (unison.startup:
+started at ``import unison`` in the background, or by fit(), and kept for later runs), so a
+worker starts in a fraction of a second instead of importing torch anew as a spawned one would.
+Plain ``fork`` is not used: a child forked after the parent ran an OpenMP region hangs in its
+own first multi-threaded op (libgomp), and CUDA cannot be used in a forked child. The forkserver
 process never runs an op, so both are safe. Where there is no forkserver, spawn is used.
+
+A worker never imports the caller's ``__main__``: the Job travels by value with cloudpickle, so
+a model class, factory or loss defined in a script without a main guard, a notebook, ``python
+-c`` or stdin reaches the workers as it is.
 
 The data set is moved to shared memory once and every worker maps it; nothing is copied per
 worker. The launcher watches every worker: if one dies or raises, the others are ended and
 fit() raises WorkerError naming the rank and its exit code, signal or traceback (the blame is
-unison.launch.worker's, shared with the threads backend).
+unison.launch.worker's, shared with the threads backend). A worker watches its launcher in turn:
+it leaves when the launcher's end of its lifeline pipe closes (the launcher died, even by
+SIGKILL), and Linux kills it when its forkserver dies (PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
 
-import multiprocessing
+import copyreg
+import io
 import os
 import pickle
 import signal
@@ -23,12 +30,17 @@ import sys
 import threading
 import time
 import traceback
+from collections import ChainMap
 from multiprocessing.connection import wait
+from multiprocessing.reduction import ForkingPickler
 
+import cloudpickle
 import torch
+import torch.multiprocessing  # noqa: F401 - registers the shared-memory reducers of tensors
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+from .. import startup
 from ..comm import torch_dist
 from ..comm.base import PeerFailed
 from ..engine.job import Job, Outcome
@@ -39,18 +51,37 @@ from .worker import Failure, blame, in_this_process, own_process
 
 GRACE_S = 3.0  # how long a worker may take to stop when asked before it is killed
 HOST = "127.0.0.1"  # the workers are processes of this machine: the group talks over loopback
-# What the forkserver imports once, so that every worker forked from it starts with them.
-# torch._dynamo: torch.optim imports it on the first optimizer's construction (~0.7 s).
-PRELOAD = ["torch", "torch._dynamo", "torch.distributed", "safetensors.torch", "unison.engine.loop",
-           "unison.comm.torch_dist", "unison.launch.processes"]
 
 
 def _context():
-    if "forkserver" not in multiprocessing.get_all_start_methods():
+    if not startup.available():
         return torch.multiprocessing.get_context("spawn")
-    context = torch.multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(PRELOAD)
-    return context
+    return startup.context()
+
+
+class _ByValuePickler(cloudpickle.Pickler):
+    """cloudpickle (what __main__ defines travels by value) with multiprocessing's reducers
+    (tensors in shared memory travel as handles, not copies)."""
+
+    dispatch_table = ChainMap(ForkingPickler._extra_reducers, getattr(cloudpickle.Pickler, "dispatch_table",
+                                                                      copyreg.dispatch_table))
+
+
+class _ByValue:
+    """The Job as a worker receives it: pickled with cloudpickle while the worker is started (so
+    the file descriptors of shared tensors go with that worker), unpickled there by pickle."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+
+    def __reduce__(self):
+        buffer = io.BytesIO()
+        _ByValuePickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(self.job)
+        return (_unpickle, (buffer.getvalue(),))
+
+
+def _unpickle(data: bytes) -> _ByValue:
+    return _ByValue(pickle.loads(data))
 
 
 class Processes(Backend):
@@ -69,19 +100,16 @@ class Processes(Backend):
 
 
 def prestart() -> None:
-    """Start the forkserver (it imports PRELOAD and the caller's script) so that it is ready by
-    the time the workers are needed. Does nothing when workers could not be started from this
-    program anyway (see _check_importable)."""
-    if _uses_forkserver():
-        _context()
-        from multiprocessing import forkserver
-        forkserver.ensure_running()
+    """Start the forkserver (it imports unison.startup.PRELOAD) so that it is ready by the time
+    the workers are needed; it usually runs already, started at ``import unison``."""
+    if startup.available():
+        startup.ensure_running()
 
 
 def wait_until_ready() -> None:
     """Return once the forkserver has imported PRELOAD (starting it if need be): a trivial
     process forked from it has come and gone."""
-    if _uses_forkserver():
+    if startup.available():
         process = _context().Process(target=_nothing, name="unison-warm-up")
         process.start()
         process.join()
@@ -89,17 +117,6 @@ def wait_until_ready() -> None:
 
 def _nothing() -> None:
     pass
-
-
-def _uses_forkserver() -> bool:
-    """Whether this program's workers come from a forkserver: one exists here, and the workers
-    could be started from this program at all."""
-    return _main_is_importable() and "forkserver" in multiprocessing.get_all_start_methods()
-
-
-def _main_is_importable() -> bool:
-    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
-    return not main_file or os.path.isfile(main_file)
 
 
 BLAME_GRACE_S = 2.0  # with only symptoms reported, how long to wait for the cause
@@ -114,42 +131,41 @@ def launch(job: Job) -> Outcome:
         job.model.share_memory()
     store = torch_dist.host_store(job.workers, job.timeout, HOST)
     context = _context()
-    pipes, workers = [], []
+    pipes, workers, lifelines = [], [], []
     try:
         for rank in range(job.workers):
             receiver, sender = context.Pipe(duplex=False)
-            worker = context.Process(target=_work, args=(rank, store.port, job, sender),
+            watched, lifeline = context.Pipe(duplex=False)  # never written: its EOF is the message
+            worker = context.Process(target=_work, args=(rank, store.port, _ByValue(job), sender, watched),
                                      name=f"unison-worker-{rank}", daemon=True)
             try:
                 worker.start()
             except (pickle.PicklingError, AttributeError, TypeError) as exc:
-                raise ConfigError(f"cannot send the run to worker processes ({exc}); define the "
-                                  "model, loss and optimizer at module level, or use backend='threads'") from None
+                raise ConfigError(f"cannot send the run to worker processes ({exc}); make the model, loss "
+                                  "and optimizer picklable (no locks, open files or generators in them), "
+                                  "or use backend='threads'") from None
             sender.close()  # the child holds its own end; EOF then means the child is gone
+            watched.close()
             pipes.append(receiver)
             workers.append(worker)
+            lifelines.append(lifeline)
         return _supervise(workers, pipes)
     finally:
         _stop(workers)
+        for lifeline in lifelines:
+            lifeline.close()
         del store
 
 
 def _check_importable(job: Job) -> None:
-    """Spawned workers re-import the classes they receive. Classes defined in an interactive
-    __main__ (a notebook, stdin, python -c) cannot be re-imported: refuse them before starting."""
+    """Spawned workers (only where there is no forkserver) re-run the caller's script to start:
+    refuse a program that cannot be re-run. Forkserver workers never import __main__."""
+    if startup.available():
+        return
     main_file = getattr(sys.modules.get("__main__"), "__file__", None)
-    if main_file and os.path.isfile(main_file):
-        return  # a script: spawn re-runs it (under __mp_main__) and finds its classes
-    if main_file:  # "<stdin>": spawn would try to re-run a file that does not exist
-        raise ConfigError(f"worker processes cannot be started from a program read from {main_file}; "
-                          "save it to a file and run that, or use backend='threads'")
-    suspects = [type(m) for m in job.model.modules()] + [job.loss_fn, job.optimizer.factory,
-                                                          type(job.strategy), type(job.partition)]
-    for obj in suspects:
-        if obj is not None and getattr(obj, "__module__", None) == "__main__":
-            raise ConfigError(f"{getattr(obj, '__qualname__', obj)!s} is defined interactively (in __main__), "
-                              "which worker processes cannot import; move it to a module, or use "
-                              "backend='threads'")
+    if main_file and not os.path.isfile(main_file):  # "<stdin>"
+        raise ConfigError(f"worker processes cannot be started from a program read from {main_file} "
+                          "on this platform; save it to a file and run that, or use backend='threads'")
 
 
 def _supervise(workers, pipes) -> Outcome:
@@ -216,9 +232,14 @@ def _describe_exit(code: int) -> str:
 
 
 def _stop(workers) -> None:
-    """End every worker still running: SIGTERM, then SIGKILL after a grace period."""
+    """End every worker still running: SIGCONT (a stopped worker could not act on the rest), then
+    SIGTERM, then SIGKILL after a grace period."""
     for worker in workers:
         if worker.is_alive():
+            try:
+                os.kill(worker.pid, signal.SIGCONT)
+            except (ProcessLookupError, TypeError):
+                pass
             worker.terminate()
     for worker in workers:
         worker.join(GRACE_S)
@@ -227,10 +248,22 @@ def _stop(workers) -> None:
             worker.join()
 
 
-def _work(rank: int, port: int, job: Job, pipe) -> None:
+def _watch_launcher(watched) -> None:
+    """Leave at once when the launcher is gone: its end of ``watched`` closed (EOF)."""
+    try:
+        watched.recv_bytes()
+    except (EOFError, OSError):
+        pass
+    os._exit(1)
+
+
+def _work(rank: int, port: int, received: _ByValue, pipe, watched) -> None:
     """A worker process: join the group, train, send rank 0's outcome, say goodbye, leave."""
     code = 0
+    startup.watch_parent()  # killed if the forkserver dies (it dies with the launcher)
+    threading.Thread(target=_watch_launcher, args=(watched,), name="unison-lifeline", daemon=True).start()
     try:
+        job = received.job
         if job.progress and rank == 0:
             # tqdm's default lock is a multiprocessing semaphore; this process leaves through
             # os._exit, which would leak it. A worker draws one bar: a thread lock is enough.
