@@ -192,6 +192,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
+    if not args.quiet:  # a line at once: importing torch and preparing the data take seconds
+        print("unison compare: starting (torch, the data, a warm-up), then a line per run", flush=True)
     import tomllib
     from dataclasses import fields
 

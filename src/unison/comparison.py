@@ -219,6 +219,9 @@ def compare(model: nn.Module | Callable[[], nn.Module] | ModelConfig | None = No
     results: dict[str, Result] = {}
     for name, reason in skipped.items():
         print(f"{name}: skipped, {reason}", file=sys.stderr)
+    if progress:
+        print(f"unison compare: {len(runs) * repeat * seeds} runs ({len(runs)} strategies × {repeat} repeat(s) × "
+              f"{seeds} seed(s)) on {train_data.name}, {workers} workers on {backend}; warming up", flush=True)
     try:
         scratch.mkdir(parents=True)
         load_before = measure.machine_load()
