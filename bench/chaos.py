@@ -213,9 +213,7 @@ class Chaos:
                     process.wait(timeout=self.timeout)
                 except subprocess.TimeoutExpired:
                     survived = False
-                time.sleep(2.0)
-                alive = _marked(mark)
-                if alive:
+                if alive := _outliving(mark, 2.0):
                     row.orphans += 1
                     row.notes.append(f"{scenario} #{index}: {len(alive)} orphan(s) alive 2 s after the parent: "
                                      + "; ".join(_cmdline(pid) for pid in alive))
@@ -226,8 +224,7 @@ class Chaos:
                 ok, err = self.wait(process)
                 survived = ok
                 row.notes.append(f"{scenario} #{index}: first run: exit {process.returncode}: {_last_line(err)}")
-                time.sleep(2.0)  # a worker left by a run that ended is an orphan too
-                if alive := _marked(mark):
+                if alive := _outliving(mark, 2.0):  # a worker left by a run that ended is an orphan too
                     row.orphans += 1
                     row.notes.append(f"{scenario} #{index}: {len(alive)} orphan(s) alive 2 s after the parent: "
                                      + "; ".join(_cmdline(pid) for pid in alive))
@@ -362,6 +359,14 @@ def _marked(mark: str) -> list[int]:
             except OSError:
                 continue
     return found
+
+
+def _outliving(mark: str, seconds: float) -> list[int]:
+    """The marked processes still alive ``seconds`` from now (returns early once there are none)."""
+    end = time.monotonic() + seconds
+    while (alive := _marked(mark)) and time.monotonic() < end:
+        time.sleep(0.05)
+    return alive
 
 
 def _cmdline(pid: int) -> str:
