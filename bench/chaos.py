@@ -155,7 +155,7 @@ class Chaos:
             _kill_group(process.pid)
             process.wait()
         err = Path(f"{process.logs}.err").read_text(errors="replace")
-        return ended and "Traceback" not in err, err
+        return ended and not _traceback(err), err
 
     def _reference(self) -> tuple[dict[str, torch.Tensor], float]:
         out = self.work / "reference"
@@ -406,9 +406,15 @@ def _train_seconds(log: Path) -> float:
     return 1.0
 
 
+def _traceback(err: str) -> bool:
+    """Whether stderr holds a traceback of unison's; torchrun's agent prints its own for any rank
+    that fails (ChildFailedError), which is torchrun's way of reporting, not a crash of unison's."""
+    return err.count("Traceback (most recent call last)") > err.count("errors.ChildFailedError")
+
+
 def _last_line(text: str) -> str:
     lines = [line for line in text.strip().splitlines() if line.strip()]
-    if "Traceback" in text:
+    if _traceback(text):
         return "traceback: " + (lines[-1] if lines else "")
     return lines[-1][:200] if lines else "(nothing on stderr)"
 
@@ -422,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds any one command may take")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--json", help="also write the table as JSON here")
+    parser.add_argument("--keep", action="store_true", help="keep the trials' folders (and logs)")
     parser.add_argument("--verbose", action="store_true", help="print every note")
     args = parser.parse_args(argv)
     scenarios = [s for s in args.scenarios.split(",") if s]
@@ -432,6 +439,9 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(args.seed)
     began = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="unison-chaos-") as work:
+        if args.keep:
+            work = tempfile.mkdtemp(prefix="unison-chaos-kept-")
+            print(f"keeping the trials' folders in {work}")
         chaos = Chaos(args.backend, args.seed, Path(work), args.timeout, args.epochs)
         rows = {}
         for scenario in scenarios:
