@@ -7,11 +7,13 @@ a checkpoint every 2 rounds) as a subprocess, does something bad to it, then run
 train --resume` and compares the result with an uninterrupted reference run of the same seed:
 
   kill-worker       SIGKILL one worker process at a random moment (not on threads)
-  kill-parent       SIGKILL the process that ran `unison train` (on torchrun: the agent)
+  kill-parent       SIGKILL the process that ran `unison train` (on torchrun: the agent): a
+                    quarter of the time while it starts, else at a random moment of training
   disk-full         the run folder on a small tmpfs (`mount -t tmpfs`), filled to a random
                     free space; after the run the space is freed and the run resumed. Without
-                    root it is simulated: os.write/open in the run raise ENOSPC after a random
-                    number of bytes (sitecustomize), and the table says "simulated"
+                    root (or with --simulate-enospc) it is simulated: open() in the run raises
+                    ENOSPC under the run folder after a random number of bytes
+                    (sitecustomize), and the table says "simulated"
   corrupt-truncate  kill the parent once two checkpoints exist, then truncate a file of the
   corrupt-flip      newest one / flip a byte in it / delete one of its files / write a bad
   corrupt-delete    MANIFEST.json (invalid JSON, a wrong SHA-256 or a missing key); resume must
@@ -111,13 +113,13 @@ class Row:
 
 
 class Chaos:
-    def __init__(self, backend: str, seed: int, work: Path, timeout: float, epochs: int):
+    def __init__(self, backend: str, seed: int, work: Path, timeout: float, epochs: int, simulate: bool = False):
         self.backend, self.seed, self.work, self.timeout, self.epochs = backend, seed, work, timeout, epochs
         self.run_file = work / "run.toml"
         self.run_file.write_text(RUN.format(backend="processes" if backend == "torchrun" else backend,
                                             epochs=epochs, seed=seed))
         self.python = sys.executable
-        self.mounted = self._can_mount()
+        self.mounted = not simulate and self._can_mount()
         self.hook = work / "hook"
         self.hook.mkdir()
         (self.hook / "sitecustomize.py").write_text(_ENOSPC_HOOK)
@@ -134,7 +136,8 @@ class Chaos:
         return [self.python, "-m", "unison", "train", *train, "--quiet"]
 
     def start(self, out: Path, mark: str, resume: bool = False, extra_env: dict | None = None):
-        env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), **{MARK: mark}, **(extra_env or {}))
+        env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), **{MARK: mark})
+        env.update(extra_env or {})
         logs = out.parent / f"{out.name}.{'resume' if resume else 'first'}"
         command = self.command(out, resume)
         stdout, stderr = open(f"{logs}.out", "wb"), open(f"{logs}.err", "wb")
@@ -193,7 +196,7 @@ class Chaos:
                                timeout=10)
                 free = shutil.disk_usage(folder).free
                 filler = folder / "filler"
-                filler.write_bytes(b"\0" * max(0, free - rng.randrange(4 << 10, 160 << 10)))
+                filler.write_bytes(b"\0" * max(0, free - rng.randrange(0, 160 << 10)))
             else:
                 extra_env = {"PYTHONPATH": f"{self.hook}:{ROOT / 'src'}", "UNISON_CHAOS_ROOT": str(folder),
                              "UNISON_CHAOS_ENOSPC": str(rng.randrange(4 << 10, 160 << 10))}
@@ -203,8 +206,7 @@ class Chaos:
             if scenario == "kill-worker":
                 self._kill_worker(process, mark, rng)
             elif scenario == "kill-parent":
-                self._when(process, rng.uniform(0.2, self.reference_s), lambda: None)
-                _kill(process.pid)
+                self._kill_parent(process, out, rng)
             elif scenario.startswith("corrupt"):
                 self._until_checkpoints(process, out, 2)
                 _kill(process.pid)
@@ -292,6 +294,19 @@ class Chaos:
         self._when(process, rng.uniform(0.0, self.train_s), lambda: None)
         if workers := self._workers(process, mark):
             _kill(rng.choice(workers))
+
+    def _kill_parent(self, process, out: Path, rng: random.Random) -> None:
+        """SIGKILL the parent: a quarter of the time while it starts, else a random moment of the
+        training (from the unfinished run's config.toml on, the training's length in the reference)."""
+        if rng.random() < 0.25:
+            self._when(process, rng.uniform(0.2, 2.0), lambda: None)
+        else:
+            config = out.parent / f".{out.name}.partial" / "config.toml"
+            deadline = time.monotonic() + self.timeout
+            while process.poll() is None and not config.exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            self._when(process, rng.uniform(0.0, self.train_s * 1.2), lambda: None)
+        _kill(process.pid)
 
     @staticmethod
     def _workers(process, mark: str) -> list[int]:
@@ -428,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds any one command may take")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--json", help="also write the table as JSON here")
+    parser.add_argument("--simulate-enospc", action="store_true",
+                        help="disk-full by a patched open() raising ENOSPC even where tmpfs can be mounted")
     parser.add_argument("--keep", action="store_true", help="keep the trials' folders (and logs)")
     parser.add_argument("--verbose", action="store_true", help="print every note")
     args = parser.parse_args(argv)
@@ -442,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.keep:
             work = tempfile.mkdtemp(prefix="unison-chaos-kept-")
             print(f"keeping the trials' folders in {work}")
-        chaos = Chaos(args.backend, args.seed, Path(work), args.timeout, args.epochs)
+        chaos = Chaos(args.backend, args.seed, Path(work), args.timeout, args.epochs, args.simulate_enospc)
         rows = {}
         for scenario in scenarios:
             rows[scenario] = row = Row()
