@@ -474,8 +474,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{scenario:<18} {row.trials:>6} {row.survived:>8} {row.resumable:>9} {row.exact:>5} "
               f"{row.lost:>4} {row.orphans:>7}")
     notes = [n for row in rows.values() for n in row.notes]
-    problems = [n for n in notes if "lost" in n or "traceback" in n or "differs" in n or "failed" in n
-                or "orphan" in n or "timed out" in n]
+    problems = [n for n in notes if any(word in n for word in ("lost", "traceback", "differs", "resume",
+                                                               "orphan", "nothing on stderr"))
+                and ": first run: exit" not in n or "traceback" in n]
     for note in (notes if args.verbose else problems):
         print("  " + note)
     if args.json:
