@@ -25,7 +25,8 @@ exact = resumed runs whose model.safetensors is bit-identical (torch.equal on ev
 the reference; lost = trials where a checkpoint written before the chaos (other than the one
 deliberately corrupted) did not verify afterwards, or the run folder vanished; orphans = trials
 with worker processes still alive 2 s after the parent's death (found by a unique environment
-variable UNISON_CHAOS_MARK in /proc/*/environ; they are then killed so trials stay apart).
+variable UNISON_CHAOS_MARK in /proc/*/environ; they are then killed so trials stay apart);
+helpers = trials where only multiprocessing's resource tracker or fork server outlived it so.
 Every subprocess has a timeout; a hang counts as not survived.
 """
 
@@ -109,6 +110,7 @@ class Row:
     exact: int = 0
     lost: int = 0
     orphans: int = 0
+    helpers: int = 0
     notes: list[str] = field(default_factory=list)
 
 
@@ -202,6 +204,8 @@ class Chaos:
                              "UNISON_CHAOS_ENOSPC": str(rng.randrange(4 << 10, 160 << 10))}
         try:
             process = self.start(out, mark, extra_env=extra_env)
+            self._mark_of = {process.pid: mark}
+            self.helpers: set[int] = set()
             seen: set[int] = set()
             if scenario == "kill-worker":
                 self._kill_worker(process, mark, rng)
@@ -209,16 +213,19 @@ class Chaos:
                 self._kill_parent(process, out, rng)
             elif scenario.startswith("corrupt"):
                 self._until_checkpoints(process, out, 2)
-                _kill(process.pid)
+                self._kill_parent_now(process, mark)
             if scenario in ("kill-parent",) or scenario.startswith("corrupt"):
                 try:
                     process.wait(timeout=self.timeout)
                 except subprocess.TimeoutExpired:
                     survived = False
                 if alive := _outliving(mark, 2.0):
-                    row.orphans += 1
-                    row.notes.append(f"{scenario} #{index}: {len(alive)} orphan(s) alive 2 s after the parent: "
-                                     + "; ".join(_cmdline(pid) for pid in alive))
+                    workers = [pid for pid in alive if pid not in self.helpers]
+                    row.orphans += bool(workers)
+                    row.helpers += len(workers) < len(alive)
+                    row.notes.append(f"{scenario} #{index}: {len(workers)} worker(s) and {len(alive) - len(workers)} "
+                                     "multiprocessing helper(s) alive 2 s after the parent: "
+                                     + "; ".join(f"{pid} {_cmdline(pid)[:90]}" for pid in alive))
                     for pid in alive:
                         _kill(pid)
                     time.sleep(0.2)
@@ -306,6 +313,13 @@ class Chaos:
             while process.poll() is None and not config.exists() and time.monotonic() < deadline:
                 time.sleep(0.01)
             self._when(process, rng.uniform(0.0, self.train_s * 1.2), lambda: None)
+        self._kill_parent_now(process, self._mark_of[process.pid])
+
+    def _kill_parent_now(self, process, mark: str) -> None:
+        """SIGKILL the parent, noting its multiprocessing helpers first (reparented once it is
+        dead, they can no longer be told from workers by their parent)."""
+        self.helpers = {p for p in _marked(mark) if _parent(p) == process.pid
+                        and any(h in _cmdline(p) for h in ("resource_tracker", "forkserver"))}
         _kill(process.pid)
 
     @staticmethod
@@ -469,10 +483,11 @@ def main(argv: list[str] | None = None) -> int:
         reference_s = chaos.reference_s
     print(f"backend={args.backend} seed={args.seed} trials={args.trials} disk-full={disk} "
           f"reference run {reference_s:.1f} s, all {time.monotonic() - began:.0f} s")
-    print(f"{'scenario':<18} {'trials':>6} {'survived':>8} {'resumable':>9} {'exact':>5} {'lost':>4} {'orphans':>7}")
+    print(f"{'scenario':<18} {'trials':>6} {'survived':>8} {'resumable':>9} {'exact':>5} {'lost':>4} {'orphans':>7} "
+          f"{'helpers':>7}")
     for scenario, row in rows.items():
         print(f"{scenario:<18} {row.trials:>6} {row.survived:>8} {row.resumable:>9} {row.exact:>5} "
-              f"{row.lost:>4} {row.orphans:>7}")
+              f"{row.lost:>4} {row.orphans:>7} {row.helpers:>7}")
     notes = [n for row in rows.values() for n in row.notes]
     problems = [n for n in notes if any(word in n for word in ("lost", "traceback", "differs", "resume",
                                                                "orphan", "nothing on stderr"))
