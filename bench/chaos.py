@@ -33,7 +33,6 @@ Every subprocess has a timeout; a hang counts as not survived.
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import os
 import random
@@ -206,7 +205,6 @@ class Chaos:
             process = self.start(out, mark, extra_env=extra_env)
             self._mark_of = {process.pid: mark}
             self.helpers: set[int] = set()
-            seen: set[int] = set()
             if scenario == "kill-worker":
                 self._kill_worker(process, mark, rng)
             elif scenario == "kill-parent":
@@ -246,7 +244,7 @@ class Chaos:
             if scenario.startswith("corrupt") and seen:
                 corrupted = max(seen)
                 what = corrupt(partial / checkpoints.directory_name(corrupted), scenario, rng)
-                row.notes.append(f"{scenario} #{index}: {what}") if index == 0 else None
+                row.notes.append(f"{scenario} #{index}: {what}")
             for step in seen - {corrupted}:
                 try:
                     checkpoints.load(partial / checkpoints.directory_name(step))
