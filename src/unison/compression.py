@@ -207,5 +207,6 @@ NAMES = tuple(REGISTRY)
 
 def parse(spec: Any, field: str = "compress") -> Compression:
     """A Compression from ``"fp16"``, ``"int8"``, ``"topk(0.01)"``, ``"powersgd(4)"``, ... or the
-    object; ``field`` names the option in the error (e.g. ``"sync.compress"``)."""
-    return specs.parse(spec, REGISTRY, field, Compression)
+    object; ``field`` names the option in the error (e.g. ``"sync.compress"``). None (what the
+    spec grammar makes of ``none``) is no compression."""
+    return specs.parse("none" if spec is None else spec, REGISTRY, field, Compression)
