@@ -53,3 +53,14 @@ def test_sync_powersgd_is_within_a_point_of_ddp_powersgd_on_digits(tmp_path):
         ddp_acc = float((ddp(data.x_val).argmax(1) == data.y_val).float().mean())
     assert ddp_acc > 0.9
     assert abs(result.final["val_acc"] - ddp_acc) <= 0.01
+
+
+def test_compressed_strategies_on_processes_equal_threads(blobs, small_model):
+    """torch.distributed sends the compressed tensors themselves (fp16/bf16 all-reduce, uint8
+    all-gather) and counts the same bytes as threads."""
+    for strategy in ("sync(compress=bf16)", "periodic(every=3, compress=int8(block=64))",
+                     "diloco(every=4, compress=topk(0.1))", "sync(compress=powersgd(2, start=1))"):
+        threads = fit(small_model, blobs, strategy=strategy, momentum=0.9)
+        processes = fit(small_model, blobs, strategy=strategy, momentum=0.9, backend="processes")
+        assert max_abs_diff(threads.model, processes.model) <= 1e-5, strategy
+        assert [r["comm_bytes"] for r in threads.history] == [r["comm_bytes"] for r in processes.history]
