@@ -51,6 +51,18 @@ def _residual(replica: "ReplicaView", vector: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(vector) if residual is None else residual
 
 
+def _finite_or(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """``new`` where its row is finite, else ``old``: a step the non-finite guard discards must
+    not leave NaN in the state that every later exchange adds."""
+    return torch.where(torch.isfinite(new).all(dim=-1, keepdim=True), new, old)
+
+
+def _store_residual(replica, corrected: torch.Tensor, sent: torch.Tensor, w: torch.Tensor) -> None:
+    """e ← c − decompress(compress(c)); a replica of weight 0 had nothing counted, so it keeps c."""
+    new = torch.where(w > 0, corrected - sent, corrected)
+    replica.strategy_state[RESIDUAL] = _finite_or(new, _residual(replica, corrected))
+
+
 def compressed_mean(replica: "ReplicaView", comm: "Communicator", vector: torch.Tensor, weight,
                     compression: cx.Compression) -> torch.Tensor:
     """sum_r(w_r·x_r) / sum_r(w_r) over every replica's ``vector`` ([P], or [R, P] stacked), each
@@ -80,9 +92,10 @@ def _gathered(replica, comm, vector, weight, compression) -> torch.Tensor:
         values, indices = cx.topk_compress(corrected, cx.topk_count(n, compression.ratio))
         own = cx.topk_decompress(values, indices, n)
         pieces = [values, indices]
-    replica.strategy_state[RESIDUAL] = corrected - own
+    w = _weights(weight, vector)
+    _store_residual(replica, corrected, own, w)
     # 4-byte fields first, so that every field starts at a multiple of its size
-    fields = [p.contiguous() for p in pieces[:-1]] + [_weights(weight, vector), pieces[-1].contiguous()]
+    fields = [p.contiguous() for p in pieces[:-1]] + [w, pieces[-1].contiguous()]
     sizes = [f.shape[-1] * f.element_size() for f in fields]
     packed = torch.cat([f.view(torch.uint8) for f in fields], dim=-1)
     decoded, weights = [], []
@@ -128,20 +141,20 @@ def _powersgd(replica, comm, vector, weight, compression: cx.PowerSGD) -> torch.
     local_qs = [m.transpose(-1, -2) @ p for m, p in zip(matrices, p_hats)]
     second = torch.cat([q.flatten(-2) for q in local_qs], dim=-1) if local_qs else first[..., :0]
     comm.all_reduce_mean(second, weight)
-    state[Q_MEMORY] = second.clone()
+    state[Q_MEMORY] = _finite_or(second, state[Q_MEMORY])
     mean_qs = second.split(q_sizes, dim=-1)
-    out, residual, k, j = [], [], 0, len(ps)
+    out, local, k, j = [], [], 0, len(ps)
     for piece, r in zip(pieces, ranks):
         if r:
             p_hat, q_mean = p_hats[k], mean_qs[k].reshape(local_qs[k].shape)
             out.append((p_hat @ q_mean.transpose(-1, -2)).reshape(piece.shape))
-            residual.append(piece - (p_hat @ local_qs[k].transpose(-1, -2)).reshape(piece.shape))
+            local.append((p_hat @ local_qs[k].transpose(-1, -2)).reshape(piece.shape))
             k += 1
         else:
             out.append(averaged[j])
-            residual.append(torch.zeros_like(piece))
+            local.append(piece)  # sent as it is: no error
             j += 1
-    state[RESIDUAL] = torch.cat(residual, dim=-1)
+    _store_residual(replica, corrected, torch.cat(local, dim=-1), _weights(weight, vector))
     return torch.cat(out, dim=-1)
 
 
