@@ -229,3 +229,12 @@ def test_resume_mid_run_with_residuals_is_bit_identical(blobs, small_model, tmp_
                   resume=True, **kwargs)
     assert max_abs_diff(resumed.model, uninterrupted.model) == 0.0
     same_history(resumed.history, uninterrupted.history)
+
+
+@pytest.mark.parametrize("name", ["fp16", "int8", "topk(0.1)", "powersgd(1)"])
+def test_a_skipped_non_finite_step_leaves_no_nan_in_the_residuals(blobs, name):
+    from test_nonfinite import start
+
+    skipped = fit(start(how="nan", rank=0, at=5), blobs, strategy=f"sync(compress={name})", nan="skip", epochs=3)
+    assert skipped.history[-1]["discarded_steps"] == 2  # both replicas dropped the shared step 5, no other
+    assert all(torch.isfinite(p).all() for p in skipped.model.parameters())
