@@ -216,3 +216,29 @@ def test_import_unison_is_lazy_and_starts_the_forkserver_unless_opted_out_or_und
                           env=environment | env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["False", "False", str(forkserver)]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_the_users_own_child_processes_may_import_unison(tmp_path, method):
+    """A child of the user's own multiprocessing imports unison while it unpickles its target,
+    before multiprocessing calls it a child: importing unison must not start a forkserver there
+    (multiprocessing refuses to start processes during a child's bootstrapping)."""
+    (tmp_path / "child_work.py").write_text("import unison\n\ndef work(queue):\n"
+                                            "    queue.put(unison.fit.__name__)\n")
+    (tmp_path / "main.py").write_text(
+        "import multiprocessing\nimport child_work\n\n"
+        "if __name__ == '__main__':\n"
+        f"    context = multiprocessing.get_context({method!r})\n"
+        "    queue = context.Queue()\n"
+        "    child = context.Process(target=child_work.work, args=(queue,))\n"
+        "    child.start()\n"
+        "    print('child said', queue.get(timeout=60))\n"
+        "    child.join(timeout=60)\n"
+        "    print('exit code', child.exitcode)\n")
+    env = {k: v for k, v in os.environ.items() if k != "UNISON_PRESTART"}
+    done = subprocess.run([sys.executable, "main.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["child said fit", "exit code 0"], done.stderr[-2000:]
+    assert "bootstrapping" not in done.stderr

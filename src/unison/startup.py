@@ -107,13 +107,17 @@ def maybe_prestart() -> None:
         return
     if os.environ.get(IN_FORKSERVER) or any(name in os.environ for name in _TORCHRUN):
         return
-    if multiprocessing.parent_process() is not None or not available():
+    # A child of the user's own multiprocessing (spawn or forkserver) imports unison while it
+    # unpickles its target, before parent_process() is set: _inheriting says so then.
+    child = multiprocessing.parent_process() is not None or getattr(multiprocessing.current_process(),
+                                                                    "_inheriting", False)
+    if child or not available():
         return
     if getattr(sys, "frozen", False):
         return
     try:
         ensure_running()
-    except OSError:  # no forkserver now: fit() starts one itself, or says why it cannot
+    except (OSError, RuntimeError):  # no forkserver now: fit() starts one itself, or says why it cannot
         pass
 
 
