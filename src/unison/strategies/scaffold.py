@@ -1,0 +1,82 @@
+"""scaffold: local steps corrected by control variates, then the mean update (Algorithm 1)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ConfigError, expected
+from .base import Strategy, check_every, ends_every
+
+INITS = ("zero",)
+
+
+@dataclass(frozen=True)
+class Scaffold(Strategy):
+    """Karimireddy et al. 2020, "SCAFFOLD: Stochastic Controlled Averaging for Federated
+    Learning", Algorithm 1, full participation (|S| = N), option II for the client control
+    variates. From the global x, replica i takes K_i local steps on g − c_i + c; then
+
+        c_i⁺ = c_i − c + (x − y_i)/(K_i·η_l)
+        x ← x + η_g·mean_i(y_i − x),    c ← c + mean_i(c_i⁺ − c_i)
+
+    (plain means, as in the paper: not weighted by samples). η_l is the optimizer's lr at the
+    round's last step (with a schedule, K_i·η_l then only approximates the sum of the lrs);
+    ``global_lr`` is η_g. Every control variate starts at zero (``init="zero"``, the
+    Algorithm's own start; c stays the mean of the c_i, so with zero starts c = mean c_i
+    holds from the first round). Floating buffers take the plain mean. The control variates
+    live in strategy_state, so checkpoints carry them.
+
+    Not done: ``init="gradient"`` (each c_i at its full gradient over its share) is refused.
+    """
+
+    name = "scaffold"
+    every: int | str = "epoch"
+    global_lr: float = 1.0
+    init: str = "zero"
+
+    def __post_init__(self) -> None:
+        check_every(self.name, self.every)
+        lr = self.global_lr
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (lr > 0 and math.isfinite(lr)):
+            raise ConfigError(expected("scaffold.global_lr", lr, "a finite number > 0"))
+        if self.init not in INITS:
+            raise ConfigError(expected("scaffold.init", self.init, INITS))
+
+    def begin(self, replica, comm):
+        x = replica.state_vector()[..., :replica.num_parameters].clone()
+        replica.strategy_state.update({
+            "scaffold.x": x, "scaffold.c": torch.zeros_like(x), "scaffold.ci": torch.zeros_like(x),
+            "scaffold.steps": torch.zeros(replica.local_shape, device=replica.device)})
+
+    def on_gradients(self, replica, comm, step, weight):
+        state = replica.strategy_state
+        replica.load_grad_vector(replica.grad_vector() - state["scaffold.ci"] + state["scaffold.c"])
+        state["scaffold.steps"] += torch.as_tensor(weight, device=replica.device) > 0
+        return False
+
+    def round_ends(self, step, epoch_end):
+        return ends_every(self.every, step, epoch_end)
+
+    def merge_replicas(self, replica, comm):
+        state, n = replica.strategy_state, replica.num_parameters
+        x, c, ci, steps = state["scaffold.x"], state["scaffold.c"], state["scaffold.ci"], state["scaffold.steps"]
+        lr = float(replica.optimizer.param_groups[0]["lr"])
+        y = replica.state_vector()
+        k = steps.unsqueeze(-1)
+        # a replica that took no step this round keeps its c_i (its update is zero)
+        ci_new = torch.where(k > 0, ci - c + (x - y[..., :n]) / (k.clamp_min(1) * lr), ci)
+        message = torch.cat([y[..., :n] - x, ci_new - ci, y[..., n:]], dim=-1)
+        mean = comm.all_reduce_mean(message, torch.ones(replica.local_shape, device=replica.device)
+                                    if replica.local_shape else 1.0)
+        distance = torch.linalg.vector_norm(y[..., :n] - (x + mean[..., :n]), dim=-1)
+        x.add_(self.global_lr * mean[..., :n])
+        c.add_(mean[..., n:2 * n])
+        ci.copy_(ci_new)
+        replica.load_state_vector(torch.cat([x, mean[..., 2 * n:]], dim=-1))
+        replica.project()
+        x.copy_(replica.state_vector()[..., :n])
+        steps.zero_()
+        return distance
