@@ -44,9 +44,10 @@ class DiLoCo(Strategy):
     pseudo-gradient with lr=outer_lr: "adam" (torch.optim.Adam, FedAdam), "adamw"
     (torch.optim.AdamW, its default weight decay 0.01) or "yogi" (unison.strategies.yogi,
     FedYogi), with the paper's β₁ 0.9, β₂ 0.99, τ (eps) 1e-3. Differences: torch's Adam
-    applies bias correction and the paper's FedAdam does not; Flower's FedAdam
-    (flwr/server/strategy/fedadam.py) uses its own defaults (eta, tau) and, unlike the paper,
-    corrects the bias too. The outer moments live in strategy_state (checkpointed).
+    applies bias correction and the paper's FedAdam does not, and torch adds eps outside the
+    square root as the paper does. Flower's FedAdam (flwr/server/strategy/fedadam.py, the
+    version read) follows the paper without bias correction, with defaults eta 0.1, tau 1e-9,
+    β 0.9/0.99. The outer moments and step count live in strategy_state (checkpointed).
     """
 
     name = "diloco"

@@ -18,8 +18,10 @@ class FedProx(Strategy):
     as ``periodic``; with ``mu=0`` it equals ``periodic``.
 
     Differences: the paper lets clients stop early (γ-inexact solutions, variable work); here
-    every replica takes the steps its share gives. Flower adds the same term in the client's
-    loss ((mu/2)·||w − w_global||² summed over its layers), which gives the same gradient.
+    every replica takes the steps its share gives. Flower's FedProx (flwr/server/strategy/fedprox.py)
+    aggregates as FedAvg and leaves the term to the client; the example loss in its docstring
+    (the version read) adds (mu/2)·Σ_layers ||w − w_global||₂, unsquared, whose gradient is
+    not the paper's mu·(w − w_global).
     """
 
     name = "fedprox"

@@ -29,7 +29,9 @@ class Scaffold(Strategy):
     holds from the first round). Floating buffers take the plain mean. The control variates
     live in strategy_state, so checkpoints carry them.
 
-    Not done: ``init="gradient"`` (each c_i at its full gradient over its share) is refused.
+    Which start the paper's experiments use was not confirmed for this docstring (the
+    Algorithm takes (x, c) and the c_i as inputs). Not done: ``init="gradient"`` (each c_i
+    at its replica's full gradient over its share) is refused with a ConfigError.
     """
 
     name = "scaffold"
