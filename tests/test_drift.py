@@ -261,3 +261,12 @@ def test_scaffold_and_fednova_on_processes_equal_threads(blobs, small_model):
         threads = fit(small_model, blobs, strategy=strategy, partition=UNEVEN)
         processes = fit(small_model, blobs, strategy=strategy, partition=UNEVEN, backend="processes")
         assert max_abs_diff(threads.model, processes.model) <= TOL, strategy
+
+
+@pytest.mark.parametrize("strategy", ["fedprox(0.5, every=2)", "scaffold(every=2)", "fednova(every=4)",
+                                      "diloco(every=3, outer=yogi, outer_lr=0.05)"])
+def test_drift_strategies_stacked_equal_threads(blobs, small_model, strategy):
+    kwargs = {"strategy": strategy, "partition": UNEVEN, "momentum": 0.5}
+    threads = fit(small_model, blobs, **kwargs)
+    stacked = fit(small_model, blobs, backend="stacked", **kwargs)
+    assert max_abs_diff(threads.model, stacked.model) <= TOL
