@@ -32,6 +32,8 @@ class FedNova(Strategy):
     each round at zero; unison's replicas keep their optimizer state across merges (as
     ``periodic(optimizer_state="keep")``), so with momentum this is an approximation; for other
     optimizers (Adam) ||a_i||₁ = τ_i is used. Nesterov momentum is treated as heavy ball.
+    Known gap: with nan="skip" or "rollback" a discarded local step still counts in the
+    round's local steps.
     """
 
     name = "fednova"

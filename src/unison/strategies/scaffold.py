@@ -29,6 +29,8 @@ class Scaffold(Strategy):
     holds from the first round). Floating buffers take the plain mean. The control variates
     live in strategy_state, so checkpoints carry them.
 
+    Known gap: with nan="skip" or "rollback" a discarded local step still counts in the
+    round's local steps.
     Which start the paper's experiments use was not confirmed for this docstring (the
     Algorithm takes (x, c) and the c_i as inputs). Not done: ``init="gradient"`` (each c_i
     at its replica's full gradient over its share) is refused with a ConfigError.
