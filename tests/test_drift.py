@@ -118,9 +118,26 @@ def test_fedprox_equals_its_definition_and_mu_zero_is_periodic(blobs, small_mode
 
 # ---- SCAFFOLD (Karimireddy et al. 2020), Algorithm 1, option II, zero-initialised ----
 
-def scaffold_reference(model, x, y, every, global_lr=1.0, lr=0.1, partition=None, world=3, log=None):
+def full_gradient(model, x, y, order, batch_size=8):
+    """The mean loss's gradient over ``order``, taken batch by batch."""
+    total = 0
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        model.zero_grad()
+        F.cross_entropy(model(x[idx]), y[idx]).backward()
+        total = total + len(idx) * torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    return total / len(order)
+
+
+def scaffold_reference(model, x, y, every, global_lr=1.0, lr=0.1, partition=None, world=3, log=None,
+                       init="zero"):
     n = flat(model).numel()
     g = {"x": flat(model), "c": torch.zeros(n), "ci": [torch.zeros(n) for _ in range(world)]}
+    if init == "gradient":  # each c_i its replica's full gradient at the start, c their mean
+        orders = [partition.indices(len(x), world, r, 0, 0) if partition else sampler_order(len(x), world, r, 0, 0)
+                  for r in range(world)]
+        g["ci"] = [full_gradient(copy.deepcopy(model), x, y, order) for order in orders]
+        g["c"] = torch.stack(g["ci"]).mean(0)
 
     def correct(r, m):
         add_to_grad(m, g["c"] - g["ci"][r])
@@ -137,24 +154,31 @@ def scaffold_reference(model, x, y, every, global_lr=1.0, lr=0.1, partition=None
     return simulate(model, x, y, every=every, merge=merge, correct=correct, partition=partition, lr=lr)
 
 
-@pytest.mark.parametrize("global_lr, partition", [(1.0, None), (0.5, UNEVEN)])
-def test_scaffold_equals_its_definition(blobs, small_model, global_lr, partition):
+@pytest.mark.parametrize("global_lr, partition, init", [(1.0, None, "zero"), (0.5, UNEVEN, "zero"),
+                                                       (1.0, UNEVEN, "gradient")])
+def test_scaffold_equals_its_definition(blobs, small_model, global_lr, partition, init):
     x, y = blobs
-    result = fit(small_model, blobs, strategy=f"scaffold(every=2, global_lr={global_lr})", partition=partition)
-    expected = scaffold_reference(small_model, x, y, 2, global_lr, partition=partition)
+    result = fit(small_model, blobs, strategy=f"scaffold(every=2, global_lr={global_lr}, init={init})",
+                 partition=partition)
+    expected = scaffold_reference(small_model, x, y, 2, global_lr, partition=partition, init=init)
     assert max_abs_diff(result.model, expected) <= TOL
     periodic = fit(small_model, blobs, strategy="periodic(every=2)", partition=partition)
     assert max_abs_diff(periodic.model, expected) > 1e-4  # the control variates made a difference
+    if init == "gradient":
+        zero = fit(small_model, blobs, strategy="scaffold(every=2)", partition=partition)
+        assert max_abs_diff(zero.model, expected) > 1e-4  # and so did their start
 
 
-def test_scaffold_control_variates_start_at_zero_stay_finite_and_c_is_their_mean(blobs, small_model, tmp_path):
+@pytest.mark.parametrize("init", ["zero", "gradient"])
+def test_scaffold_control_variates_start_right_stay_finite_and_c_is_their_mean(blobs, small_model, tmp_path,
+                                                                               init):
     """A wrong start for c (not the mean of the c_i) is a known source of NaNs elsewhere: c
-    starts at zero with every c_i, and after each round c equals the mean of the c_i⁺ (full
+    starts at zero with every c_i (or at the mean of their start gradients), and after each round c equals the mean of the c_i⁺ (full
     participation). Uneven shares leave some replicas idle in late rounds (K_i = 0)."""
     x, y = blobs
     log = []
-    scaffold_reference(small_model, x, y, 4, partition=UNEVEN, log=log)
-    fit(small_model, blobs, strategy="scaffold(every=4)", partition=UNEVEN, checkpoint_dir=tmp_path / "c",
+    scaffold_reference(small_model, x, y, 4, partition=UNEVEN, log=log, init=init)
+    fit(small_model, blobs, strategy=f"scaffold(every=4, init={init})", partition=UNEVEN, checkpoint_dir=tmp_path / "c",
         keep_checkpoints=100)
     steps = sorted(files.steps_on_disk(tmp_path / "c"))
     assert len(steps) == len(log)
@@ -240,7 +264,7 @@ def test_diloco_adaptive_outer_steps_equal_fedopt(blobs, small_model, outer):
 
 def test_drift_strategies_refuse_bad_options_naming_the_field():
     for spec, words in [("fedprox(mu=-1)", "fedprox.mu"), ("fedprox(every=0)", "fedprox.every"),
-                        ("scaffold(init='gradients')", "scaffold.init"), ("scaffold(global_lr=0)", "scaffold.global_lr"),
+                        ("scaffold(init='grad')", "scaffold.init"), ("scaffold(global_lr=0)", "scaffold.global_lr"),
                         ("fednova(every='round')", "fednova.every"), ("diloco(outer='lamb')", "diloco.outer")]:
         with pytest.raises(ConfigError, match=words.replace(".", r"\.")) as info:
             unison.strategies.parse(spec)
@@ -263,7 +287,7 @@ def test_scaffold_and_fednova_on_processes_equal_threads(blobs, small_model):
         assert max_abs_diff(threads.model, processes.model) <= TOL, strategy
 
 
-@pytest.mark.parametrize("strategy", ["fedprox(0.5, every=2)", "scaffold(every=2)", "fednova(every=4)",
+@pytest.mark.parametrize("strategy", ["fedprox(0.5, every=2)", "scaffold(every=2, init=gradient)", "fednova(every=4)",
                                       "diloco(every=3, outer=yogi, outer_lr=0.05)"])
 def test_drift_strategies_stacked_equal_threads(blobs, small_model, strategy):
     kwargs = {"strategy": strategy, "partition": UNEVEN, "momentum": 0.5}
