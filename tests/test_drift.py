@@ -130,7 +130,8 @@ def full_gradient(model, x, y, order, batch_size=8):
 
 
 def scaffold_reference(model, x, y, every, global_lr=1.0, lr=0.1, partition=None, world=3, log=None,
-                       init="zero"):
+                       init="zero", momentum=0.0):
+    """With momentum ρ, K_i is replaced by (K − ρ(1 − ρ^K)/(1 − ρ))/(1 − ρ), as unison documents."""
     n = flat(model).numel()
     g = {"x": flat(model), "c": torch.zeros(n), "ci": [torch.zeros(n) for _ in range(world)]}
     if init == "gradient":  # each c_i its replica's full gradient at the start, c their mean
@@ -144,6 +145,8 @@ def scaffold_reference(model, x, y, every, global_lr=1.0, lr=0.1, partition=None
 
     def merge(states, steps, samples):
         x0, c = g["x"], g["c"]
+        if momentum:
+            steps = [(k - momentum * (1 - momentum ** k) / (1 - momentum)) / (1 - momentum) for k in steps]
         new_ci = [ci - c + (x0 - yi) / (k * lr) if k else ci for ci, yi, k in zip(g["ci"], states, steps)]
         dy = torch.stack([yi - x0 for yi in states]).mean(0)
         dc = torch.stack([a - b for a, b in zip(new_ci, g["ci"])]).mean(0)
@@ -151,21 +154,22 @@ def scaffold_reference(model, x, y, every, global_lr=1.0, lr=0.1, partition=None
         if log is not None:
             log.append((g["c"].clone(), [ci.clone() for ci in new_ci]))
         return g["x"]
-    return simulate(model, x, y, every=every, merge=merge, correct=correct, partition=partition, lr=lr)
+    return simulate(model, x, y, every=every, merge=merge, correct=correct, partition=partition, lr=lr,
+                    momentum=momentum)
 
 
-@pytest.mark.parametrize("global_lr, partition, init", [(1.0, None, "zero"), (0.5, UNEVEN, "zero"),
-                                                       (1.0, UNEVEN, "gradient")])
-def test_scaffold_equals_its_definition(blobs, small_model, global_lr, partition, init):
+@pytest.mark.parametrize("global_lr, partition, init, momentum", [
+    (1.0, None, "zero", 0.0), (0.5, UNEVEN, "zero", 0.0), (1.0, UNEVEN, "gradient", 0.0), (1.0, UNEVEN, "zero", 0.9)])
+def test_scaffold_equals_its_definition(blobs, small_model, global_lr, partition, init, momentum):
     x, y = blobs
     result = fit(small_model, blobs, strategy=f"scaffold(every=2, global_lr={global_lr}, init={init})",
-                 partition=partition)
-    expected = scaffold_reference(small_model, x, y, 2, global_lr, partition=partition, init=init)
+                 partition=partition, momentum=momentum)
+    expected = scaffold_reference(small_model, x, y, 2, global_lr, partition=partition, init=init, momentum=momentum)
     assert max_abs_diff(result.model, expected) <= TOL
-    periodic = fit(small_model, blobs, strategy="periodic(every=2)", partition=partition)
+    periodic = fit(small_model, blobs, strategy="periodic(every=2)", partition=partition, momentum=momentum)
     assert max_abs_diff(periodic.model, expected) > 1e-4  # the control variates made a difference
     if init == "gradient":
-        zero = fit(small_model, blobs, strategy="scaffold(every=2)", partition=partition)
+        zero = fit(small_model, blobs, strategy="scaffold(every=2)", partition=partition, momentum=momentum)
         assert max_abs_diff(zero.model, expected) > 1e-4  # and so did their start
 
 
