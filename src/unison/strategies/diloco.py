@@ -79,7 +79,7 @@ class DiLoCo(Strategy):
         state = {"diloco.theta": theta, "diloco.momentum": torch.zeros_like(theta)}
         if self.outer in ("adam", "adamw"):
             state |= {"diloco.exp_avg": torch.zeros_like(theta), "diloco.exp_avg_sq": torch.zeros_like(theta),
-                      "diloco.step": torch.zeros((), dtype=torch.float32)}
+                      "diloco.step": torch.zeros((), dtype=torch.float32, device=theta.device)}
         elif self.outer == "yogi":
             state |= {"diloco.exp_avg": torch.zeros_like(theta),
                       "diloco.exp_avg_sq": torch.full_like(theta, FEDOPT_EPS ** 2)}
