@@ -278,7 +278,7 @@ def test_drift_strategies_refuse_bad_options_naming_the_field():
 
 def test_drift_strategies_round_trip_through_their_specs():
     from unison.strategies import DiLoCo, FedNova, FedProx, Scaffold
-    for strategy in (FedProx(mu=0.1, every=4), Scaffold(every=2, global_lr=0.5), FedNova(every=3),
+    for strategy in (FedProx(mu=0.1, every=4), Scaffold(every=2, global_lr=0.5, init="gradient"), FedNova(every=3),
                      DiLoCo(every=4, outer="yogi", outer_lr=0.01)):
         assert unison.strategies.parse(strategy.spec()) == strategy
 
