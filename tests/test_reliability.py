@@ -1,6 +1,7 @@
 """fit()'s reliability rules: one writer per checkpoint folder, the user's callables failing
 before any worker starts, the seed's range, fit(label=), the model file's mode."""
 
+import errno
 import json
 import os
 import socket
@@ -66,6 +67,23 @@ def test_a_run_in_this_process_holding_the_folder_is_refused_too(blobs, small_mo
     finally:
         checkpoints.unlock(tmp_path / "ckpt")
     assert not held.exists()
+
+
+def test_a_lock_that_a_full_disk_kept_from_being_written_is_not_left_behind(tmp_path, monkeypatch):
+    # bench/chaos.py found it: an empty writer.lock (created, then ENOSPC) refused every later run
+    # as "being written by another process (its lock file cannot be read)", even once space was freed
+    real_write = os.write
+
+    def full(handle, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(checkpoints.os, "write", full)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoints.lock(tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt" / checkpoints.LOCK).exists()
+    monkeypatch.setattr(checkpoints.os, "write", real_write)
+    checkpoints.lock(tmp_path / "ckpt")  # space freed: the next run takes the folder
+    assert json.loads((tmp_path / "ckpt" / checkpoints.LOCK).read_text())["pid"] == os.getpid()
+    checkpoints.unlock(tmp_path / "ckpt")
 
 
 def test_a_stale_lock_is_taken_over_with_a_warning_and_released_at_the_end(blobs, small_model, tmp_path):

@@ -20,6 +20,7 @@ JSON only plain values (optimizer state dicts are flattened by ``flatten_optimiz
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -265,8 +266,15 @@ def lock(directory: str | Path) -> Path:
                           stacklevel=2)
             path.unlink(missing_ok=True)
             continue
-        with open(handle, "wb") as sink:
-            sink.write(mine)
+        try:  # a lock that could not be written (a full disk) would refuse every later run
+            written = os.write(handle, mine)
+            if written != len(mine):
+                raise OSError(errno.ENOSPC, f"wrote {written} of {len(mine)} bytes", str(path))
+        except BaseException:
+            os.close(handle)
+            path.unlink(missing_ok=True)
+            raise
+        os.close(handle)
         return path
     raise CheckpointError(_held_message(directory, _holder(path)))
 

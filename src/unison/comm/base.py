@@ -1,8 +1,16 @@
 """The communicator: the only way replicas talk to each other.
 
 Strategies see this narrow interface and nothing else, so the same strategy runs on threads,
-processes, torchrun or (later) stacked replicas. ``bytes_sent`` counts what a ring algorithm
-sends per worker: all-reduce 2(N-1)/N·B, all-gather (N-1)·B, broadcast B on the source.
+processes, torchrun or stacked replicas.
+
+``bytes_sent`` (a record's ``comm_bytes``) is measured from the tensors each collective is
+handed, at their real size and dtype: B = numel · element_size, so compressed exchanges count
+what they send (fp16: 2 bytes a value; int8: 1 byte a value + float32 scales; topk: float32
+values + int32 indices, all-gathered; powersgd: the P and Q factors; see
+strategies/compressed.py). Per worker and collective: all-reduce 2(N-1)/N·B (the ring
+algorithm's figure, which gloo's and NCCL's ring all-reduce send; on threads, what a ring would
+send over a network), all-gather (N-1)·B, broadcast B on the source. Stacked rows of one
+process send nothing; unison's own bookkeeping is not counted (``uncounted``).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from .. import merges, specs
+from .. import compression, merges, specs
 from ..errors import ConfigError, expected
 
 if TYPE_CHECKING:  # strategies see a replica only through its protocol, never the loop
@@ -84,6 +84,18 @@ def parse_merge(strategy: Strategy) -> None:
     object.__setattr__(strategy, "merge", merges.parse(strategy.merge))
 
 
+def parse_compress(strategy: Strategy) -> None:
+    """In a strategy's __post_init__ (after parse_merge): turn ``compress`` into a Compression;
+    compression composes with merge=mean only (a robust rule compares whole replica vectors,
+    which each replica's own compression error would decide)."""
+    rule = compression.parse(strategy.compress, f"{strategy.name}.compress")
+    object.__setattr__(strategy, "compress", rule)
+    if not isinstance(rule, compression.NoCompression) and not isinstance(strategy.merge, merges.Mean):
+        raise ConfigError(f"{strategy.name}.compress={rule} needs merge=mean, got merge={strategy.merge}; "
+                          f"accepted: compress=none with any merge, or merge=mean with compress one of "
+                          f"{', '.join(compression.NAMES)}")
+
+
 def check_every(name: str, every: Any) -> None:
     if every != "epoch" and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
         raise ConfigError(expected(f"{name}.every", every, "an integer >= 1 or 'epoch'"))
@@ -145,13 +157,19 @@ def merge_states(replica: "ReplicaView", comm: "Communicator", rule: merges.Merg
         merged = combined(replica, comm, rule if parameters else merges.Mean(), state, weight)
         distance = torch.linalg.vector_norm(state[..., :n] - merged[..., :n], dim=-1)
         replica.load_state_vector(merged, parameters=parameters)
+    merge_optimizer_state(replica, comm, optimizer_state, weight)
+    return distance
+
+
+def merge_optimizer_state(replica: "ReplicaView", comm: "Communicator", optimizer_state: str,
+                          weight: float | torch.Tensor) -> None:
+    """After a merge: keep the optimizer state, reset it, or average it (weighted, uncompressed)."""
     if optimizer_state == "reset":
         replica.optimizer.state.clear()
     elif optimizer_state == "average":
         moments = replica.optimizer_vector()
         comm.all_reduce_mean(moments, weight)
         replica.load_optimizer_vector(moments)
-    return distance
 
 
 def combine_gradients(replica: "ReplicaView", comm: "Communicator", weight: int,

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import merges
+from .. import compression, merges
 from ..errors import ConfigError, expected
-from .base import Strategy, check_every, combined, ends_every, merge_weight, parse_merge
+from .base import Strategy, check_every, combined, ends_every, merge_weight, parse_compress, parse_merge
+from .compressed import merge_change
 from .yogi import Yogi
 
 OUTERS = ("sgd", "adam", "adamw", "yogi")
@@ -39,6 +40,9 @@ class DiLoCo(Strategy):
     equals ``periodic`` with the same ``every``. Floating buffers (BatchNorm statistics) take
     the merged value directly; the inner optimizers keep their state, as in the paper.
 
+    ``compress`` (with merge=mean) sends each replica's pseudo-gradient θ − θᵢ compressed,
+    never its weights (unison.compression); Δ is then the mean of the decompressed ones.
+
     ``outer``: "sgd" (the above; outer_momentum and nesterov apply to it only), or FedOpt's
     adaptive server steps (Reddi et al. 2021, "Adaptive Federated Optimization") on the same
     pseudo-gradient with lr=outer_lr: "adam" (torch.optim.Adam, FedAdam), "adamw"
@@ -56,6 +60,7 @@ class DiLoCo(Strategy):
     outer_momentum: float = 0.5
     nesterov: bool = True
     merge: merges.Merge = merges.Mean()
+    compress: compression.Compression = compression.NoCompression()
     outer: str = "sgd"
 
     def __post_init__(self) -> None:
@@ -70,6 +75,7 @@ class DiLoCo(Strategy):
         if not isinstance(self.nesterov, bool):
             raise ConfigError(expected("diloco.nesterov", self.nesterov, "true or false"))
         parse_merge(self)
+        parse_compress(self)
 
     def begin(self, replica, comm):
         # The global parameters θ and the outer momentum, identical on every rank (so the outer
@@ -107,10 +113,13 @@ class DiLoCo(Strategy):
     def merge_replicas(self, replica, comm):
         theta = replica.strategy_state["diloco.theta"]
         n = replica.num_parameters
-        state = replica.state_vector()
-        merged = combined(replica, comm, self.merge, state, merge_weight(replica.samples_since_merge))
-        distance = torch.linalg.vector_norm(state[..., :n] - merged[..., :n], dim=-1)
-        theta.grad = theta - merged[..., :n]  # the pseudo-gradient θ − merge
+        if isinstance(self.compress, compression.NoCompression):
+            state = replica.state_vector()
+            merged = combined(replica, comm, self.merge, state, merge_weight(replica.samples_since_merge))
+            distance = torch.linalg.vector_norm(state[..., :n] - merged[..., :n], dim=-1)
+            theta.grad = theta - merged[..., :n]  # the pseudo-gradient θ − merge
+        else:  # the mean of the replicas' compressed pseudo-gradients θ − θᵢ
+            merged, theta.grad, distance = merge_change(replica, comm, self.compress, theta)
         self.outer_optimizer(theta, replica.strategy_state).step()
         theta.grad = None
         merged[..., :n] = theta

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .. import merges
+from .. import compression, merges
 from ..errors import ConfigError, expected
-from .base import OPTIMIZER_STATES, Strategy, check_every, combine_gradients, ends_every, merge_states, parse_merge
+from .base import (OPTIMIZER_STATES, Strategy, check_every, combine_gradients, ends_every, merge_optimizer_state,
+                   merge_states, merge_weight, parse_compress, parse_merge)
+from .compressed import merge_change
+
+ANCHOR = "periodic.anchor"  # the parameters of the last merge, that the change is measured from
 
 
 @dataclass(frozen=True)
@@ -20,6 +24,8 @@ class Periodic(Strategy):
     Fast and Communicates Little". With ``every=1`` and plain SGD it equals ``sync``.
     ``optimizer_state`` after a merge: "keep" (torch's model averaging does this), "reset",
     or "average". ``merge``: "mean" (weighted by samples) or any rule in unison.merges.
+    ``compress`` (with merge=mean) sends each replica's change since the last merge compressed,
+    never its weights (unison.compression); warm-up steps and optimizer state go uncompressed.
     """
 
     name = "periodic"
@@ -27,6 +33,7 @@ class Periodic(Strategy):
     warmup: int = 0
     optimizer_state: str = "keep"
     merge: merges.Merge = merges.Mean()
+    compress: compression.Compression = compression.NoCompression()
 
     def __post_init__(self) -> None:
         check_every(self.name, self.every)
@@ -35,11 +42,22 @@ class Periodic(Strategy):
         if self.optimizer_state not in OPTIMIZER_STATES:
             raise ConfigError(expected(f"{self.name}.optimizer_state", self.optimizer_state, OPTIMIZER_STATES))
         parse_merge(self)
+        parse_compress(self)
+
+    @property
+    def compressed(self) -> bool:
+        return not isinstance(self.compress, compression.NoCompression)
+
+    def begin(self, replica, comm):
+        if self.compressed:
+            replica.strategy_state[ANCHOR] = replica.state_vector()[..., :replica.num_parameters].clone()
 
     def in_warmup(self, step: int) -> bool:
         return step <= self.warmup
 
     def on_gradients(self, replica, comm, step, weight):
+        if self.compressed and self.warmup and step == self.warmup + 1:  # local steps start here
+            replica.strategy_state[ANCHOR] = replica.state_vector()[..., :replica.num_parameters].clone()
         if self.in_warmup(step):  # warm-up is plain sync: gradients averaged, whatever the merge
             combine_gradients(replica, comm, weight)
             return True
@@ -53,4 +71,12 @@ class Periodic(Strategy):
     def merge_replicas(self, replica, comm):
         if self.in_warmup(replica.step):  # still synchronous: parameters are already equal
             return merge_states(replica, comm, parameters=False)
-        return merge_states(replica, comm, self.merge, optimizer_state=self.optimizer_state)
+        if not self.compressed:
+            return merge_states(replica, comm, self.merge, optimizer_state=self.optimizer_state)
+        anchor = replica.strategy_state[ANCHOR]
+        merged, _, distance = merge_change(replica, comm, self.compress, anchor)
+        replica.load_state_vector(merged)
+        replica.project()  # the next round's changes are measured from where the replicas start
+        anchor.copy_(replica.state_vector()[..., :replica.num_parameters])
+        merge_optimizer_state(replica, comm, self.optimizer_state, merge_weight(replica.samples_since_merge))
+        return distance

@@ -1,0 +1,177 @@
+"""Compressed exchanges: the samples-weighted mean over replicas of a vector, sent compressed.
+
+The math is unison.compression's; this module only decides what is sent through the
+communicator, so ``comm_bytes`` counts the compressed payload itself:
+
+- fp16 / bf16: one all-reduce of the vector in half precision (2 bytes a value), after a
+  4-byte all-reduce of the weights (each replica pre-scales by its share, as DDP's
+  fp16_compress_hook divides by the world size before it sums).
+- int8, topk: one all-gather of each replica's bytes (int8: codes + float32 scales; topk:
+  float32 values + int32 indices; both + its float32 weight); every rank decodes and averages
+  in rank order. They cannot be summed on the wire, so it is an all-gather, (N-1)·B.
+- powersgd: two all-reduces, [uncompressed parameters, P factors] and then the Q factors.
+
+Error-feedback residuals (one per replica, shaped like the vector), PowerSGD's warm-started Q
+and its exchange count live in ``replica.strategy_state``, so checkpoints carry them.
+Stacked replicas compress each row as a separate replica would (the result equals the
+unstacked run); only what the outer communicator sends is counted.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+
+from .. import compression as cx
+from .. import merges
+
+if TYPE_CHECKING:
+    from ..comm.base import Communicator
+    from ..engine.view import ReplicaView
+
+RESIDUAL, Q_MEMORY, EXCHANGES = "compress.residual", "compress.q", "compress.exchanges"
+
+
+def parameter_shapes(replica: "ReplicaView") -> list[tuple[int, ...]]:
+    """One replica's trainable parameter shapes, in the order of the flat vectors."""
+    lead = len(replica.local_shape)
+    return [tuple(p.shape[lead:]) for p in replica.trainable]
+
+
+def _weights(weight, vector: torch.Tensor) -> torch.Tensor:
+    """The weight as a float32 column: [1] for one replica, [R, 1] for stacked ones."""
+    w = torch.as_tensor(weight, dtype=torch.float32, device=vector.device)
+    return w.expand(vector.shape[:-1]).unsqueeze(-1).contiguous()
+
+
+def _residual(replica: "ReplicaView", vector: torch.Tensor) -> torch.Tensor:
+    residual = replica.strategy_state.get(RESIDUAL)
+    return torch.zeros_like(vector) if residual is None else residual
+
+
+def _finite_or(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """``new`` where its row is finite, else ``old``: a step the non-finite guard discards must
+    not leave NaN in the state that every later exchange adds."""
+    return torch.where(torch.isfinite(new).all(dim=-1, keepdim=True), new, old)
+
+
+def _store_residual(replica, corrected: torch.Tensor, sent: torch.Tensor, w: torch.Tensor) -> None:
+    """e ← c − decompress(compress(c)); a replica of weight 0 had nothing counted, so it keeps c."""
+    new = torch.where(w > 0, corrected - sent, corrected)
+    replica.strategy_state[RESIDUAL] = _finite_or(new, _residual(replica, corrected))
+
+
+def compressed_mean(replica: "ReplicaView", comm: "Communicator", vector: torch.Tensor, weight,
+                    compression: cx.Compression) -> torch.Tensor:
+    """sum_r(w_r·x_r) / sum_r(w_r) over every replica's ``vector`` ([P], or [R, P] stacked), each
+    sent compressed; biased compressors add and update this replica's residual."""
+    if isinstance(compression, cx.NoCompression) or comm.world_size == 1:
+        return comm.all_reduce_mean(vector.clone(), weight)  # alone, nothing leaves the worker
+    if isinstance(compression, cx.Half):
+        w = _weights(weight, vector)
+        total = comm.all_reduce_sum(w.clone())
+        fraction = w / total.clamp_min(torch.finfo(torch.float32).tiny)
+        half = cx.to_half(vector, compression.dtype, fraction, comm.world_size)
+        return comm.all_reduce_sum(half).to(vector.dtype)
+    if isinstance(compression, cx.PowerSGD):
+        return _powersgd(replica, comm, vector, weight, compression)
+    return _gathered(replica, comm, vector, weight, compression)
+
+
+def _gathered(replica, comm, vector, weight, compression) -> torch.Tensor:
+    """int8 and topk: compress with error feedback, all-gather the bytes, decode, average."""
+    n = vector.shape[-1]
+    corrected = vector + _residual(replica, vector)
+    if isinstance(compression, cx.Int8):
+        codes, scales = cx.int8_compress(corrected, compression.block)
+        own = cx.int8_decompress(codes, scales, n)
+        pieces = [scales, codes.view(torch.uint8)]
+    else:
+        values, indices = cx.topk_compress(corrected, cx.topk_count(n, compression.ratio))
+        own = cx.topk_decompress(values, indices, n)
+        pieces = [values, indices]
+    w = _weights(weight, vector)
+    _store_residual(replica, corrected, own, w)
+    # 4-byte fields first, so that every field starts at a multiple of its size
+    fields = [p.contiguous() for p in pieces[:-1]] + [w, pieces[-1].contiguous()]
+    sizes = [f.shape[-1] * f.element_size() for f in fields]
+    packed = torch.cat([f.view(torch.uint8) for f in fields], dim=-1)
+    decoded, weights = [], []
+    for part in comm.all_gather(packed):
+        raw = [chunk.clone() for chunk in part.split(sizes)]
+        if isinstance(compression, cx.Int8):
+            scales, w, codes = raw[0].view(torch.float32), raw[1].view(torch.float32), raw[2].view(torch.int8)
+            decoded.append(cx.int8_decompress(codes, scales, n))
+        else:
+            values, w, indices = raw[0].view(torch.float32), raw[1].view(torch.float32), raw[2].view(torch.int32)
+            decoded.append(cx.topk_decompress(values, indices, n))
+        weights.append(float(w))
+    if not sum(weights) > 0:
+        return torch.zeros_like(vector)
+    return merges.weighted_mean(decoded, weights).to(vector.dtype).expand_as(vector).clone()
+
+
+def _powersgd(replica, comm, vector, weight, compression: cx.PowerSGD) -> torch.Tensor:
+    """Vogels et al. 2019, Algorithm 1 with error feedback (Algorithm 2), per parameter matrix."""
+    state = replica.strategy_state
+    count = state.setdefault(EXCHANGES, torch.zeros((), dtype=torch.int64))
+    count += 1
+    if int(count) <= compression.start:  # DDP's start_powerSGD_iter: plain all-reduce first
+        return comm.all_reduce_mean(vector.clone(), weight)
+    shapes = parameter_shapes(replica)
+    lead = vector.shape[:-1]
+    ranks = [cx.powersgd_rank(s, compression.rank, compression.min_rate) for s in shapes]
+    corrected = vector + _residual(replica, vector)
+    pieces = list(corrected.split([math.prod(s) for s in shapes], dim=-1))
+    if Q_MEMORY not in state:
+        q = cx.initial_q(shapes, compression.rank, compression.min_rate, compression.seed).to(vector.device)
+        state[Q_MEMORY] = q.expand(*lead, q.numel()).clone()
+    q_sizes = [cx.matrix_shape(s)[1] * r for s, r in zip(shapes, ranks) if r]
+    qs = [q.reshape(*lead, -1, r) for q, r in zip(state[Q_MEMORY].split(q_sizes, dim=-1), [r for r in ranks if r])]
+    matrices = [p.reshape(*lead, *cx.matrix_shape(s)) for p, s, r in zip(pieces, shapes, ranks) if r]
+    plain = [p for p, r in zip(pieces, ranks) if not r]
+    ps = [m @ cx.orthogonalize(q.clone()) for m, q in zip(matrices, qs)]
+    first = torch.cat([p.flatten(-2) for p in ps] + plain, dim=-1)
+    comm.all_reduce_mean(first, weight)
+    p_sizes = [p.shape[-2] * p.shape[-1] for p in ps]
+    averaged = first.split(p_sizes + [x.shape[-1] for x in plain], dim=-1)
+    p_hats = [cx.orthogonalize(a.reshape(p.shape).clone()) for a, p in zip(averaged, ps)]
+    local_qs = [m.transpose(-1, -2) @ p for m, p in zip(matrices, p_hats)]
+    second = torch.cat([q.flatten(-2) for q in local_qs], dim=-1) if local_qs else first[..., :0]
+    comm.all_reduce_mean(second, weight)
+    state[Q_MEMORY] = _finite_or(second, state[Q_MEMORY])
+    mean_qs = second.split(q_sizes, dim=-1)
+    out, local, k, j = [], [], 0, len(ps)
+    for piece, r in zip(pieces, ranks):
+        if r:
+            p_hat, q_mean = p_hats[k], mean_qs[k].reshape(local_qs[k].shape)
+            out.append((p_hat @ q_mean.transpose(-1, -2)).reshape(piece.shape))
+            local.append((p_hat @ local_qs[k].transpose(-1, -2)).reshape(piece.shape))
+            k += 1
+        else:
+            out.append(averaged[j])
+            local.append(piece)  # sent as it is: no error
+            j += 1
+    _store_residual(replica, corrected, torch.cat(local, dim=-1), _weights(weight, vector))
+    return torch.cat(out, dim=-1)
+
+
+def merge_change(replica: "ReplicaView", comm: "Communicator", compression: cx.Compression,
+                 anchor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The merge of periodic and diloco with compression: every replica sends the change of its
+    parameters since the last merge, Δ_r = anchor − θ_r (never the weights), compressed; floating
+    buffers are averaged uncompressed. Returns (merged state, mean Δ, this replica's distance
+    to anchor − mean Δ)."""
+    n = replica.num_parameters
+    weight = replica.samples_since_merge
+    weight = weight if isinstance(weight, torch.Tensor) else float(weight)
+    state = replica.state_vector()
+    change = compressed_mean(replica, comm, anchor - state[..., :n], weight, compression)
+    merged = state.clone()
+    merged[..., :n] = anchor - change
+    if state.shape[-1] > n:
+        merged[..., n:] = comm.all_reduce_mean(state[..., n:].clone(), weight)
+    distance = torch.linalg.vector_norm(state[..., :n] - merged[..., :n], dim=-1)
+    return merged, change, distance

@@ -1,0 +1,240 @@
+"""compress=: the math, the spec strings, the bytes sent, and each compressed strategy against a
+plain sequential simulation (loop over replicas, compress each, average, keep residuals)."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import unison
+from unison import checkpoint as files
+from unison import compression as cx
+from unison.errors import ConfigError
+from unison.strategies import parse
+
+from reference import max_abs_diff, sampler_order
+from test_resume import interrupted_at, same_history
+
+
+def fit(model, data, **kwargs):
+    kwargs = {"backend": "threads", "workers": 2, "epochs": 2, "batch_size": 8, "lr": 0.1, "progress": False,
+              "val": None} | kwargs
+    return unison.fit(model, data, **kwargs)
+
+
+# ---- the pure math ------------------------------------------------------------------------------
+
+def test_int8_keeps_each_value_within_half_a_step_of_its_blocks_scale():
+    x = torch.randn(2, 1000) * torch.linspace(0.01, 10, 1000)
+    codes, scales = cx.int8_compress(x, 256)
+    assert codes.dtype == torch.int8 and codes.shape == (2, 1024) and scales.shape == (2, 4)
+    back = cx.int8_decompress(codes, scales, 1000)
+    step = scales.repeat_interleave(256, dim=-1)[:, :1000]
+    assert ((back - x).abs() <= step / 2 + 1e-6).all()
+    assert torch.equal(cx.int8_decompress(*cx.int8_compress(torch.zeros(5), 4), 5), torch.zeros(5))
+
+
+def test_topk_keeps_the_largest_magnitudes_and_orthogonalize_gives_orthonormal_columns():
+    x = torch.tensor([0.1, -5.0, 0.3, 2.0, -0.2])
+    values, indices = cx.topk_compress(x, cx.topk_count(5, 0.4))
+    assert sorted(indices.tolist()) == [1, 3]
+    assert torch.equal(cx.topk_decompress(values, indices, 5), torch.tensor([0, -5.0, 0, 2.0, 0]))
+    m = cx.orthogonalize(torch.randn(3, 20, 4))
+    assert torch.allclose(m.transpose(-1, -2) @ m, torch.eye(4).expand(3, 4, 4), atol=1e-5)
+    assert torch.equal(cx.orthogonalize(torch.zeros(5, 2)), torch.zeros(5, 2))  # no NaN from a zero column
+
+
+def test_powersgd_compresses_matrices_only_where_it_saves_min_rate_times():
+    assert cx.powersgd_rank((16,), 4, 2) == 0            # a bias: (16 + 1)·1·2 > 16
+    assert cx.powersgd_rank((64, 64), 4, 2) == 4
+    assert cx.powersgd_rank((10, 64), 4, 2) == 4         # (10 + 64)·4·2 = 592 < 640
+    assert cx.powersgd_rank((10, 64), 8, 2) == 0
+    assert cx.powersgd_rank((8, 3, 3, 3), 2, 2) == 2     # a conv kernel as 8 × 27
+    assert cx.initial_q([(16,), (64, 64)], 4, 2, seed=0).shape == (256,)
+
+
+def test_spec_strings_and_bad_values_name_the_field_and_the_accepted_values():
+    assert parse("sync(compress=powersgd(4))").compress == cx.PowerSGD(rank=4)
+    assert parse("diloco(every=100, compress=int8)").compress == cx.Int8()
+    assert parse("periodic(every=8, compress=topk(0.01))").compress == cx.TopK(0.01)
+    for spec in ("sync(compress=powersgd(rank=2, start=5))", "periodic(every=3, compress=int8(block=64))",
+                 "diloco(compress=bf16)"):
+        assert parse(parse(spec).spec()) == parse(spec)
+    for spec, words in [("sync(compress=zip)", ["sync.compress", "'fp16'", "'powersgd'"]),
+                        ("periodic(compress=topk(0))", ["topk.ratio", "(0, 1]"]),
+                        ("sync(compress=powersgd(0))", ["powersgd.rank", ">= 1"]),
+                        ("diloco(compress=int8(block=0))", ["int8.block"]),
+                        ("sync(compress=topk(foo=1))", ["no option 'foo'", "ratio"]),
+                        ("periodic(merge=median, compress=int8)", ["periodic.compress", "merge=mean", "none"])]:
+        with pytest.raises(ConfigError) as info:
+            parse(spec)
+        assert all(w in str(info.value) for w in words), (spec, str(info.value))
+
+
+# ---- none is today's code path; bytes are what is sent ---------------------------------------------
+
+@pytest.mark.parametrize("strategy", ["sync", "periodic(every=3)", "diloco(every=3)"])
+def test_compress_none_is_bit_identical_to_no_compress_option(blobs, small_model, strategy):
+    plain = fit(small_model, blobs, strategy=strategy, momentum=0.9)
+    none = fit(small_model, blobs, strategy=strategy[:-1] + ", compress=none)" if "(" in strategy
+               else strategy + "(compress=none)", momentum=0.9)
+    assert max_abs_diff(plain.model, none.model) == 0.0
+    same_history(none.history, plain.history)
+    assert [r["comm_bytes"] for r in plain.history] == [r["comm_bytes"] for r in none.history]
+
+
+def test_comm_bytes_count_the_compressed_payload(blobs, small_model):
+    # 96 samples, 2 workers, batch 8: 6 steps an epoch, 12 in all; the model has P = 195 parameters
+    P, steps, start = 195, 12, 195 * 4  # the start's broadcast from rank 0: 780 bytes
+    ring = lambda b: 2 * (2 - 1) * b // 2  # noqa: E731  all-reduce, per worker, N=2
+    k = math.ceil(0.1 * P)
+    shapes = [(16, 8), (16,), (3, 16), (3,)]  # powersgd(1): both weights compressed, biases not
+    p_len, q_len = 16 + 3 + 16 + 3, 8 + 16
+    expected = {
+        "none": steps * ring((P + 1) * 4),
+        "fp16": steps * (ring(4) + ring(P * 2)),
+        "int8": steps * (2 - 1) * (4 + 4 + 256),              # one scale, the weight, 256 codes
+        "topk(0.1)": steps * (2 - 1) * (4 * k + 4 + 4 * k),  # values, the weight, int32 indices
+        "powersgd(1)": steps * (ring((p_len + 1) * 4) + ring((q_len + 1) * 4)),
+    }
+    assert [cx.powersgd_rank(s, 1, 2) for s in shapes] == [1, 0, 1, 0]
+    for name, sent in expected.items():
+        result = fit(small_model, blobs, strategy=f"sync(compress={name})")
+        assert result.final["comm_bytes"] == start + sent, name
+
+
+# ---- the sequential simulation ------------------------------------------------------------------------
+
+def _int8_plain(c, block):
+    """Blockwise absmax int8, written out: pad, scale = absmax/127, round, back."""
+    n = len(c)
+    out = torch.zeros(n)
+    for start in range(0, n, block):
+        piece = c[start:start + block]
+        scale = piece.abs().max() / 127
+        out[start:start + block] = torch.round(piece / scale).clamp(-127, 127) * scale if scale > 0 else 0
+    return out
+
+
+def _topk_plain(c, ratio):
+    k = max(1, math.ceil(ratio * len(c)))
+    keep = c.abs().topk(k).indices
+    out = torch.zeros_like(c)
+    out[keep] = c[keep]
+    return out
+
+
+def _flat(tensors):
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _load(model, flat):
+    offset = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(flat[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+
+def simulate(model, x, y, *, compress, every, workers=2, epochs=2, batch_size=8, lr=0.1, momentum=0.0):
+    """Sync (every=None: gradients) or periodic (every=H: changes since the last merge), with
+    each replica compressing what it sends and keeping its residual; equal shares, so the mean
+    is plain."""
+    replicas = [copy.deepcopy(model) for _ in range(workers)]
+    opts = [torch.optim.SGD(m.parameters(), lr=lr, momentum=momentum) for m in replicas]
+    P = sum(p.numel() for p in model.parameters())
+    residuals = [torch.zeros(P) for _ in range(workers)]
+    anchor = _flat(model.parameters()).detach().clone()
+    step = 0
+
+    def exchange(vectors):
+        sent = []
+        for r, v in enumerate(vectors):
+            c = v + residuals[r]
+            d = compress(c)
+            residuals[r] = c - d
+            sent.append(d)
+        return sum(sent[1:], sent[0]) / workers
+
+    for epoch in range(epochs):
+        orders = [sampler_order(len(x), workers, r, epoch, 0) for r in range(workers)]
+        for i in range(len(orders[0]) // batch_size):
+            step += 1
+            for m, opt, order in zip(replicas, opts, orders):
+                opt.zero_grad()
+                idx = order[i * batch_size:(i + 1) * batch_size]
+                F.cross_entropy(m(x[idx]), y[idx]).backward()
+            if every is None:
+                mean = exchange([_flat([p.grad for p in m.parameters()]) for m in replicas])
+                for m in replicas:
+                    offset = 0
+                    for p in m.parameters():
+                        p.grad.copy_(mean[offset:offset + p.numel()].view_as(p))
+                        offset += p.numel()
+            for opt in opts:
+                opt.step()
+            if every is not None and step % every == 0:
+                mean = exchange([anchor - _flat(m.parameters()).detach() for m in replicas])
+                anchor = anchor - mean
+                for m in replicas:
+                    _load(m, anchor)
+    return replicas[0]
+
+
+@pytest.mark.parametrize("name, plain", [("int8(block=64)", lambda c: _int8_plain(c, 64)),
+                                         ("topk(0.1)", lambda c: _topk_plain(c, 0.1))])
+@pytest.mark.parametrize("every", [None, 3])
+def test_biased_compression_with_error_feedback_equals_the_sequential_simulation(blobs, small_model, name,
+                                                                                 plain, every):
+    x, y = blobs
+    strategy = f"sync(compress={name})" if every is None else f"periodic(every={every}, compress={name})"
+    result = fit(small_model, blobs, strategy=strategy, momentum=0.9)
+    expected = simulate(small_model, x, y, compress=plain, every=every, momentum=0.9)
+    assert max_abs_diff(result.model, expected) <= 1e-5
+    uncompressed = fit(small_model, blobs, strategy=strategy.replace(name, "none"), momentum=0.9)
+    assert max_abs_diff(result.model, uncompressed.model) > 1e-4  # compression did change something
+
+
+def test_diloco_compresses_the_pseudo_gradient_with_outer_lr_1_as_periodic(blobs, small_model):
+    diloco = fit(small_model, blobs, strategy="diloco(every=3, outer_lr=1, outer_momentum=0, compress=topk(0.1))")
+    periodic = fit(small_model, blobs, strategy="periodic(every=3, compress=topk(0.1))")
+    assert max_abs_diff(diloco.model, periodic.model) <= 1e-6
+
+
+# ---- stacked replicas, resume ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("strategy", ["sync(compress=fp16)", "sync(compress=powersgd(2))",
+                                      "periodic(every=3, compress=int8(block=32))",
+                                      "diloco(every=4, compress=topk(0.2))"])
+def test_stacked_replicas_equal_unstacked_ones(blobs, small_model, strategy):
+    threads = fit(small_model, blobs, strategy=strategy, momentum=0.9)
+    stacked = fit(small_model, blobs, strategy=strategy, momentum=0.9, backend="stacked")
+    assert max_abs_diff(threads.model, stacked.model) <= 1e-5
+    assert stacked.final["comm_bytes"] == 0  # nothing left the process
+
+
+@pytest.mark.parametrize("strategy", ["sync(compress=powersgd(1, start=3))", "periodic(every=4, compress=int8(32))",
+                                      "diloco(every=4, compress=topk(0.1))"])
+def test_resume_mid_run_with_residuals_is_bit_identical(blobs, small_model, tmp_path, strategy):
+    kwargs = dict(strategy=strategy, momentum=0.9, epochs=3)
+    everything = tmp_path / "all"
+    uninterrupted = fit(small_model, blobs, checkpoint_dir=everything, keep_checkpoints=100, **kwargs)
+    steps = sorted(files.steps_on_disk(everything))
+    step = steps[len(steps) // 2]
+    saved = files.load(everything / files.directory_name(step)).replicas[1]
+    assert "strategy/compress.residual" in saved and saved["strategy/compress.residual"].abs().sum() > 0
+    resumed = fit(small_model, blobs, checkpoint_dir=interrupted_at(everything, tmp_path / "at", step),
+                  resume=True, **kwargs)
+    assert max_abs_diff(resumed.model, uninterrupted.model) == 0.0
+    same_history(resumed.history, uninterrupted.history)
+
+
+@pytest.mark.parametrize("name", ["fp16", "int8", "topk(0.1)", "powersgd(1)"])
+def test_a_skipped_non_finite_step_leaves_no_nan_in_the_residuals(blobs, name):
+    from test_nonfinite import start
+
+    skipped = fit(start(how="nan", rank=0, at=5), blobs, strategy=f"sync(compress={name})", nan="skip", epochs=3)
+    assert skipped.history[-1]["discarded_steps"] == 2  # both replicas dropped the shared step 5, no other
+    assert all(torch.isfinite(p).all() for p in skipped.model.parameters())
