@@ -44,10 +44,11 @@ def same_history(resumed, uninterrupted):
 
 
 @pytest.mark.parametrize("case", ["periodic-momentum", "sync-adam", "periodic-average-batchnorm",
-                                  "explicit-uneven", "warmup", "diloco-cosine-penalty"])
+                                  "explicit-uneven", "warmup", "diloco-cosine-penalty", "scaffold-uneven",
+                                  "scaffold-gradient-batchnorm", "fednova-momentum", "diloco-adam", "diloco-yogi"])
 def test_resuming_from_any_checkpoint_equals_the_uninterrupted_run(blobs, tmp_path, case):
     torch.manual_seed(0)
-    model = unison.models.mlp(8, [16], 3, batchnorm=case == "periodic-average-batchnorm")
+    model = unison.models.mlp(8, [16], 3, batchnorm=case.endswith("batchnorm"))
     kwargs = {
         "periodic-momentum": dict(strategy=Periodic(every=4), momentum=0.9),
         "sync-adam": dict(strategy="sync", optimizer="adam", lr=0.01),
@@ -59,6 +60,14 @@ def test_resuming_from_any_checkpoint_equals_the_uninterrupted_run(blobs, tmp_pa
         # diloco's θ and outer momentum live in strategy_state; the schedule is a function of the step
         "diloco-cosine-penalty": dict(strategy="diloco(every=4, merge=median)", momentum=0.9, workers=3,
                                       schedule="cosine(warmup=3)", penalty="l2(0.01)", constraint="max_norm(2)"),
+        # control variates, local step counts and the outer moments live in strategy_state
+        "scaffold-uneven": dict(strategy="scaffold(every=3)", momentum=0.5,
+                                partition=Explicit([list(range(0, 60)), list(range(60, 96))])),
+        "scaffold-gradient-batchnorm": dict(strategy="scaffold(every=2, init=gradient)", batch_size=16),
+        "fednova-momentum": dict(strategy="fednova(every=3)", momentum=0.9,
+                                 partition=Explicit([list(range(0, 60)), list(range(60, 96))])),
+        "diloco-adam": dict(strategy="diloco(every=4, outer=adam, outer_lr=0.05)", momentum=0.9),
+        "diloco-yogi": dict(strategy="diloco(every=4, outer=yogi, outer_lr=0.05)", workers=3),
     }[case] | {"val": (blobs[0][:24], blobs[1][:24])}
     everything = tmp_path / "all"
     uninterrupted = fit(model, blobs, checkpoint_dir=everything, keep_checkpoints=100, **kwargs)

@@ -93,6 +93,8 @@ class _Training:
         self.history = History(job.history_path if comm.rank == 0 else None)
         self.progress = _progress_bar(job, comm.rank)
         self.strategy.begin(replica, comm)
+        if self.strategy.needs_start_gradient:
+            self.strategy.start_gradient(replica, comm, self.start_gradient())
         self.loss_sum = torch.zeros(replica.local_shape, dtype=torch.float64, device=device)
         self.last_round_step = 0
         # Reliability: continue from a checkpoint, write them at round ends, and agree on every
@@ -144,6 +146,26 @@ class _Training:
             self.progress.close()
         state = {k: v.detach().to("cpu", copy=True) for k, v in replica.model.state_dict().items()}
         return Outcome(state=state, history=self.history.records, startup_s=startup_s)
+
+    def start_gradient(self) -> torch.Tensor:
+        """This replica's mean gradient (loss + penalty) at the start over its first epoch's
+        share, batch by batch in training mode; floating buffers (BatchNorm statistics) are put
+        back as they were."""
+        replica, job, n = self.replica, self.job, len(self.x)
+        buffers = replica.state_vector(parameters=False)
+        orders = [job.partition.indices(n, self.comm.world_size, r, 0, job.seed).to(replica.device)
+                  for r in replica.ranks]
+        total = torch.zeros(replica.local_shape + (replica.num_parameters,), device=replica.device)
+        samples = torch.zeros(replica.local_shape, device=replica.device)
+        b = job.batch_size
+        for i in range(self.steps_per_epoch):
+            _, count = replica.gradients(self.x, self.y, [order[i * b:(i + 1) * b] for order in orders])
+            count = torch.as_tensor(count, dtype=total.dtype, device=replica.device)
+            total += replica.grad_vector() * count.unsqueeze(-1)
+            samples += count
+        replica.zero_grad()
+        replica.load_state_vector(buffers, parameters=False)
+        return total / samples.clamp_min(1).unsqueeze(-1)
 
     def train_step(self, batches: list[torch.Tensor]) -> None:
         replica = self.replica

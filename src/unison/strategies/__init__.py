@@ -7,13 +7,17 @@ from typing import Any
 from .. import specs
 from .base import Strategy
 from .diloco import DiLoCo
+from .fednova import FedNova
+from .fedprox import FedProx
 from .hogwild import Hogwild
 from .oneshot import Oneshot
 from .periodic import Periodic
+from .scaffold import Scaffold
 from .single import Single
 from .sync import Sync
 
-REGISTRY: dict[str, type[Strategy]] = {cls.name: cls for cls in (Single, Sync, Periodic, Oneshot, Hogwild, DiLoCo)}
+REGISTRY: dict[str, type[Strategy]] = {cls.name: cls for cls in (Single, Sync, Periodic, Oneshot, Hogwild, DiLoCo,
+                                                     FedProx, Scaffold, FedNova)}
 NAMES = tuple(REGISTRY)
 
 
@@ -23,5 +27,5 @@ def parse(spec: Any) -> Strategy:
     return specs.parse(spec, REGISTRY, "strategy", Strategy)
 
 
-__all__ = ["Strategy", "Single", "Sync", "Periodic", "Oneshot", "Hogwild", "DiLoCo", "parse", "NAMES",
+__all__ = ["Strategy", "Single", "Sync", "Periodic", "Oneshot", "Hogwild", "DiLoCo", "FedProx", "Scaffold", "FedNova", "parse", "NAMES",
            "REGISTRY"]

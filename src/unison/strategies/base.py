@@ -53,6 +53,16 @@ class Strategy(specs.Spec, ABC):
     def begin(self, replica: "ReplicaView", comm: "Communicator") -> None:
         """Called once on every replica after the common start is in place, before step 1."""
 
+    @property
+    def needs_start_gradient(self) -> bool:
+        """Whether start_gradient wants each replica's full gradient over its share before step 1."""
+        return False
+
+    def start_gradient(self, replica: "ReplicaView", comm: "Communicator", gradient: torch.Tensor) -> None:
+        """Called once after ``begin`` (and before a resume restores strategy_state) with this
+        replica's mean gradient at the start over its first epoch's share, flat like
+        ``grad_vector``; only if ``needs_start_gradient`` (scaffold(init="gradient"))."""
+
     def on_gradients(self, replica: "ReplicaView", comm: "Communicator", step: int, weight: int) -> bool:
         """Called after every backward pass (``step`` counts from 1, ``weight`` is this replica's
         batch size, 0 if its share is used up). Return True if all replicas take this step

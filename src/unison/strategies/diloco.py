@@ -11,6 +11,11 @@ from .. import compression, merges
 from ..errors import ConfigError, expected
 from .base import Strategy, check_every, combined, ends_every, merge_weight, parse_compress, parse_merge
 from .compressed import merge_change
+from .yogi import Yogi
+
+OUTERS = ("sgd", "adam", "adamw", "yogi")
+# FedOpt's server moments (Reddi et al. 2021): β₁ 0.9, β₂ 0.99, τ 1e-3.
+FEDOPT_BETAS, FEDOPT_EPS = (0.9, 0.99), 1e-3
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,16 @@ class DiLoCo(Strategy):
 
     ``compress`` (with merge=mean) sends each replica's pseudo-gradient θ − θᵢ compressed,
     never its weights (unison.compression); Δ is then the mean of the decompressed ones.
+
+    ``outer``: "sgd" (the above; outer_momentum and nesterov apply to it only), or FedOpt's
+    adaptive server steps (Reddi et al. 2021, "Adaptive Federated Optimization") on the same
+    pseudo-gradient with lr=outer_lr: "adam" (torch.optim.Adam, FedAdam), "adamw"
+    (torch.optim.AdamW, its default weight decay 0.01) or "yogi" (unison.strategies.yogi,
+    FedYogi), with the paper's β₁ 0.9, β₂ 0.99, τ (eps) 1e-3. Differences: torch's Adam
+    applies bias correction and the paper's FedAdam does not, and torch adds eps outside the
+    square root as the paper does. Flower's FedAdam (flwr/server/strategy/fedadam.py, the
+    version read) follows the paper without bias correction, with defaults eta 0.1, tau 1e-9,
+    β 0.9/0.99. The outer moments and step count live in strategy_state (checkpointed).
     """
 
     name = "diloco"
@@ -46,9 +61,12 @@ class DiLoCo(Strategy):
     nesterov: bool = True
     merge: merges.Merge = merges.Mean()
     compress: compression.Compression = compression.NoCompression()
+    outer: str = "sgd"
 
     def __post_init__(self) -> None:
         check_every(self.name, self.every)
+        if self.outer not in OUTERS:
+            raise ConfigError(expected("diloco.outer", self.outer, OUTERS))
         lr, momentum = self.outer_lr, self.outer_momentum
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (lr > 0 and math.isfinite(lr)):
             raise ConfigError(expected("diloco.outer_lr", lr, "a finite number > 0"))
@@ -64,22 +82,36 @@ class DiLoCo(Strategy):
         # step needs no communication of its own), kept as plain tensors in strategy_state so
         # that checkpoints save and restore them.
         theta = replica.state_vector()[..., :replica.num_parameters].clone()
-        replica.strategy_state.update({"diloco.theta": theta, "diloco.momentum": torch.zeros_like(theta)})
+        state = {"diloco.theta": theta, "diloco.momentum": torch.zeros_like(theta)}
+        if self.outer in ("adam", "adamw"):
+            state |= {"diloco.exp_avg": torch.zeros_like(theta), "diloco.exp_avg_sq": torch.zeros_like(theta),
+                      "diloco.step": torch.zeros((), dtype=torch.float32, device=theta.device)}
+        elif self.outer == "yogi":
+            state |= {"diloco.exp_avg": torch.zeros_like(theta),
+                      "diloco.exp_avg_sq": torch.full_like(theta, FEDOPT_EPS ** 2)}
+        replica.strategy_state.update(state)
 
-    def outer_optimizer(self, theta: torch.Tensor, momentum: torch.Tensor) -> torch.optim.Optimizer:
-        """torch's SGD over θ. Its momentum buffer is strategy_state's tensor, which it updates
-        in place; starting at zero, the first step makes it Δ, as torch's own first step does."""
-        outer = torch.optim.SGD([theta], lr=self.outer_lr, momentum=self.outer_momentum,
-                                nesterov=self.nesterov and self.outer_momentum > 0)
-        if self.outer_momentum > 0:
-            outer.state[theta]["momentum_buffer"] = momentum
+    def outer_optimizer(self, theta: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.optim.Optimizer:
+        """The outer torch optimizer over θ. Its state tensors are strategy_state's, which it
+        updates in place; SGD's momentum buffer starts at zero, so the first step makes it Δ,
+        as torch's own first step does."""
+        if self.outer == "sgd":
+            outer = torch.optim.SGD([theta], lr=self.outer_lr, momentum=self.outer_momentum,
+                                    nesterov=self.nesterov and self.outer_momentum > 0)
+            if self.outer_momentum > 0:
+                outer.state[theta]["momentum_buffer"] = state["diloco.momentum"]
+            return outer
+        kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "yogi": Yogi}
+        outer = kinds[self.outer]([theta], lr=self.outer_lr, betas=FEDOPT_BETAS, eps=FEDOPT_EPS)
+        outer.state[theta].update({key: state["diloco." + key] for key in ("exp_avg", "exp_avg_sq", "step")
+                                   if "diloco." + key in state})
         return outer
 
     def round_ends(self, step, epoch_end):
         return ends_every(self.every, step, epoch_end)
 
     def merge_replicas(self, replica, comm):
-        theta, momentum = replica.strategy_state["diloco.theta"], replica.strategy_state["diloco.momentum"]
+        theta = replica.strategy_state["diloco.theta"]
         n = replica.num_parameters
         if isinstance(self.compress, compression.NoCompression):
             state = replica.state_vector()
@@ -88,7 +120,7 @@ class DiLoCo(Strategy):
             theta.grad = theta - merged[..., :n]  # the pseudo-gradient θ − merge
         else:  # the mean of the replicas' compressed pseudo-gradients θ − θᵢ
             merged, theta.grad, distance = merge_change(replica, comm, self.compress, theta)
-        self.outer_optimizer(theta, momentum).step()
+        self.outer_optimizer(theta, replica.strategy_state).step()
         theta.grad = None
         merged[..., :n] = theta
         replica.load_state_vector(merged)
