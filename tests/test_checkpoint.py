@@ -151,3 +151,25 @@ def test_killing_the_writer_during_a_save_leaves_the_previous_checkpoint_loadabl
     assert loaded.step == 1 and torch.equal(loaded.model["w"], torch.full((4, 2), 1.0))
     write(directory, 3)  # the next save clears the interrupted one's leftovers
     assert sorted(p.name for p in directory.iterdir()) == ["ckpt-000000001", "ckpt-000000003"]
+
+
+def test_a_kill_while_pruning_leaves_no_half_deleted_checkpoint_under_its_name(tmp_path, monkeypatch):
+    """Pruning removes an old checkpoint file by file; killed midway (found by bench/chaos.py),
+    what is left must not look like a checkpoint, and the next save clears it."""
+    write(tmp_path, 1)
+    write(tmp_path, 2)
+    real_rmtree = files.shutil.rmtree
+
+    def killed_midway(path, ignore_errors=False):
+        next(Path(path).glob("*.json")).unlink()  # one file gone, then the process dies
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(files.shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        files.prune(tmp_path, keep=1, newest=2)
+    assert files.steps_on_disk(tmp_path) == [2]
+    assert files.load(tmp_path / files.directory_name(2)).step == 2
+    monkeypatch.setattr(files.shutil, "rmtree", real_rmtree)
+    write(tmp_path, 3, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert files.steps_on_disk(tmp_path) == [3, 2]

@@ -237,8 +237,13 @@ def prune(directory: str | Path, keep: int, newest: int) -> None:
     steps = steps_on_disk(directory)
     kept = [s for s in steps if s <= newest][:keep]
     for step in steps:
-        if step not in kept:
-            shutil.rmtree(directory / directory_name(step), ignore_errors=True)
+        if step not in kept:  # renamed first: a kill during the removal leaves no half checkpoint
+            doomed = directory / f".{directory_name(step)}.pruned-{os.getpid()}"
+            try:
+                (directory / directory_name(step)).rename(doomed)
+            except OSError:
+                continue
+            shutil.rmtree(doomed, ignore_errors=True)
     for leftover in directory.glob(".ckpt-*"):  # one writer per run, and it has finished
         shutil.rmtree(leftover, ignore_errors=True)
 
