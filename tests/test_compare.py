@@ -266,10 +266,11 @@ def test_compare_on_processes_from_the_command_line(tmp_path, csv_file):
                            "single,periodic(every=epoch)", "--epochs", "2", "--out", str(out)],
                           capture_output=True, text=True, timeout=150)
     assert done.returncode == 0, done.stderr
-    # progress lines, not bars; the default measures each run three times, interleaved (A B, B A, A B)
-    assert "[2/6] periodic(every=epoch) (seed 0, repeat 1): final val acc" in done.stdout
-    assert "[3/6] periodic(every=epoch) (seed 0, repeat 2)" in done.stdout
-    assert "[6/6] periodic(every=epoch) (seed 0, repeat 3)" in done.stdout
+    # progress lines, not bars; the default measures each run five times, interleaved (A B, B A, A B, ...)
+    assert "10 runs (2 strategies × 5 repeat(s) × 1 seed(s))" in done.stdout.splitlines()[1]
+    assert "[2/10] periodic(every=epoch) (seed 0, repeat 1): final val acc" in done.stdout
+    assert "[3/10] periodic(every=epoch) (seed 0, repeat 2)" in done.stdout
+    assert "[10/10] periodic(every=epoch) (seed 0, repeat 5)" in done.stdout
     assert "epoch/s" not in done.stderr and "\r" not in done.stderr   # no tqdm bar off a terminal
     rows = list(csv.DictReader((out / "summary.csv").open()))
     assert [(r["strategy"], r["workers"]) for r in rows] == [("single", "1"), ("periodic(every=epoch)", "2")]

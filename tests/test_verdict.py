@@ -35,7 +35,7 @@ def test_a_clear_winner_is_named_when_its_spread_lies_below_the_runner_up():
     row = s.rows[1]
     assert (row.time_to_target_s, row.time_min_s, row.time_max_s, row.attempts) == (2.1, 2.0, 2.2, 3)
     text = summary.verdict(s)
-    assert text.startswith("**periodic** reached the target first, after 2.10 s (median of 3, range 2.00–2.20 s): "
+    assert text.startswith("**periodic** reached the target first, after 2.10 s (median of 3, spread 2.00–2.20 s): "
                            "1.48× the speed of single (3.10 s)")
     assert verdict.lead(s.rows)[0] is row and "implausible" not in text and "Noisy" not in text
     assert "2.10 (2.00–2.20)" in summary.cells(row, s.metric)
@@ -46,14 +46,14 @@ def test_overlapping_spreads_give_no_clear_winner_and_name_the_leaders():
     winner, leaders = verdict.lead(s.rows)
     assert winner is None and [r.label for r in leaders] == ["sync", "periodic"]
     text = summary.verdict(s)
-    assert text.startswith("No clear winner: the times to target of **sync** 2.30 s (median of 2, range "
-                           "2.00–2.60 s), **periodic** 2.55 s (median of 2, range 2.20–2.90 s) overlap across repeats.")
+    assert text.startswith("No clear winner: the times to target of **sync** 2.30 s (median of 2, spread "
+                           "2.00–2.60 s), **periodic** 2.55 s (median of 2, spread 2.20–2.90 s) overlap across repeats.")
     assert "**single**" not in text
     # a leader that missed the target in one of its three attempts holds no clear lead
     missed = (0, records([1.0, 2.0], [0.5, 0.6]))
     s = judge({"single": attempts([5.0, 5.5, 5.2]), "sync": attempts([1.0, 1.1]) + [missed]})
     assert s.rows[1].time_max_s is None and verdict.lead(s.rows)[0] is None
-    assert "1.10 s (median of 3, range 1.00–not reached)" in summary.verdict(s)
+    assert "1.10 s (median of 3, spread 1.00–not reached)" in summary.verdict(s)
 
 
 def test_one_attempt_each_names_the_winner_but_says_the_lead_is_unchecked():
@@ -139,3 +139,10 @@ def test_calibration_picks_the_faster_thread_count():
     assert chosen == 4 and seen == [1, 4, 4, 1] and set(times) == {1, 4}
     assert base.PINNED_THREADS.get() is None  # restored after
     assert measure.calibrate_threads(train, cores=1)[0] == 1
+
+
+def test_from_five_attempts_the_spread_leaves_out_the_fastest_and_the_slowest():
+    assert verdict.median_spread([0.09, 0.06, 0.09, 0.10, 0.09]) == (0.09, 0.09, 0.09)
+    assert verdict.median_spread([5.0, 1.0, 2.0, 3.0, 4.0, 6.0]) == (3.5, 2.0, 5.0)
+    assert verdict.median_spread([1.0, 2.0, 3.0, None, None]) == (3.0, 2.0, None)
+    assert verdict.median_spread([1.0, 2.0, 3.0, 4.0, None]) == (3.0, 2.0, 4.0)

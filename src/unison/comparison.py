@@ -51,7 +51,7 @@ BACKENDS = tuple(name for name, backend in launch.REGISTRY.items() if backend.in
 _TRAIN = DEFAULTS["train"]
 # Every run measured three times, interleaved (the default comparison took ~20 s at repeat 2 on a
 # loaded 2-core VM: far below the 3 minutes a default may take).
-DEFAULT_REPEAT = 3
+DEFAULT_REPEAT = 5
 
 
 def default_strategies() -> list[str]:

@@ -7,7 +7,7 @@ reference run's best accuracy; for regression, a loss of best × (2 − fraction
 of the reference's best loss. Speedup = the reference's time to target / the run's.
 
 A run measured several times (repeats, seeds) has one row: its time to target is the median
-over its attempts with the spread (min–max) beside it, its final metric the mean over seeds with
+over its attempts with the spread (verdict.median_spread) beside it, its final metric the mean over seeds with
 a 95% Student t interval. The verdict and its statistics are in unison.verdict.
 """
 
@@ -176,7 +176,7 @@ def _seconds(value: float | None) -> str:
 
 
 def time_text(row: Row) -> str:
-    """Time to target; with several attempts, the median and its spread (min–max)."""
+    """Time to target; with several attempts, the median and its spread (verdict.median_spread)."""
     text = _seconds(row.time_to_target_s)
     if row.attempts > 1 and row.time_min_s is not None:
         text += f" ({row.time_min_s:.2f}–{_seconds(row.time_max_s)})"
@@ -216,7 +216,7 @@ def markdown(summary: Summary) -> str:
                   "Times are wall-clock seconds from the start of each run, start-up included; "
                   "the merged model is measured at round ends only, so a run with more rounds is "
                   "measured more often."
-                  + (" With several attempts, times are medians (min–max) and finals means ± a 95% "
+                  + (" With several attempts, times are medians (spread: min–max, without the fastest and slowest attempt from 5 attempts on) and finals means ± a 95% "
                      "Student t interval over seeds." if any(r.attempts > 1 for r in summary.rows) else ""),
               "", verdict(summary)]
     return "\n".join(lines) + "\n"

@@ -1,7 +1,8 @@
 """The verdict of a comparison and the statistics behind it, as pure functions.
 
-A winner is named only when its lead holds across repeats: the spread (min–max) of its time to
-target lies wholly below the runner-up's. A speedup above what N workers on C cores can give
+A winner is named only when its lead holds across repeats: the spread of its time to target
+(min–max; with TRIM_FROM or more attempts, without the fastest and the slowest, so that one
+outlier on a shared machine decides nothing) lies wholly below the runner-up's. A speedup above what N workers on C cores can give
 (min(N, C) × 1.25) is called implausible, with its likely cause. A run whose validation loss
 rose well above its best after its best round is diverging; it cannot win. A machine whose
 load average exceeded its cores while the comparison ran is named as noisy.
@@ -21,6 +22,7 @@ _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
          2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 SPEEDUP_SLACK = 1.25          # a speedup above min(workers, cores) × this is implausible
 DIVERGE_FACTOR, DIVERGE_MARGIN = 2.0, 0.1
+TRIM_FROM = 5                 # with this many attempts or more, the spread leaves out the extremes
 
 
 def higher_is_better(metric: str) -> bool:
@@ -53,14 +55,16 @@ def mean_interval(values: Sequence[float]) -> tuple[float, float | None]:
 
 
 def median_spread(values: Sequence[float | None]) -> tuple[float | None, float | None, float | None]:
-    """Median, min and max of times to target; an attempt that missed the target (None) counts
-    as slower than any that reached it, so the median is None when half or more missed."""
+    """Median and spread (low, high) of times to target: min and max, or with TRIM_FROM or more
+    attempts the second fastest and second slowest. An attempt that missed the target (None)
+    counts as slower than any that reached it (None where it falls inside the spread)."""
     reached = sorted(v for v in values if v is not None)
     if not reached:
         return None, None, None
     ordered = reached + [math.inf] * (len(values) - len(reached))
-    middle = statistics.median(ordered)
-    return (None if math.isinf(middle) else middle), reached[0], (None if len(reached) < len(values) else reached[-1])
+    trim = 1 if len(ordered) >= TRIM_FROM else 0
+    middle, low, high = statistics.median(ordered), ordered[trim], ordered[len(ordered) - 1 - trim]
+    return tuple(None if math.isinf(v) else v for v in (middle, low, high))
 
 
 def diverging(records: Sequence[Mapping[str, Any]]) -> bool:
@@ -122,7 +126,7 @@ def _time(row: Any) -> str:
     text = f"{row.time_to_target_s:.2f} s"
     if row.attempts > 1 and row.time_min_s is not None:
         high = "not reached" if row.time_max_s is None else f"{row.time_max_s:.2f} s"
-        text += f" (median of {row.attempts}, range {row.time_min_s:.2f}–{high})"
+        text += f" (median of {row.attempts}, spread {row.time_min_s:.2f}–{high})"
     return text
 
 
