@@ -113,3 +113,49 @@ def test_a_stopped_worker_is_named_within_its_timeout_and_ended(blobs, tmp_path)
     assert reported - float(stamp.read_text()) <= 5 + 3
     for child in __import__("multiprocessing").active_children():  # the stopped one was ended too
         assert not child.name.startswith("unison-worker"), child
+
+
+LONG_RUN = """[data]
+dataset = "digits"
+[model]
+hidden = [64]
+[train]
+strategy = "periodic(every=epoch)"
+backend = "torchrun"
+epochs = 100000
+batch_size = 16
+"""
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+@pytest.mark.timeout(90)
+def test_killing_torchrun_mid_run_leaves_no_worker(tmp_path):
+    """The other launcher whose workers are processes: torchrun's agent SIGKILLed mid-run."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    (tmp_path / "run.toml").write_text(LONG_RUN)
+    agent = subprocess.Popen([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "unison", "train",
+                              "run.toml", "--out", "out"], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while len(workers := children(agent.pid)) < 2:
+            assert time.monotonic() < deadline and agent.poll() is None, "torchrun's workers did not start"
+            time.sleep(0.1)
+        time.sleep(5)  # imported, joined and training
+        assert agent.poll() is None and all(alive(pid) for pid in workers)
+        agent.kill()
+        agent.wait(10)
+        deadline = time.monotonic() + 2
+        while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [pid for pid in workers if alive(pid)] == []
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()

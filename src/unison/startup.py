@@ -105,7 +105,10 @@ def maybe_prestart() -> None:
     process of multiprocessing, or where there is no forkserver."""
     if os.environ.get(OPT_OUT, "1").strip().lower() in ("0", "false", "no", "off"):
         return
-    if os.environ.get(IN_FORKSERVER) or any(name in os.environ for name in _TORCHRUN):
+    if any(name in os.environ for name in _TORCHRUN):
+        end_with_torchrun_agent()
+        return
+    if os.environ.get(IN_FORKSERVER):
         return
     # A child of the user's own multiprocessing (spawn or forkserver) imports unison while it
     # unpickles its target, before parent_process() is set: _inheriting says so then.
@@ -119,6 +122,17 @@ def maybe_prestart() -> None:
         ensure_running()
     except (OSError, RuntimeError):  # no forkserver now: fit() starts one itself, or says why it cannot
         pass
+
+
+def end_with_torchrun_agent() -> None:
+    """torchrun forwards SIGTERM to its workers but cannot forward a SIGKILL: a rank would train
+    on as an orphan. As early as ``import unison``, ask Linux for a SIGTERM when the agent dies
+    (a checkpoint save in progress finishes first, unison.engine.checkpointer)."""
+    if os.environ.get("TORCHELASTIC_RUN_ID") is None or os.environ.get(IN_FORKSERVER):
+        return  # a RANK/WORLD_SIZE set by hand: the parent is not torchrun's agent
+    watch_parent(signal.SIGTERM)
+    if os.getppid() == 1:  # the agent died before the request: nothing would signal us
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def watch_parent(sig: int = signal.SIGKILL) -> None:
