@@ -176,18 +176,18 @@ def test_digits_periodic_every_epoch_4_workers_reaches_93_percent():
 
 PRESTART_SCRIPT = """
 import os
-from multiprocessing import forkserver
 import torch
 import unison
+from unison.startup import forkserver_pid
 x, y = torch.randn(64, 4), torch.randint(0, 2, (64,))
 kwargs = dict(val=None, epochs=1, batch_size=8, progress=False, backend="processes")
 unison.fit(lambda: unison.models.mlp(4, [8], 2), (x, y), strategy="single", **kwargs)
-print(forkserver._forkserver._forkserver_pid)  # one worker trains here: no forkserver
+print(forkserver_pid())  # one worker trains here: no forkserver
 unison.prestart()
-started = forkserver._forkserver._forkserver_pid
+started = forkserver_pid()
 os.kill(started, 0)  # it is running
 unison.fit(lambda: unison.models.mlp(4, [8], 2), (x, y), strategy="periodic", workers=2, **kwargs)
-print(started == forkserver._forkserver._forkserver_pid)  # fit's workers came from it
+print(started == forkserver_pid())  # fit's workers came from it
 """
 
 
@@ -242,3 +242,51 @@ def test_the_users_own_child_processes_may_import_unison(tmp_path, method):
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.splitlines() == ["child said fit", "exit code 0"], done.stderr[-2000:]
     assert "bootstrapping" not in done.stderr
+
+
+ROBUST_SCRIPT = """
+import os, threading, sys
+import torch
+x, y = torch.randn(64, 4), torch.randint(0, 2, (64,))
+
+def fit_twice():
+    from unison import fit, models
+    for _ in range(2):
+        fit(lambda: models.mlp(4, [8], 2), (x, y), val=None, workers=2, backend="processes", epochs=1,
+            batch_size=8, progress=False, loss=ReadsEnv())
+
+class ReadsEnv(torch.nn.Module):  # a loss that reports the worker's environment
+    def forward(self, out, target):
+        import torch.distributed as dist
+        if dist.is_initialized() and not os.path.exists(sys.argv[1] + f".{dist.get_rank()}"):
+            with open(sys.argv[1] + f".{dist.get_rank()}", "w") as f:
+                f.write(os.environ.get("SET_AFTER_IMPORT", "missing"))
+        return torch.nn.functional.cross_entropy(out, target)
+
+importer = threading.Thread(target=lambda: __import__("unison"))  # a thread that ends at once
+importer.start(); importer.join()
+import multiprocessing, time
+from unison import startup
+time.sleep(2)                                # the forkserver outlives the thread that started it
+print("forkserver alive", startup.forkserver_pid() is not None and os.waitpid(startup.forkserver_pid(), os.WNOHANG) == (0, 0))
+os.environ["SET_AFTER_IMPORT"] = "seen"      # set after import unison: the workers must see it
+pid = os.fork()
+if pid == 0:                                 # a forked child (gunicorn, Celery) trains on its own
+    fit_twice()
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+print("forked child", os.waitstatus_to_exitcode(status))
+fit_twice()
+print("parent", open(sys.argv[1] + ".0").read(), open(sys.argv[1] + ".1").read())
+ctx = multiprocessing.get_context("forkserver")   # the user's own forkserver: not unison's
+print("user forkserver preloads unison's", "torch" in getattr(__import__("multiprocessing.forkserver").forkserver._forkserver, "_preload_modules", []))
+"""
+
+
+@pytest.mark.multiprocess
+def test_the_forkserver_survives_its_importing_thread_forks_and_late_environment_changes(tmp_path):
+    done = subprocess.run([sys.executable, "-c", ROBUST_SCRIPT, str(tmp_path / "env")], capture_output=True,
+                          text=True, timeout=120, env={k: v for k, v in os.environ.items() if k != "UNISON_PRESTART"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines() == ["forkserver alive True", "forked child 0", "parent seen seen",
+                                        "user forkserver preloads unison's False"], done.stderr[-3000:]

@@ -252,7 +252,8 @@ def compare(model: nn.Module | Callable[[], nn.Module] | ModelConfig | None = No
             if progress:
                 print(f"[{number}/{len(order)}] {name}{tag}: {_line(outcome)}", flush=True)
         results = {run.label: results[run.label] for run in runs if run.label in results}
-        settings["compare"]["machine"] |= {"load_before": load_before, "load_after": measure.machine_load()}
+        load = {"load_before": load_before, "load_after": measure.machine_load()}
+        settings["compare"]["machine"] |= {k: v for k, v in load.items() if v is not None}  # TOML has no None
         for name, done in attempts.items():
             settings["compare"]["runs"][name]["attempts"] = done
         if not results:

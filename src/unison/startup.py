@@ -3,8 +3,13 @@
 Worker processes of the processes backend are forked from one forkserver that imported torch
 and unison's worker modules once (PRELOAD). It is started at ``import unison`` (``maybe_prestart``)
 so that it imports torch while the caller's script does its own work, reused by every later
-fit(), and it ends with the interpreter (the stdlib forkserver exits when its parent's pipe
-closes; it also asks the kernel to kill it if its parent dies first, see ``watch_parent``).
+fit(), and it ends with the interpreter (a forkserver exits when its parent's pipe closes, once
+it has finished its imports). It is unison's own ``ForkServer``, not multiprocessing's global
+one: the user's own forkserver processes get neither its preloads nor its environment, and a
+process forked from the caller (gunicorn, Celery, a fork pool) starts a fresh one of its own.
+
+Workers get the caller's environment as it is when they start (``environment()``), not the
+forkserver's, which is the caller's at ``import unison``.
 
 The children never re-import the caller's ``__main__``: the start-up data sent to each child
 drops the main module (``init_main_from_path``/``init_main_from_name``), and what a worker needs
@@ -25,10 +30,10 @@ import sys
 from multiprocessing import context as mp_context
 from multiprocessing import forkserver, popen_forkserver, reduction, spawn, util
 
-# What the forkserver imports once, so that every worker forked from it starts with them. The
-# first one makes the forkserver die with its parent. torch._dynamo: torch.optim imports it on
-# the first optimizer's construction (~0.7 s), and it must come before any process group.
-PRELOAD = ["unison._forkserver_guard", "torch", "torch._dynamo", "torch.distributed", "safetensors.torch",
+# What the forkserver imports once, so that every worker forked from it starts with them.
+# torch._dynamo: torch.optim imports it on the first optimizer's construction (~0.7 s), and it
+# must come before any process group.
+PRELOAD = ["torch", "torch._dynamo", "torch.distributed", "safetensors.torch",
            "cloudpickle", "unison.engine.loop", "unison.comm.torch_dist", "unison.launch.processes"]
 IN_FORKSERVER = "UNISON_IN_FORKSERVER"  # set in the forkserver's (and so its workers') environment
 OPT_OUT = "UNISON_PRESTART"             # UNISON_PRESTART=0: no forkserver at import time
@@ -54,7 +59,7 @@ class _Popen(popen_forkserver.Popen):
             reduction.dump(process_obj, buffer)
         finally:
             mp_context.set_spawning_popen(None)
-        self.sentinel, write_end = forkserver.connect_to_new_process(self._fds)
+        self.sentinel, write_end = _SERVER.connect_to_new_process(self._fds)
         kept = os.dup(write_end)  # the child watches this end to learn that its parent is gone
         self.finalizer = util.Finalize(self, util.close_fds, (kept, self.sentinel))
         with open(write_end, "wb", closefd=True) as pipe:
@@ -73,12 +78,35 @@ class _Context(mp_context.ForkServerContext):
 
 
 _CONTEXT = _Context()
+_SERVER = forkserver.ForkServer()
+
+
+def _forget_the_parents_server() -> None:
+    """In a process forked from the caller: the forkserver is the parent's, not ours to use."""
+    global _SERVER
+    _SERVER = forkserver.ForkServer()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_the_parents_server)
 
 
 def context() -> mp_context.BaseContext:
     """The multiprocessing context whose processes come from unison's forkserver."""
-    _CONTEXT.set_forkserver_preload(PRELOAD)
+    _SERVER.set_forkserver_preload(PRELOAD)
     return _CONTEXT
+
+
+def environment() -> dict[str, str]:
+    """The caller's environment now, for a worker to adopt (``adopt``)."""
+    return dict(os.environ)
+
+
+def adopt(env: dict[str, str]) -> None:
+    """Make this worker's environment the caller's (set after ``import unison`` too)."""
+    os.environ.clear()
+    os.environ.update(env)
+    os.environ[IN_FORKSERVER] = "1"  # unison imported in a worker's own children prestarts nothing
 
 
 def ensure_running() -> None:
@@ -87,7 +115,7 @@ def ensure_running() -> None:
     previous = os.environ.get(IN_FORKSERVER)
     os.environ[IN_FORKSERVER] = "1"  # inherited by the forkserver only: unison there prestarts nothing
     try:
-        forkserver.ensure_running()
+        _SERVER.ensure_running()
     finally:
         if previous is None:
             os.environ.pop(IN_FORKSERVER, None)
@@ -96,7 +124,7 @@ def ensure_running() -> None:
 
 
 def forkserver_pid() -> int | None:
-    return getattr(forkserver._forkserver, "_forkserver_pid", None)
+    return _SERVER._forkserver_pid
 
 
 def maybe_prestart() -> None:
@@ -116,12 +144,18 @@ def maybe_prestart() -> None:
                                                                     "_inheriting", False)
     if child or not available():
         return
-    if getattr(sys, "frozen", False):
+    if getattr(sys, "frozen", False) or _cli_without_training():
         return
     try:
         ensure_running()
     except (OSError, RuntimeError):  # no forkserver now: fit() starts one itself, or says why it cannot
         pass
+
+
+def _cli_without_training() -> bool:
+    """`unison --help`, `unison report ...`: the command line trains only in train and compare
+    (which start the forkserver early themselves, unison.plan.start_early)."""
+    return os.path.basename(sys.argv[0]) == "unison" and (sys.argv[1:2] or [""])[0] not in ("train", "compare")
 
 
 def end_with_torchrun_agent() -> None:
@@ -130,17 +164,17 @@ def end_with_torchrun_agent() -> None:
     (a checkpoint save in progress finishes first, unison.engine.checkpointer)."""
     if os.environ.get("TORCHELASTIC_RUN_ID") is None or os.environ.get(IN_FORKSERVER):
         return  # a RANK/WORLD_SIZE set by hand: the parent is not torchrun's agent
+    agent = os.getppid()
     watch_parent(signal.SIGTERM)
-    if os.getppid() == 1:  # the agent died before the request: nothing would signal us
+    if os.getppid() != agent:  # the agent died before the request: nothing would signal us
         os.kill(os.getpid(), signal.SIGTERM)
 
 
 def watch_parent(sig: int = signal.SIGKILL) -> None:
     """Ask Linux to send ``sig`` to this process when its parent dies (PR_SET_PDEATHSIG).
 
-    Linux ties this to the parent's *thread* that started the child: a forkserver started from a
-    thread that later ends is killed then, and the next fit() starts a fresh one (ensure_running
-    notices). ``import unison`` starts it from the importing thread, usually the main one."""
+    Linux ties this to the parent's *thread* that forked the child, so it is used only where
+    that thread lives as long as its process: a forkserver's workers, torchrun's ranks."""
     if not sys.platform.startswith("linux"):
         return
     try:

@@ -92,9 +92,10 @@ def implausible(speedup: float | None, workers: int | None, cores: int | None) -
     return speedup is not None and limit is not None and speedup > limit
 
 
-def noisy(load: Sequence[float] | None, cores: int | None) -> bool:
-    """Whether the load average (before, after) exceeded the cores."""
-    return bool(load) and bool(cores) and max(load) > cores
+def noisy(load: Sequence[float | None] | None, cores: int | None) -> bool:
+    """Whether the load average (before, after) exceeded the cores; None where it is unknown."""
+    known = [value for value in (load or ()) if value is not None]
+    return bool(known) and bool(cores) and max(known) > cores
 
 
 def clear_lead(first: Any, second: Any) -> bool:

@@ -136,7 +136,8 @@ def launch(job: Job) -> Outcome:
         for rank in range(job.workers):
             receiver, sender = context.Pipe(duplex=False)
             watched, lifeline = context.Pipe(duplex=False)  # never written: its EOF is the message
-            worker = context.Process(target=_work, args=(rank, store.port, _ByValue(job), sender, watched),
+            worker = context.Process(target=_work, args=(rank, store.port, _ByValue(job), sender, watched,
+                                                                  startup.environment()),
                                      name=f"unison-worker-{rank}", daemon=True)
             try:
                 worker.start()
@@ -257,9 +258,10 @@ def _watch_launcher(watched) -> None:
     os._exit(1)
 
 
-def _work(rank: int, port: int, received: _ByValue, pipe, watched) -> None:
+def _work(rank: int, port: int, received: _ByValue, pipe, watched, env: dict[str, str]) -> None:
     """A worker process: join the group, train, send rank 0's outcome, say goodbye, leave."""
     code = 0
+    startup.adopt(env)  # the caller's environment now (GLOO_SOCKET_IFNAME set after import unison, ...)
     startup.watch_parent()  # killed if the forkserver dies (it dies with the launcher)
     threading.Thread(target=_watch_launcher, args=(watched,), name="unison-lifeline", daemon=True).start()
     try:
