@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import unison
 from unison import checkpoint as files
+from unison import schedules
 from unison.errors import ConfigError
 from unison.partitions import Explicit
 
@@ -40,21 +41,28 @@ def load(model, vector):
 
 
 def simulate(model, x, y, *, every, merge, correct=None, partition=None, world=3, epochs=3, lr=0.1,
-             momentum=0.0, batch_size=8):
+             momentum=0.0, batch_size=8, schedule=None):
     """Replicas trained one after another with SGD. ``correct(r, replica)`` may change its
     gradients before each local step; every ``every`` steps (and at the end) ``merge(flat
-    states, local steps, samples)`` returns the next global state, loaded into all."""
+    states, local steps, samples)`` returns the next global state, loaded into all. With a
+    ``schedule`` (a unison.schedules spec) each step's lr is lr × its factor, and ``merge`` also
+    gets each replica's sum of the round's lrs."""
     replicas = [copy.deepcopy(model) for _ in range(world)]
     opts = [torch.optim.SGD(m.parameters(), lr=lr, momentum=momentum) for m in replicas]
-    steps, samples = [0] * world, [0] * world
+    steps, samples, lr_sums = [0] * world, [0] * world, [0.0] * world
     step = last = 0
+    rule = schedules.parse(schedule)
+    per_epoch = max(math.ceil(len(o) / batch_size) for o in
+                    ([partition.indices(len(x), world, r, 0, 0) for r in range(world)] if partition else
+                     [sampler_order(len(x), world, r, 0, 0) for r in range(world)]))
 
     def end_round():
-        nonlocal steps, samples, last
-        merged = merge([flat(m) for m in replicas], steps, samples)
+        nonlocal steps, samples, lr_sums, last
+        states = [flat(m) for m in replicas]
+        merged = merge(states, steps, samples, lr_sums) if rule else merge(states, steps, samples)
         for m in replicas:
             load(m, merged)
-        steps, samples, last = [0] * world, [0] * world, step
+        steps, samples, lr_sums, last = [0] * world, [0] * world, [0.0] * world, step
 
     for epoch in range(epochs):
         orders = [partition.indices(len(x), world, r, epoch, 0) if partition else
@@ -69,6 +77,9 @@ def simulate(model, x, y, *, every, merge, correct=None, partition=None, world=3
                 F.cross_entropy(m(x[idx]), y[idx]).backward()
                 if correct is not None:
                     correct(r, m)
+                if rule:
+                    opt.param_groups[0]["lr"] = lr * rule.factor(step - 1, per_epoch, per_epoch * epochs)
+                    lr_sums[r] += opt.param_groups[0]["lr"]
                 opt.step()
                 steps[r] += 1
                 samples[r] += len(idx)
@@ -130,7 +141,7 @@ def full_gradient(model, x, y, order, batch_size=8):
 
 
 def scaffold_reference(model, x, y, every, global_lr=1.0, lr=0.1, partition=None, world=3, log=None,
-                       init="zero", momentum=0.0):
+                       init="zero", momentum=0.0, schedule=None):
     """With momentum ρ, K_i is replaced by (K − ρ(1 − ρ^K)/(1 − ρ))/(1 − ρ), as unison documents."""
     n = flat(model).numel()
     g = {"x": flat(model), "c": torch.zeros(n), "ci": [torch.zeros(n) for _ in range(world)]}
@@ -143,11 +154,14 @@ def scaffold_reference(model, x, y, every, global_lr=1.0, lr=0.1, partition=None
     def correct(r, m):
         add_to_grad(m, g["c"] - g["ci"][r])
 
-    def merge(states, steps, samples):
+    def merge(states, steps, samples, lr_sums=None):
         x0, c = g["x"], g["c"]
+        # η_l: the mean of the round's lrs (the lr itself without a schedule)
+        mean_lrs = [lr] * world if lr_sums is None else [s / k if k else lr for s, k in zip(lr_sums, steps)]
         if momentum:
             steps = [(k - momentum * (1 - momentum ** k) / (1 - momentum)) / (1 - momentum) for k in steps]
-        new_ci = [ci - c + (x0 - yi) / (k * lr) if k else ci for ci, yi, k in zip(g["ci"], states, steps)]
+        new_ci = [ci - c + (x0 - yi) / (k * eta) if k else ci
+                  for ci, yi, k, eta in zip(g["ci"], states, steps, mean_lrs)]
         dy = torch.stack([yi - x0 for yi in states]).mean(0)
         dc = torch.stack([a - b for a, b in zip(new_ci, g["ci"])]).mean(0)
         g["x"], g["c"], g["ci"] = x0 + global_lr * dy, c + dc, new_ci
@@ -155,7 +169,15 @@ def scaffold_reference(model, x, y, every, global_lr=1.0, lr=0.1, partition=None
             log.append((g["c"].clone(), [ci.clone() for ci in new_ci]))
         return g["x"]
     return simulate(model, x, y, every=every, merge=merge, correct=correct, partition=partition, lr=lr,
-                    momentum=momentum)
+                    momentum=momentum, schedule=schedule)
+
+
+def test_scaffold_under_a_schedule_uses_the_mean_of_the_rounds_lrs(blobs, small_model):
+    """A decaying lr: η_l is the round's mean lr, not its last one (which would overstate c_i)."""
+    x, y = blobs
+    result = fit(small_model, blobs, strategy="scaffold(every=4)", partition=UNEVEN, schedule="cosine")
+    expected = scaffold_reference(small_model, x, y, 4, partition=UNEVEN, schedule="cosine")
+    assert max_abs_diff(result.model, expected) <= TOL
 
 
 @pytest.mark.parametrize("global_lr, partition, init, momentum", [

@@ -26,8 +26,8 @@ class Scaffold(Strategy):
     (plain means, as in the paper: not weighted by samples). With SGD-momentum ρ, K_i is
     replaced by FedNova's ||a_i||₁ (unison.strategies.fednova.normaliser; K_i when ρ = 0):
     the paper's K_i·η_l assumes plain SGD, and with ρ = 0.9 it overstates the mean gradient
-    about tenfold, which diverged on digits. η_l is the optimizer's lr at the
-    round's last step (with a schedule, K_i·η_l then only approximates the sum of the lrs);
+    about tenfold, which diverged on digits. η_l is the mean of the lrs of the replica's
+    steps in the round (K_i·η_l is their sum: under a schedule the round's lrs differ);
     ``global_lr`` is η_g. Every control variate starts at zero (``init="zero"``, the
     Algorithm's own start; c stays the mean of the c_i, so with zero starts c = mean c_i
     holds from the first round). Floating buffers take the plain mean. The control variates
@@ -58,7 +58,11 @@ class Scaffold(Strategy):
         x = replica.state_vector()[..., :replica.num_parameters].clone()
         replica.strategy_state.update({
             "scaffold.x": x, "scaffold.c": torch.zeros_like(x), "scaffold.ci": torch.zeros_like(x),
-            "scaffold.steps": torch.zeros(replica.local_shape, device=replica.device)})
+            "scaffold.steps": torch.zeros(replica.local_shape, device=replica.device),
+            # the round's lrs: each step records the lr then in the optimizer, its previous
+            # step's (the schedule sets a step's lr in the step itself); merge_replicas shifts it
+            "scaffold.lr_sum": torch.zeros(replica.local_shape, dtype=torch.float64, device=replica.device),
+            "scaffold.first_lr": torch.zeros(replica.local_shape, dtype=torch.float64, device=replica.device)})
 
     @property
     def needs_start_gradient(self) -> bool:
@@ -73,7 +77,12 @@ class Scaffold(Strategy):
     def on_gradients(self, replica, comm, step, weight):
         state = replica.strategy_state
         replica.load_grad_vector(replica.grad_vector() - state["scaffold.ci"] + state["scaffold.c"])
-        state["scaffold.steps"] += torch.as_tensor(weight, device=replica.device) > 0
+        stepped = torch.as_tensor(weight, device=replica.device) > 0
+        lr = float(replica.optimizer.param_groups[0]["lr"])
+        first = stepped & (state["scaffold.steps"] == 0)
+        state["scaffold.first_lr"] = torch.where(first, lr, state["scaffold.first_lr"])
+        state["scaffold.lr_sum"] += stepped * lr
+        state["scaffold.steps"] += stepped
         return False
 
     def round_ends(self, step, epoch_end):
@@ -82,12 +91,14 @@ class Scaffold(Strategy):
     def merge_replicas(self, replica, comm):
         state, n = replica.strategy_state, replica.num_parameters
         x, c, ci, steps = state["scaffold.x"], state["scaffold.c"], state["scaffold.ci"], state["scaffold.steps"]
-        lr = float(replica.optimizer.param_groups[0]["lr"])
+        last_lr = float(replica.optimizer.param_groups[0]["lr"])  # the round's last step's
+        lr_sum = state["scaffold.lr_sum"] - state["scaffold.first_lr"] + last_lr * (steps > 0)
+        mean_lr = (lr_sum / steps.clamp(min=1)).to(x.dtype).unsqueeze(-1)
         momentum = float(replica.optimizer.param_groups[0].get("momentum", 0.0) or 0.0)
         y = replica.state_vector()
         k = normaliser(steps, momentum).unsqueeze(-1)
         # a replica that took no step this round keeps its c_i (its update is zero)
-        ci_new = torch.where(k > 0, ci - c + (x - y[..., :n]) / (k.clamp(min=1) * lr), ci)
+        ci_new = torch.where(k > 0, ci - c + (x - y[..., :n]) / (k.clamp(min=1) * mean_lr.clamp(min=1e-30)), ci)
         message = torch.cat([y[..., :n] - x, ci_new - ci, y[..., n:]], dim=-1)
         mean = comm.all_reduce_mean(message, torch.ones(replica.local_shape, device=replica.device)
                                     if replica.local_shape else 1.0)
@@ -99,4 +110,5 @@ class Scaffold(Strategy):
         replica.project()
         x.copy_(replica.state_vector()[..., :n])
         steps.zero_()
+        state["scaffold.lr_sum"].zero_()
         return distance
