@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 from .errors import ConfigError, UnisonError  # errors imports nothing else
+from .verdict import SPREAD_RULE  # nor does verdict: the standard library only
 
 
 class _Parser(argparse.ArgumentParser):
@@ -101,8 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--target", type=float, help="validation accuracy to time (default: 98%% of "
                          "single's best)")
     compare.add_argument("--repeat", type=_integer, metavar="N", help="measure each run N times, in "
-                         "interleaved order (default 5); times are medians with their spread (min–max, "
-                         "without the fastest and slowest attempt from 5 attempts on)")
+                         f"interleaved order (default 5); times are medians with their spread ({SPREAD_RULE})")
     compare.add_argument("--seeds", type=_integer, metavar="K", help="train each run with K seeds (default 1); "
                          "final accuracy as mean ± a 95%% interval")
     compare.add_argument("--threads", type=_integer, metavar="T", help="intra-op threads of one-worker runs "

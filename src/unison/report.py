@@ -318,7 +318,7 @@ def _settings_list(settings: dict[str, Any]) -> list[tuple[str, str]]:
                       f"thread(s), {budget.get('single_threads_from')}" + (f" ({calibration})" if calibration else "")))
     if "repeat" in compare:
         items.append(("measurement", f"each run {compare['repeat']}× in interleaved order (A B C, C B A, ...) "
-                      f"with {compare.get('seeds', 1)} seed(s); times: median (spread: min–max, without the extremes from 5 attempts on); finals: mean ± 95% "
+                      f"with {compare.get('seeds', 1)} seed(s); times: median (spread: {verdicts.SPREAD_RULE}); finals: mean ± 95% "
                       "Student t interval over seeds"))
     if machine.get("load_before") is not None:
         items.append(("machine load", f"1-minute load average {machine['load_before']} before, "
@@ -367,7 +367,7 @@ The merged model is measured at round ends only (see the rounds column): a run w
 measured more often, and its time to target is found more precisely.
 samples/s counts training samples of all workers per second after start-up; comm MB/worker is what
 each worker sent (ring all-reduce accounting).
-With several attempts a time is the median with its spread (min–max; from 5 attempts on without the fastest and the slowest) and a final value the mean over
+With several attempts a time is the median with its spread ({verdicts.SPREAD_RULE}) and a final value the mean over
 seeds ± the half-width of its 95% Student t interval; the winner's row is highlighted only when its lead
 holds across repeats, and a diverging run (validation loss well above its best) is marked.</p>
 <h2>Plots</h2>

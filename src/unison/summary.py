@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from . import verdict as verdicts
-from .verdict import higher_is_better, metric_text, verdict
+from .verdict import final_text, higher_is_better, metric_text, verdict
 
 __all__ = ["Row", "Summary", "summarise", "markdown", "csv_text", "verdict", "metric_text", "higher_is_better"]
 
@@ -183,12 +183,6 @@ def time_text(row: Row) -> str:
     return text
 
 
-def final_text(row: Row, metric: str) -> str:
-    """The final metric; with several seeds, ± the half-width of its 95% interval."""
-    text = metric_text(row.final, metric)
-    return text if row.final_interval is None else f"{text} ± {metric_text(row.final_interval, metric)}"
-
-
 def headers(summary: Summary) -> list[str]:
     name = "val acc" if higher_is_better(summary.metric) else "val loss"
     goal = "time to target (s)" if summary.target is None else \
@@ -216,8 +210,8 @@ def markdown(summary: Summary) -> str:
                   "Times are wall-clock seconds from the start of each run, start-up included; "
                   "the merged model is measured at round ends only, so a run with more rounds is "
                   "measured more often."
-                  + (" With several attempts, times are medians (spread: min–max, without the fastest and slowest attempt from 5 attempts on) and finals means ± a 95% "
-                     "Student t interval over seeds." if any(r.attempts > 1 for r in summary.rows) else ""),
+                  + (f" With several attempts, times are medians (spread: {verdicts.SPREAD_RULE}) and finals "
+                     "means ± a 95% Student t interval over seeds." if any(r.attempts > 1 for r in summary.rows) else ""),
               "", verdict(summary)]
     return "\n".join(lines) + "\n"
 

@@ -23,6 +23,7 @@ _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
 SPEEDUP_SLACK = 1.25          # a speedup above min(workers, cores) × this is implausible
 DIVERGE_FACTOR, DIVERGE_MARGIN = 2.0, 0.1
 TRIM_FROM = 5                 # with this many attempts or more, the spread leaves out the extremes
+SPREAD_RULE = f"min–max, without the fastest and the slowest attempt from {TRIM_FROM} attempts on"
 
 
 def higher_is_better(metric: str) -> bool:
@@ -131,7 +132,8 @@ def _time(row: Any) -> str:
     return text
 
 
-def _final(row: Any, metric: str) -> str:
+def final_text(row: Any, metric: str) -> str:
+    """The final metric; with several seeds, ± the half-width of its 95% interval."""
     text = metric_text(row.final, metric)
     if row.final_interval is not None:
         text += f" ± {metric_text(row.final_interval, metric)}"
@@ -185,9 +187,9 @@ def verdict(summary: Any) -> str:
         name = "accuracy" if higher_is_better(metric) else "loss"
         tied = [r.label for r in finals if r.final == best_final.final]
         if len(tied) == len(rows) > 1:
-            sentences.append(f"Every run ended at {_final(best_final, metric)} validation {name}.")
+            sentences.append(f"Every run ended at {final_text(best_final, metric)} validation {name}.")
         else:
-            sentences.append(f"Best final validation {name}: {', '.join(tied)}, {_final(best_final, metric)}.")
+            sentences.append(f"Best final validation {name}: {', '.join(tied)}, {final_text(best_final, metric)}.")
     missed = [r.label for r in rows if r.time_to_target_s is None]
     if missed and reached:
         sentences.append(f"Not reached by: {', '.join(missed)}.")
