@@ -93,8 +93,6 @@ class _Training:
         self.history = History(job.history_path if comm.rank == 0 else None)
         self.progress = _progress_bar(job, comm.rank)
         self.strategy.begin(replica, comm)
-        if self.strategy.needs_start_gradient:
-            self.strategy.start_gradient(replica, comm, self.start_gradient())
         self.loss_sum = torch.zeros(replica.local_shape, dtype=torch.float64, device=device)
         self.last_round_step = 0
         # Reliability: continue from a checkpoint, write them at round ends, and agree on every
@@ -102,6 +100,8 @@ class _Training:
         self.checkpointer = Checkpointer(job, comm, replica, self.steps_per_epoch)
         self.guard = NonFiniteGuard(job.nan, replica, comm)
         resumed = self.checkpointer.restore(self.guard)
+        if resumed is None and self.strategy.needs_start_gradient:  # a resume restores its result
+            self.strategy.start_gradient(replica, comm, self.start_gradient())
         self.start_epoch, self.start_index = 0, 0
         samples_seen, wall_offset = 0, 0.0
         if resumed is not None:

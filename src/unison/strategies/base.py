@@ -59,8 +59,8 @@ class Strategy(specs.Spec, ABC):
         return False
 
     def start_gradient(self, replica: "ReplicaView", comm: "Communicator", gradient: torch.Tensor) -> None:
-        """Called once after ``begin`` (and before a resume restores strategy_state) with this
-        replica's mean gradient at the start over its first epoch's share, flat like
+        """Called once after ``begin``, on a fresh start only (a resume restores strategy_state),
+        with this replica's mean gradient at the start over its first epoch's share, flat like
         ``grad_vector``; only if ``needs_start_gradient`` (scaffold(init="gradient"))."""
 
     def on_gradients(self, replica: "ReplicaView", comm: "Communicator", step: int, weight: int) -> bool:
