@@ -25,3 +25,16 @@ def test_torchrun_backend_outside_torchrun_is_refused(blobs, small_model, monkey
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(unison.ConfigError, match="torchrun's environment"):
         unison.fit(small_model, blobs, backend="torchrun")
+
+
+def test_more_torchrun_processes_than_cuda_devices_is_refused_before_nccl_starts(monkeypatch):
+    import torch
+
+    from unison.comm import torch_dist
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(unison.errors.WorkerError, match=r"started 2 processes on this node .* 1 CUDA device.*"
+                                                        r"--nproc-per-node 1"):
+        torch_dist.join_from_environment(timeout=5)

@@ -18,6 +18,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist  # (import torch has already imported it)
 
+from ..errors import WorkerError
 from .base import Communicator, PeerFailed, nbytes
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -135,7 +136,13 @@ def join_from_environment(timeout: float) -> tuple[TorchDistComm, torch.device, 
     (and so is ours to destroy at the end).
     """
     if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank, per_node = int(os.environ.get("LOCAL_RANK", "0")), os.environ.get("LOCAL_WORLD_SIZE", "1")
+        if local_rank >= torch.cuda.device_count():  # NCCL refuses two ranks on one device
+            raise WorkerError(f"torchrun started {per_node} processes on this node (--nproc-per-node), and it "
+                              f"has {torch.cuda.device_count()} CUDA device(s); NCCL needs one device per "
+                              f"process: pass --nproc-per-node {torch.cuda.device_count()}, or hide the "
+                              "devices (CUDA_VISIBLE_DEVICES=) to train on CPU with gloo", rank=local_rank)
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         backend = "nccl"
     else:
