@@ -41,12 +41,13 @@ def load(model, vector):
 
 
 def simulate(model, x, y, *, every, merge, correct=None, partition=None, world=3, epochs=3, lr=0.1,
-             momentum=0.0, batch_size=8, schedule=None):
+             momentum=0.0, batch_size=8, schedule=None, reset_optimizer=False):
     """Replicas trained one after another with SGD. ``correct(r, replica)`` may change its
     gradients before each local step; every ``every`` steps (and at the end) ``merge(flat
     states, local steps, samples)`` returns the next global state, loaded into all. With a
     ``schedule`` (a unison.schedules spec) each step's lr is lr × its factor, and ``merge`` also
-    gets each replica's sum of the round's lrs."""
+    gets each replica's sum of the round's lrs. ``reset_optimizer``: momentum buffers start each
+    round at zero."""
     replicas = [copy.deepcopy(model) for _ in range(world)]
     opts = [torch.optim.SGD(m.parameters(), lr=lr, momentum=momentum) for m in replicas]
     steps, samples, lr_sums = [0] * world, [0] * world, [0.0] * world
@@ -62,6 +63,9 @@ def simulate(model, x, y, *, every, merge, correct=None, partition=None, world=3
         merged = merge(states, steps, samples, lr_sums) if rule else merge(states, steps, samples)
         for m in replicas:
             load(m, merged)
+        if reset_optimizer:
+            for opt in opts:
+                opt.state.clear()
         steps, samples, lr_sums, last = [0] * world, [0] * world, [0.0] * world, step
 
     for epoch in range(epochs):
@@ -237,7 +241,8 @@ def fednova_reference(model, x, y, every, momentum=0.0, partition=None):
         d = sum(pi * (g["x"] - yi) / ai for pi, yi, ai in zip(p, states, a) if ai)
         g["x"] = g["x"] - tau_eff * d
         return g["x"]
-    return simulate(model, x, y, every=every, merge=merge, partition=partition, momentum=momentum)
+    return simulate(model, x, y, every=every, merge=merge, partition=partition, momentum=momentum,
+                    reset_optimizer=bool(momentum))
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
@@ -246,8 +251,17 @@ def test_fednova_equals_its_definition_on_unequal_local_steps(blobs, small_model
     result = fit(small_model, blobs, strategy="fednova(every=4)", partition=UNEVEN, momentum=momentum)
     expected = fednova_reference(small_model, x, y, 4, momentum, UNEVEN)
     assert max_abs_diff(result.model, expected) <= TOL
-    periodic = fit(small_model, blobs, strategy="periodic(every=4)", partition=UNEVEN, momentum=momentum)
+    periodic = fit(small_model, blobs, strategy="periodic(every=4, optimizer_state=reset)", partition=UNEVEN,
+                   momentum=momentum)
     assert max_abs_diff(periodic.model, expected) > 1e-4  # unequal steps: normalising matters
+
+
+def test_fednova_with_momentum_and_equal_local_steps_equals_periodic_resetting_its_optimizer(blobs, small_model):
+    nova = fit(small_model, blobs, strategy="fednova(every=3)", momentum=0.9)
+    periodic = fit(small_model, blobs, strategy="periodic(every=3, optimizer_state=reset)", momentum=0.9)
+    assert max_abs_diff(nova.model, periodic.model) <= TOL
+    kept = fit(small_model, blobs, strategy="periodic(every=3)", momentum=0.9)
+    assert max_abs_diff(nova.model, kept.model) > 1e-4
 
 
 def test_fednova_with_equal_local_steps_and_plain_sgd_equals_periodic(blobs, small_model):

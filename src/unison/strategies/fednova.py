@@ -27,11 +27,13 @@ class FedNova(Strategy):
 
         x ← x − τ_eff · Σ p_i (x − y_i)/||a_i||₁,    τ_eff = Σ p_i ||a_i||₁
 
-    With equal local steps it is the samples-weighted mean: ``periodic``. Floating buffers take
-    the weighted mean. Differences: the paper's momentum form assumes the momentum buffer starts
-    each round at zero; unison's replicas keep their optimizer state across merges (as
-    ``periodic(optimizer_state="keep")``), so with momentum this is an approximation; for other
-    optimizers (Adam) ||a_i||₁ = τ_i is used. Nesterov momentum is treated as heavy ball.
+    With equal local steps it is the samples-weighted mean: ``periodic`` (with momentum,
+    ``periodic(optimizer_state="reset")``). Floating buffers take the weighted mean. The
+    paper's momentum form assumes each round's momentum buffer starts at zero, so with momentum
+    the optimizer state is reset at every merge, as the paper's clients start each round;
+    keeping it made ||a_i||₁ undercount a short round's update (its buffer still carried earlier
+    rounds' velocity) and diverged on powerlaw shares. For other optimizers (Adam)
+    ||a_i||₁ = τ_i is used and their state is kept. Nesterov momentum is treated as heavy ball.
     Known gap: with nan="skip" or "rollback" a discarded local step still counts in the
     round's local steps.
     """
@@ -72,4 +74,6 @@ class FedNova(Strategy):
         replica.project()
         x.copy_(replica.state_vector()[..., :n])
         steps.zero_()
+        if momentum:  # the normaliser's momentum buffer starts each round at zero
+            replica.optimizer.state.clear()
         return distance
