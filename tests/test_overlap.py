@@ -13,14 +13,14 @@ import torch.nn.functional as F
 import unison
 from unison.comm.torch_dist import TorchDistComm
 from unison.engine.replica import Replica
-from unison.errors import ConfigError
+from unison.errors import ConfigError, WorkerError
 from unison.models import mlp
 from unison.partitions import Explicit
 from unison.strategies import Sync, buckets
 
 from ddp_oracle import ddp_train
 from reference import max_abs_diff
-from toy_models import SometimesSkips, current_rank
+from toy_models import Misbehaves, SometimesSkips, current_rank
 
 TINY = 1e-06  # MiB (1 byte): a bucket per parameter, so that most of them start inside the backward pass
 UNEVEN = Explicit([list(range(0, 30)), list(range(30, 50))])  # 8,8,8,6 vs 8,8,4 and then none
@@ -102,6 +102,16 @@ def test_a_non_finite_loss_reaches_every_replica_through_the_last_bucket(blobs, 
     assert result.history[-1]["discarded_steps"] == 2  # both replicas skipped the step
     assert max_abs_diff(result.model, expected.model) == 0
     assert result.history[-1]["samples"] == expected.history[-1]["samples"] == 2 * 96 - 16
+
+
+@pytest.mark.timeout(30)
+def test_a_failing_peer_is_blamed_while_the_others_wait_inside_the_backward_pass(blobs):
+    """Replica 1's loss fails at step 4 while replica 0 waits in its first bucket's all-reduce,
+    inside its backward pass: replica 1's failure is what the run reports, and nothing hangs."""
+    torch.manual_seed(0)
+    with pytest.raises(WorkerError) as error:
+        fit(Misbehaves(how="shape", rank=1, at=4), blobs, strategy=f"sync(bucket_mb={TINY})")
+    assert "worker 1 failed at step 4 (model output of shape (8, 2)" in str(error.value)
 
 
 def test_stacked_replicas_exchange_after_the_backward_pass(blobs, small_model, started):
