@@ -44,9 +44,9 @@ def started(monkeypatch):
     seen = []
     original = buckets.GradientBuckets._start
 
-    def spy(self, b):
+    def spy(self, b, weight):
         seen.append((b, torch._C._current_graph_task_id() != -1))
-        original(self, b)
+        original(self, b, weight)
 
     monkeypatch.setattr(buckets.GradientBuckets, "_start", spy)
     return seen
@@ -184,8 +184,8 @@ def _worker(rank, store, out):
     replica = Replica(model, torch.optim.SGD(model.parameters(), lr=0.1), F.cross_entropy, torch.device("cpu"),
                       rank=rank)
     inside, start = [], buckets.GradientBuckets._start
-    buckets.GradientBuckets._start = lambda self, b: (inside.append((b, torch._C._current_graph_task_id() != -1)),
-                                                      start(self, b))
+    buckets.GradientBuckets._start = lambda self, b, w: (inside.append((b, torch._C._current_graph_task_id() != -1)),
+                                                         start(self, b, w))
     strategy = Sync(bucket_mb=TINY)
     strategy.begin(replica, comm)
     g = torch.Generator().manual_seed(rank)

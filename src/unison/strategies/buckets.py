@@ -8,10 +8,11 @@ gradient of a bucket is final (``ReplicaView.watch_gradients``), its all-reduce 
 background while autograd computes the rest; buckets start in one order on every rank.
 
 What travels is exactly what ``Communicator.all_reduce_mean`` sends, cut into pieces: each
-replica's w·g (w its batch size, 0 when its share is used up) and, in the last bucket, w. The
+replica's w·g (w its batch size, 0 when its share is used up) and, in the first bucket, w. The
 result Σ w_r·g_r / Σ w_r is the same arithmetic element for element, so overlapped sync equals
 sync after the backward pass (bit for bit on threads and on 2 processes) and sends the same
-bytes (per collective, the ring's 2(N-1)/N·B rounds down, so a few bytes fewer when N ∤ 2B).
+bytes (per collective, the ring's 2(N-1)/N·B rounds down: a few bytes fewer where N does not
+divide 2(N-1)·B). Each bucket is divided by Σ w_r as it arrives, while later ones travel.
 
 The last bucket (the first parameter's, whose gradient comes last) starts after the backward
 pass, in ``finish``: the non-finite guard folds the loss into that parameter's first element
@@ -74,23 +75,24 @@ def watched(replica: "ReplicaView") -> "GradientBuckets | None":
 
 
 class GradientBuckets:
-    """One replica's buckets: one buffer [w, g_0, ..., g_P-1], each bucket a slice of it."""
+    """One replica's buckets: one buffer [g_0, ..., g_P-1, w], each bucket a slice of it."""
 
     def __init__(self, replica: "ReplicaView", comm: "Communicator", bucket_mb: float):
         self.comm = comm
         self._replica = weakref.ref(replica)  # the replica's hooks hold this object, not the reverse
         sizes = [p.numel() for p in replica.trainable]
         dtype = functools.reduce(torch.promote_types, [p.dtype for p in replica.trainable])
-        self.buffer = torch.zeros(sum(sizes) + 1, dtype=dtype, device=replica.device)
-        starts = [1]
+        self.size = sum(sizes)
+        self.buffer = torch.zeros(self.size + 1, dtype=dtype, device=replica.device)
+        starts = [0]
         for size in sizes:
             starts.append(starts[-1] + size)
         self.spans = list(zip(starts[:-1], starts[1:]))        # parameter i's slice of the buffer
         self.buckets = assign(sizes, self.buffer.element_size(), bucket_mb)
         self.bucket_of = {i: b for b, members in enumerate(self.buckets) for i in members}
-        self.last = len(self.buckets) - 1                       # holds parameter 0 and w
-        # bucket b: buffer[lo:hi]; the last one from 0, so that it carries w
-        self.slices = [slice(0 if b == self.last else self.spans[min(m)][0], self.spans[max(m)][1])
+        self.last = len(self.buckets) - 1                       # holds parameter 0
+        # bucket b: buffer[lo:hi]; the first one up to the end, so that it carries w
+        self.slices = [slice(self.spans[min(m)][0], self.size + 1 if b == 0 else self.spans[max(m)][1])
                        for b, m in enumerate(self.buckets)]
         self._reset()
 
@@ -108,7 +110,7 @@ class GradientBuckets:
         self._copy(replica, i, samples)
         self.waiting[b] -= 1
         while len(self.started) < self.last and self.waiting[len(self.started)] == 0:
-            self._start(len(self.started))
+            self._start(len(self.started), samples)
 
     def _copy(self, replica: "ReplicaView", i: int, weight: float) -> None:
         grad, (lo, hi) = replica.trainable[i].grad, self.spans[i]
@@ -117,24 +119,31 @@ class GradientBuckets:
         else:
             torch.mul(grad.reshape(-1), float(weight), out=self.buffer[lo:hi])
 
-    def _start(self, b: int) -> None:
+    def _start(self, b: int, weight: float) -> None:
+        if b == 0:
+            self.buffer[-1] = float(weight)
         self.started.append(self.comm.all_reduce_sum_async(self.buffer[self.slices[b]]))
 
     @torch.no_grad()
     def finish(self, replica: "ReplicaView", weight: float) -> None:
-        """After the backward pass: start what is left, wait, and set every gradient to the
-        weighted mean Σ w_r·g_r / Σ w_r (weight: this replica's batch size, 0 without one)."""
+        """After the backward pass: start what is left, then, bucket by bucket as each arrives,
+        set the gradients to the weighted mean Σ w_r·g_r / Σ w_r (``weight``: this replica's
+        batch size, 0 without one); the first bucket, with Σ w_r, arrives first."""
         for b in range(len(self.started), len(self.buckets)):
             for i in self.buckets[b]:  # again, where the hooks copied some: the same values
                 self._copy(replica, i, weight)
-            if b == self.last:
-                self.buffer[0] = float(weight)
-            self._start(b)
-        for pending in self.started:
+            self._start(b, weight)
+        flat = replica.flat_grad
+        if flat is not None and flat.dtype != self.buffer.dtype:
+            flat = None
+        total = None
+        for b, pending in enumerate(self.started):
             pending.wait()
+            if total is None:
+                total = self.buffer[-1].clamp_min(torch.finfo(self.buffer.dtype).tiny)
+            if flat is not None:  # while the later buckets are still on their way
+                part = slice(self.slices[b].start, min(self.slices[b].stop, self.size))
+                torch.div(self.buffer[part], total, out=flat[part])
         self._reset()
-        total = self.buffer[0].clamp_min(torch.finfo(self.buffer.dtype).tiny)
-        if replica.flat_grad is not None and replica.flat_grad.dtype == self.buffer.dtype:
-            torch.div(self.buffer[1:], total, out=replica.flat_grad)
-        else:
-            replica.load_grad_vector(self.buffer[1:] / total)
+        if flat is None:
+            replica.load_grad_vector(self.buffer[:-1] / total)
