@@ -35,6 +35,7 @@ test: install-dev
 bench: install
 	$(PY) bench/time_to_accuracy.py
 	$(PY) bench/overhead.py
+	$(PY) bench/overlap.py
 	$(PY) bench/scaling.py
 	$(PY) bench/memory.py
 	$(PY) bench/startup.py

@@ -101,3 +101,23 @@ def blobs_data():
     y = torch.arange(96) % 3
     x = centres[y] + torch.randn(96, 8, generator=g)
     return x, y
+
+
+class SometimesSkips(nn.Module):
+    """An MLP whose middle layer a training pass skips now and then (every 3rd pass, counted
+    from a different start on each replica), and, with ``unused=True``, a layer no pass uses:
+    gradients that are missing at a step, or always."""
+
+    def __init__(self, unused: bool = False):
+        super().__init__()
+        self.first, self.middle, self.last = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+        self.unused = nn.Linear(16, 16) if unused else None
+        self.calls = 0
+
+    def forward(self, x):
+        h = torch.relu(self.first(x))
+        if self.training:
+            self.calls += 1
+        if not self.training or (self.calls + current_rank()) % 3:
+            h = torch.relu(self.middle(h))
+        return self.last(h)

@@ -50,6 +50,13 @@ class Communicator(ABC):
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Replace ``tensor`` in place by the element-wise sum over ranks; return it."""
 
+    def all_reduce_sum_async(self, tensor: torch.Tensor) -> "Pending":
+        """Start ``all_reduce_sum(tensor)`` and return at once; the handle's ``wait()`` returns
+        ``tensor`` holding the sum. Leave ``tensor`` alone until then. Started collectives still
+        count in the one order every rank keeps. Here the sum is taken at once (threads, solo,
+        stacked); torch.distributed runs it in the background (``async_op=True``)."""
+        return Pending(self.all_reduce_sum(tensor))
+
     @abstractmethod
     def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         """Every rank's ``tensor`` (same shape everywhere), in rank order."""
@@ -98,6 +105,16 @@ class Communicator(ABC):
             self.bytes_sent += nbytes
 
 
+class Pending:
+    """The handle of a started collective: ``wait()`` blocks until it is done, returns its tensor."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+    def wait(self) -> torch.Tensor:
+        return self.tensor
+
+
 class Solo(Communicator):
     """One worker: every collective is the identity and sends nothing."""
 
@@ -122,7 +139,6 @@ class Solo(Communicator):
 
 def nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
-
 
 
 @contextmanager

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist  # (import torch has already imported it)
 
 from ..errors import WorkerError
-from .base import Communicator, PeerFailed, nbytes
+from .base import Communicator, Pending, PeerFailed, nbytes
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 _PEER = re.compile(r"\[([0-9A-Fa-f.:]+)\]:\d+")  # gloo names the peer of a broken pair: [address]:port
@@ -74,6 +74,11 @@ class TorchDistComm(Communicator):
         self._collective("all_reduce", dist.all_reduce, tensor, op=dist.ReduceOp.SUM)
         return tensor
 
+    def all_reduce_sum_async(self, tensor):
+        self._count("all_reduce", nbytes(tensor))
+        work = self._collective("all_reduce", dist.all_reduce, tensor, op=dist.ReduceOp.SUM, async_op=True)
+        return _Started(self, work, tensor)
+
     def all_gather(self, tensor):
         self._count("all_gather", nbytes(tensor))
         parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
@@ -92,6 +97,20 @@ class TorchDistComm(Communicator):
 
     def barrier(self):
         self._collective("barrier", dist.barrier)
+
+
+class _Started(Pending):
+    """An all-reduce running in torch.distributed's background; a failure surfaces at ``wait``."""
+
+    def __init__(self, comm: TorchDistComm, work, tensor: torch.Tensor):
+        super().__init__(tensor)
+        self.comm, self.work = comm, work
+
+    def wait(self) -> torch.Tensor:
+        if self.work is not None:
+            self.comm._collective("all_reduce", self.work.wait)
+            self.work = None
+        return self.tensor
 
 
 def _before_a_group() -> None:

@@ -88,6 +88,7 @@ class Replica(ReplicaView):
         # The last batch, to explain a failed step; in_forward: the failure is in the next step.
         self.last_input = self.last_output = self.last_target = None
         self.in_forward = False
+        self._batch_samples = 0        # the batch of the backward pass under way (watch_gradients)
 
     def gradients(self, x: torch.Tensor, y: torch.Tensor, batches: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
         """Gradients on this step's batch (``batches`` holds one index tensor per rank in
@@ -104,6 +105,7 @@ class Replica(ReplicaView):
         self.in_forward = True
         self.zero_grad()
         self.last_input, self.last_output, self.last_target = x, None, y
+        self._batch_samples = len(x)
         output = self.model(x)
         self.last_output = output.detach() if isinstance(output, torch.Tensor) else output
         loss = self.loss_fn(output, y)
@@ -195,6 +197,13 @@ class Replica(ReplicaView):
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         unflatten_into(flat, [p.grad for p in self.trainable])
+
+    def watch_gradients(self, callback: Callable[[int, int], None]) -> bool:
+        """torch's post-accumulate-grad hooks: autograd calls them once per backward pass, after
+        the last contribution to a parameter's gradient is summed in."""
+        for i, p in enumerate(self.trainable):
+            p.register_post_accumulate_grad_hook(lambda _, i=i: callback(i, self._batch_samples))
+        return True
 
     def _moments(self) -> list[torch.Tensor]:
         """Optimizer state shaped like its parameter (momentum, Adam's moments), in a fixed order."""

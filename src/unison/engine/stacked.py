@@ -209,6 +209,11 @@ class StackedReplica(ReplicaView):
                 p.grad = torch.zeros_like(p)
         self._load_rows(flat, [p.grad for p in self.trainable])
 
+    def watch_gradients(self, callback) -> bool:
+        """Not watched: a stacked run is mostly one process, with nobody to overlap with, and its
+        exchange reduces the rows before it talks (comm/stacked.py); it follows the backward pass."""
+        return False
+
     def _moments(self, r: int) -> list[torch.Tensor]:
         """Replica r's optimizer state shaped like its parameters, in a fixed order."""
         return [value for p in self.rows[r] for _, value in sorted(self.optimizer.state[p].items())

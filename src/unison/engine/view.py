@@ -9,7 +9,7 @@ carries a leading replica dimension: flat views are [R, P]; losses, sample count
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import nn
@@ -41,6 +41,12 @@ class ReplicaView(Protocol):
         """The trainable parameters' gradients, flat; a missing gradient counts as zeros."""
 
     def load_grad_vector(self, flat: torch.Tensor) -> None: ...
+
+    def watch_gradients(self, callback: Callable[[int, int], None]) -> bool:
+        """From the next backward pass on, call ``callback(i, samples)`` as soon as
+        ``trainable[i]``'s gradient on this step's batch of ``samples`` is final, while the pass
+        goes on (what DDP's bucketing hooks on); False, watching nothing, where the replica
+        cannot (stacked replicas)."""
 
     def optimizer_vector(self) -> torch.Tensor:
         """Optimizer state shaped like the parameters (momentum, Adam's moments), flat."""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .. import compression, merges
-from ..errors import ConfigError
+from ..errors import ConfigError, expected
+from . import buckets
 from .base import Strategy, combine_gradients, merge_states, merge_weight, parse_compress, parse_merge
 from .compressed import compressed_mean
 
@@ -25,15 +27,30 @@ class Sync(Strategy):
     fp16_compress_hook; powersgd is DDP's powerSGD_hook per parameter, except that a replica's
     residual is its own compression error (the paper's; DDP keeps c − the decompressed mean,
     whose mean over replicas is the same) and its first Q is drawn from ``seed``.
+
+    ``bucket_mb`` (merge=mean without compression; default 25, DDP's bucket_cap_mb): the
+    all-reduce runs in buckets of about this many MiB while the backward pass goes on, each
+    bucket as soon as its gradients are final, as DDP overlaps it (Li et al. 2020; see
+    strategies/buckets.py). The result is the same weighted mean, the bytes the same; 0 exchanges
+    once after the backward pass. Stacked replicas exchange after the backward pass.
     """
 
     name = "sync"
     merge: merges.Merge = merges.Mean()
     compress: compression.Compression = compression.NoCompression()
+    bucket_mb: float | None = None  # None: 25 where the exchange is one all-reduce of the mean
 
     def __post_init__(self) -> None:
         parse_merge(self)
         parse_compress(self)
+        mb = self.bucket_mb
+        if mb is not None and (isinstance(mb, bool) or not isinstance(mb, (int, float)) or not math.isfinite(mb)
+                               or mb < 0):
+            raise ConfigError(expected(f"{self.name}.bucket_mb", mb, "a number >= 0 (MiB; 0: no overlap)"))
+        if mb and not self.overlappable:
+            raise ConfigError(f"{self.name}.bucket_mb={mb} overlaps the all-reduce of the mean with the backward "
+                              f"pass, and merge={self.merge}, compress={self.compress} exchange after it; "
+                              "accepted: bucket_mb with merge=mean and compress=none, or leave bucket_mb out")
         if self.merge.needs_validation:
             raise ConfigError(f"{self.name}(merge={self.merge}) is not possible: {self.name} combines "
                               "gradients, and a soup combines models; use periodic or oneshot")
@@ -46,8 +63,26 @@ class Sync(Strategy):
                               f"{min(steps)} to {max(steps)} batches per epoch; use partition='shard' or "
                               "merge='mean'")
 
+    @property
+    def overlappable(self) -> bool:
+        return isinstance(self.merge, merges.Mean) and isinstance(self.compress, compression.NoCompression)
+
+    @property
+    def overlap_mb(self) -> float:
+        """The bucket size in MiB this run's exchange overlaps with; 0: after the backward pass."""
+        if not self.overlappable:
+            return 0.0
+        return buckets.DEFAULT_MB if self.bucket_mb is None else float(self.bucket_mb)
+
+    def begin(self, replica, comm):
+        if comm.world_size > 1 and self.overlap_mb > 0:
+            buckets.watch(replica, comm, self.overlap_mb)
+
     def on_gradients(self, replica, comm, step, weight):
-        if isinstance(self.compress, compression.NoCompression) or comm.world_size == 1:
+        overlapped = buckets.watched(replica)
+        if overlapped is not None:
+            overlapped.finish(replica, weight)
+        elif isinstance(self.compress, compression.NoCompression) or comm.world_size == 1:
             combine_gradients(replica, comm, weight, self.merge)
         else:
             grads = replica.grad_vector()
