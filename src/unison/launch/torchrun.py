@@ -14,7 +14,7 @@ import torch
 from ..comm import torch_dist
 from ..engine.job import Job, Outcome
 from ..errors import ConfigError, expected
-from ..strategies.base import SHARED_MEMORY
+from ..strategies.base import POINT_TO_POINT, SHARED_MEMORY
 from .base import Backend
 from .worker import own_process
 
@@ -27,6 +27,7 @@ def world_size() -> int | None:
 
 class Torchrun(Backend):
     name = "torchrun"
+    offers = frozenset({POINT_TO_POINT})
     lacks = {SHARED_MEMORY: "it needs one model held in one machine's shared memory, and torchrun's "
                             "workers may run on different machines"}
     stacks_per_worker = True
