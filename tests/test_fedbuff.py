@@ -190,3 +190,46 @@ def test_settings_fedbuff_cannot_run_are_refused_before_any_worker(blobs, small_
     with pytest.raises(ConfigError) as caught:
         fit(small_model, blobs, **({"strategy": "fedbuff", "workers": 3} | kwargs))
     assert all(word in str(caught.value) for word in words), str(caught.value)
+
+
+def test_fedbuff_is_not_in_the_default_comparison():
+    from unison.comparison import default_strategies
+
+    assert "fedbuff" not in default_strategies()
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(240)
+def test_a_torchrun_run_replayed_on_threads_gives_its_model(tmp_path):
+    """torchrun with 3 processes: the server and 2 workers, through torch.distributed's send and
+    recv; its recorded order replayed on threads (which equals the simulation, above)."""
+    from safetensors.torch import load_file
+    from torchrun_runs import MOONS_RUN
+    from torchrun_runs import torchrun_train
+    from unison.data import prepare
+    from unison.history import read_jsonl
+    from unison.models import mlp
+
+    run = MOONS_RUN.replace('strategy = "periodic(every=5)"', 'strategy = "fedbuff(every=5, buffer=2)"')
+    done, out = torchrun_train(run, tmp_path, nproc=3)
+    history = read_jsonl(out / "history.jsonl")
+    order = [a[0] for record in history for a in record["arrivals"]]
+    assert sorted(set(order)) == [0, 1]
+    data = prepare("moons", seed=0)
+    replayed = unison.fit(lambda: mlp(data.features, [16], data.outputs), data,
+                          strategy=f"fedbuff(every=5, buffer=2, replay={out / 'history.jsonl'})", workers=2,
+                          backend="threads", epochs=2, batch_size=16, lr=0.1, momentum=0.9, progress=False)
+    assert arrival_order(replayed) == order
+    saved = load_file(out / "model.safetensors")
+    for name, tensor in replayed.model.state_dict().items():
+        assert (saved[name] - tensor).abs().max() <= TOL, name
+
+
+def test_a_worker_whose_loss_is_not_finite_stops_the_run_and_nobody_hangs(blobs, small_model):
+    from unison.errors import NonFiniteError
+
+    def loss(output, target):  # every worker's first step
+        return F.cross_entropy(output, target) * float("nan")
+
+    with pytest.raises(NonFiniteError, match="step 1 is not finite"):
+        fit(small_model, blobs, strategy="fedbuff(every=2)", workers=2, timeout=20, loss=loss)

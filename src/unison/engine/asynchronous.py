@@ -13,12 +13,13 @@ then floating buffers). It then receives [model, version] and continues from tha
 The server takes the messages as they come (Communicator.recv from any worker; with
 ``replay``, in the given order), buffers them and applies the strategy's update; it answers
 each arrival with its current model. It writes one history record per server step, with the
-round's ``arrivals`` ([worker, version started from, staleness]), and returns the final model.
+round's ``arrivals`` ([worker, version started from, staleness]); at the end every rank gets
+the server's final model (one broadcast), which is the run's model.
 Given the order of arrivals the run is determined, so replaying that order reproduces it.
 
 What this loop does not do (the plan refuses them up front): nan='skip'/'rollback' (a worker
 stops at a non-finite loss or change), checkpoints, stacked replicas. A worker that has sent
-its last change waits for the others at the launcher's final barrier, whose wait is the run's
+its last change waits for the others in that final broadcast, whose wait is the run's
 ``timeout``: it must exceed the time between the first and the last worker finishing.
 """
 
@@ -29,7 +30,7 @@ import time
 
 import torch
 
-from ..comm.base import Communicator, PeerFailed, nbytes
+from ..comm.base import Communicator, PeerFailed, nbytes, uncounted
 from ..errors import NonFiniteError
 from ..history import History
 from .job import Job, Outcome
@@ -101,7 +102,17 @@ def _work(job: Job, comm: Communicator, replica: Replica) -> Outcome:
             samples += count
             if replica.step in sends:
                 exchange()
-    return Outcome(state={}, history=[], startup_s=startup_s)
+    return Outcome(state=_final_state(comm, replica), history=[], startup_s=startup_s)
+
+
+def _final_state(comm: Communicator, replica: Replica) -> dict[str, torch.Tensor]:
+    """The server's final model on every rank (one broadcast, made by all once the server is
+    done), as the loop leaves the merged model on every rank."""
+    state = replica.state_vector()
+    with uncounted(comm):  # after the last record: not part of the training's traffic
+        comm.broadcast(state, src=SERVER)
+    replica.load_state_vector(state)
+    return {k: v.detach().to("cpu", copy=True) for k, v in replica.model.state_dict().items()}
 
 
 class _Server:
@@ -149,8 +160,7 @@ class _Server:
             comm.send([replica.state_vector(), answer], dst=sender)
         if self.changes:  # the last, partly filled buffer
             self.step(full=False)
-        state = {k: v.detach().to("cpu", copy=True) for k, v in replica.model.state_dict().items()}
-        return Outcome(state=state, history=self.history.records, startup_s=startup_s)
+        return Outcome(state=_final_state(comm, replica), history=self.history.records, startup_s=startup_s)
 
     def arrive(self, worker: int, meta: list[float], change: torch.Tensor) -> None:
         started = int(meta[VERSION])

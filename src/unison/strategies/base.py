@@ -37,6 +37,8 @@ class Strategy(specs.Spec, ABC):
     # Whether ranks exchange point-to-point messages on their own time (unison.engine.asynchronous)
     # instead of making the same collectives in the same order (the loop).
     asynchronous: ClassVar[bool] = False
+    # Whether `unison compare` without --strategies runs it (unison.comparison.default_strategies).
+    compared_by_default: ClassVar[bool] = True
 
     @property
     def shares_model(self) -> bool:

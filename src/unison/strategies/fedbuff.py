@@ -51,6 +51,7 @@ class FedBuff(Strategy):
     needs = frozenset({POINT_TO_POINT})
     servers = 1
     asynchronous = True
+    compared_by_default = False  # opt-in: `unison compare --strategies "fedbuff(...)"`
     every: int | str = "epoch"
     buffer: int = 2
     server_lr: float = 1.0
