@@ -233,3 +233,53 @@ def test_a_worker_whose_loss_is_not_finite_stops_the_run_and_nobody_hangs(blobs,
 
     with pytest.raises(NonFiniteError, match="step 1 is not finite"):
         fit(small_model, blobs, strategy="fedbuff(every=2)", workers=2, timeout=20, loss=loss)
+
+
+def _p2p_rank(rank, port, results):
+    """One rank of a 3-process gloo group: ranks 1 and 2 send two messages each to rank 0,
+    which receives them from any rank."""
+    from unison.comm import torch_dist
+
+    comm = torch_dist.join(rank, 3, "127.0.0.1", port, timeout=30)
+    head, body = torch.empty(1), torch.empty(3)
+    if rank == 0:
+        got = []
+        for _ in range(4):
+            sender = comm.recv([head, body], src=(1, 2))
+            got.append((sender, head.item(), body.tolist()))
+        results.put(got)
+    else:
+        for k in (1, 2):
+            comm.send([torch.tensor([float(k)]), torch.full((3,), 10.0 * rank + k)], dst=0)
+    comm.barrier()
+    torch_dist.leave()
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(120)
+def test_torch_dist_messages_from_any_rank_name_their_sender_and_keep_their_order():
+    import multiprocessing
+
+    from unison.comm.torch_dist import host_store
+
+    store = host_store(3, 30, "127.0.0.1")
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    ranks = [context.Process(target=_p2p_rank, args=(r, store.port, results)) for r in range(3)]
+    for p in ranks:
+        p.start()
+    got = results.get(timeout=90)
+    for p in ranks:
+        p.join(30)
+    assert [p.exitcode for p in ranks] == [0, 0, 0]
+    for sender in (1, 2):
+        mine = [(h, b) for s, h, b in got if s == sender]
+        assert mine == [(1.0, [10.0 * sender + 1] * 3), (2.0, [10.0 * sender + 2] * 3)]
+
+
+def test_torchrun_with_cuda_lacks_messages_from_any_rank(monkeypatch):
+    from unison.launch.torchrun import BACKEND
+
+    assert BACKEND.why_not(FedBuff.needs) is None or torch.cuda.is_available()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert "NCCL" in BACKEND.why_not(FedBuff.needs) and BACKEND.why_not(frozenset()) is None

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import re
-import time
 from datetime import timedelta
 
 import torch
@@ -100,41 +99,13 @@ class TorchDistComm(Communicator):
             self._collective("send", dist.send, tensor.contiguous(), dst=dst, tag=tag)
 
     def recv(self, tensors, src=None):
-        """The first part from ``src`` (with several or None, gloo's receive from any rank,
-        whose torch.distributed.recv returns the sender), then the rest from that sender."""
-        if not isinstance(src, int) and dist.get_backend() != "gloo":
-            peers = tuple(r for r in range(self.world_size) if r != self.rank) if src is None else src
-            src = self._first_sender(tensors[0], peers)
-        else:
-            src = self._collective("recv", dist.recv, tensors[0], src=src if isinstance(src, int) else None, tag=0)
+        """The first part from ``src`` (several or None: gloo's receive from any rank, whose
+        torch.distributed.recv returns the sender), then the rest from that sender. NCCL has
+        no receive from any rank, so torchrun with CUDA lacks POINT_TO_POINT."""
+        src = self._collective("recv", dist.recv, tensors[0], src=src if isinstance(src, int) else None, tag=0)
         for tag, tensor in enumerate(tensors[1:], start=1):
             self._collective("recv", dist.recv, tensor, src=src, tag=tag)
         return src
-
-    def _first_sender(self, tensor: torch.Tensor, peers: tuple[int, ...]) -> int:
-        """NCCL has no receive from any rank: keep one irecv posted per peer in ``peers``, wait
-        for the first to complete (the lowest rank among those done); the others stay posted
-        for the next calls. A peer that sends no more must be left out of ``peers`` once its
-        last message is in, so that nothing is left posted at the end."""
-        posted = getattr(self, "_posted", None)
-        if posted is None:
-            posted = self._posted = {}
-        for peer in peers:
-            if peer not in posted:
-                buffer = torch.empty_like(tensor)
-                posted[peer] = (buffer, dist.irecv(buffer, src=peer, tag=0))
-        deadline = time.monotonic() + self.timeout
-        while True:
-            for peer in sorted(p for p in posted if p in peers):
-                buffer, work = posted[peer]
-                if work.is_completed():
-                    del posted[peer]
-                    work.wait()
-                    tensor.copy_(buffer)
-                    return peer
-            if time.monotonic() > deadline:
-                raise PeerFailed(f"no message arrived within {self.timeout:g} s", rank=self.rank)
-            time.sleep(1e-4)
 
 
 def _before_a_group() -> None:

@@ -29,9 +29,17 @@ class Torchrun(Backend):
     name = "torchrun"
     offers = frozenset({POINT_TO_POINT})
     lacks = {SHARED_MEMORY: "it needs one model held in one machine's shared memory, and torchrun's "
-                            "workers may run on different machines"}
+                            "workers may run on different machines",
+             POINT_TO_POINT: "with CUDA present its ranks talk through NCCL, which has no receive from "
+                             "any rank; run on CPU (gloo), e.g. CUDA_VISIBLE_DEVICES="}
     stacks_per_worker = True
     in_process = False
+
+    def why_not(self, needs: frozenset[str]) -> str | None:
+        """POINT_TO_POINT only on gloo: the group is NCCL whenever CUDA is present."""
+        if POINT_TO_POINT in needs and torch.cuda.is_available():
+            return super().why_not(needs) or f"{POINT_TO_POINT}: {self.lacks[POINT_TO_POINT]}"
+        return super().why_not(needs)
 
     def workers(self, requested: int | None) -> int:
         size = world_size()
