@@ -138,6 +138,11 @@ class _Server:
         self.samples = 0                       # all workers', so far
         self.worker_bytes = 0                  # what the workers sent, so far
         self.round_loss, self.round_samples, self.lr = 0.0, 0, 0.0
+        self.progress = None
+        if job.progress:  # epochs done, as the server counts samples; none when stderr is no terminal
+            from tqdm.auto import tqdm
+
+            self.progress = tqdm(total=job.epochs, unit="epoch", desc=job.strategy.spec(), leave=False, disable=None)
 
     def run(self) -> Outcome:
         startup_s = time.time() - self.job.started
@@ -160,6 +165,8 @@ class _Server:
             comm.send([replica.state_vector(), answer], dst=sender)
         if self.changes:  # the last, partly filled buffer
             self.step(full=False)
+        if self.progress is not None:
+            self.progress.close()
         return Outcome(state=_final_state(comm, replica), history=self.history.records, startup_s=startup_s)
 
     def arrive(self, worker: int, meta: list[float], change: torch.Tensor) -> None:
@@ -204,5 +211,8 @@ class _Server:
             x, y, task = self.validation
             record |= evaluate(self.replica.model, x, y, self.job.loss_fn, task)
         self.history.append(record)
+        if self.progress is not None:
+            self.progress.update(min(record["epoch"], self.job.epochs) - self.progress.n)
+            self.progress.set_postfix({k: f"{record[k]:.4g}" for k in ("train_loss", "val_acc") if k in record})
         self.changes, self.staleness, self.arrivals = [], [], []
         self.round_loss, self.round_samples = 0.0, 0
