@@ -27,12 +27,12 @@ momentum = 0.9
 """
 
 
-def torchrun_train(run_text: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess, Path]:
-    """Run `unison train` on ``run_text`` under torchrun with 2 processes; (the finished process,
-    the run directory). Fails the test if it did not succeed."""
+def torchrun_train(run_text: str, tmp_path: Path, nproc: int = 2) -> tuple[subprocess.CompletedProcess, Path]:
+    """Run `unison train` on ``run_text`` under torchrun with ``nproc`` processes; (the finished
+    process, the run directory). Fails the test if it did not succeed."""
     run_file, out = tmp_path / "run.toml", tmp_path / "run"
     run_file.write_text(run_text)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
                "-m", "unison", "train", str(run_file), "--out", str(out), "--quiet"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=200)
     assert done.returncode == 0, done.stdout + done.stderr

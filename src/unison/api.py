@@ -54,7 +54,8 @@ def fit(model: nn.Module | Callable[[], nn.Module], data: Any, val: Any = None, 
     (called under ``torch.manual_seed(seed)``). ``data``/``val``: (X, y) arrays or tensors, a
     torch Dataset, a built-in name or a .csv/.npz/.pt file (``label``: a CSV file's label
     column, default the last); ``val`` may also be a fraction to hold out.
-    ``workers``: 2 by default, torchrun's WORLD_SIZE on backend="torchrun".
+    ``workers``: 2 by default, torchrun's WORLD_SIZE on backend="torchrun" (``fedbuff`` runs
+    one more rank, its server: there WORLD_SIZE − 1 workers).
     ``schedule``: None, "cosine", "step(every=10, gamma=0.1)" or "warmup(100)" (unison.schedules);
     ``penalty``: "l2(λ)", "l1(λ)", "elastic(λ1, λ2)"; ``constraint``: "max_norm(c)",
     "unit_ball(r)", "non_negative" (unison.penalties).

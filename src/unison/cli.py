@@ -91,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     compare = commands.add_parser(
         "compare", help="train with several strategies and report which reaches a good model fastest",
         description="With no arguments: digits, an MLP, 2 workers on processes, the default strategies "
-                    "and every other registered one.")
+                    "and every other registered one (but fedbuff: name it in --strategies).")
     compare.add_argument("run_file", nargs="?", help="TOML with [data], [model], [train] and [compare] "
                          "tables (default: the embedded digits comparison)")
     compare.add_argument("--strategies", help="comma-separated, e.g. 'single,sync,periodic(every=8)'")

@@ -56,9 +56,11 @@ DEFAULT_REPEAT = 5
 
 def default_strategies() -> list[str]:
     """The default list plus every other registered strategy, with its default options: a
-    strategy added to unison.strategies.REGISTRY later joins the comparison by itself."""
+    strategy added to unison.strategies.REGISTRY later joins the comparison by itself, unless
+    it opts out (``Strategy.compared_by_default``: fedbuff, run by --strategies only)."""
     covered = {parse(spec).name for spec in DEFAULT_STRATEGIES}
-    return list(DEFAULT_STRATEGIES) + [name for name in REGISTRY if name not in covered]
+    return list(DEFAULT_STRATEGIES) + [name for name, cls in REGISTRY.items()
+                                       if name not in covered and cls.compared_by_default]
 
 
 def split_specs(text: str) -> list[str]:
@@ -348,7 +350,9 @@ def _settings(train_data, data, val, label, model_table, model, common, runs, co
         "runs": {run.label: {"dir": run.dir_name, "strategy": run.strategy.spec(),
                              **{k: _plain(v) for k, v in run.options.items()}} for run in runs},
         # how many workers each run had (single: 1), as the plan decided: what the report shows
-        "world_sizes": {run.label: world_size(configs[run.label]) for run in runs},
+        # (fedbuff's server rank trains nothing and is not counted)
+        "world_sizes": {run.label: world_size(configs[run.label]) - configs[run.label].strategy.servers
+                        for run in runs},
         "machine": {"cores": cpu_cores(), "python": platform.python_version(), "torch": torch.__version__,
                     "platform": platform.platform(terse=True)},
     }

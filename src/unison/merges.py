@@ -141,6 +141,31 @@ def divergence(states: Sequence[torch.Tensor], merged: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm((stacked - merged).reshape(len(stacked), -1), dim=1).mean())
 
 
+def staleness_weight(staleness: int, exponent: float) -> float:
+    """s(τ) = (1 + τ)^(−a): the polynomial staleness weight of a change computed from a model
+    τ server versions old (Xie et al. 2019, "Asynchronous Federated Optimization"; FedBuff,
+    Nguyen et al. 2022, uses a = 1/2, s(τ) = 1/√(1+τ)); a = 0 weighs every change alike."""
+    if staleness < 0:
+        raise ValueError(f"staleness must be >= 0, got {staleness}")
+    return (1.0 + staleness) ** -exponent
+
+
+def buffered_change(changes: Sequence[torch.Tensor], staleness: Sequence[int], exponent: float,
+                    size: int | None = None) -> torch.Tensor:
+    """FedBuff's buffered update Δ̄ = (1/K)·Σᵢ s(τᵢ)·Δᵢ over the buffer's changes Δᵢ (each a
+    worker's start model minus its model after its local steps; Nguyen et al. 2022,
+    "Federated Learning with Buffered Asynchronous Aggregation", Algorithm 1). ``size`` is K,
+    by default the number of changes (a last, partly filled buffer is its own mean). Summed
+    in buffer order, so the result depends on the arrival order only."""
+    stacked = _check(changes)
+    if len(staleness) != len(stacked):
+        raise ValueError(f"{len(staleness)} staleness values for {len(stacked)} changes")
+    total = torch.zeros_like(stacked[0])
+    for change, tau in zip(stacked, staleness):
+        total += staleness_weight(int(tau), exponent) * change
+    return total / (len(stacked) if size is None else size)
+
+
 # ---- rule objects: what ``merge=`` holds ----
 
 class Merge(specs.Spec, ABC):

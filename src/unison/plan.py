@@ -66,7 +66,8 @@ class Plan:
         merged = copy.deepcopy(self.job.model)
         merged.load_state_dict(outcome.state)
         result = Result(model=merged, history=with_throughput(outcome.history, outcome.startup_s),
-                        config=self.config, workers=self.world_size, startup_s=outcome.startup_s,
+                        config=self.config, workers=self.world_size - self.config.strategy.servers,
+                        startup_s=outcome.startup_s,
                         wall_s=time.time() - self.job.started, data_name=self.job.data.name)
         if self.log_dir is not None:
             write_jsonl(self.log_dir / HISTORY_FILE, result.history)
@@ -75,7 +76,10 @@ class Plan:
 
 
 def world_size(config: TrainConfig) -> int:
-    """How many workers a run has: its strategy decides, given the workers asked for."""
+    """How many workers a run has: its strategy decides, given the workers asked for; under
+    torchrun, whose processes exist already, a strategy's servers are among them."""
+    if config.strategy.servers and not launch.get(config.backend).in_process:
+        return config.workers
     return config.strategy.world_size(config.workers)
 
 
@@ -100,8 +104,9 @@ def resolve(config: TrainConfig, model: nn.Module | Callable[[], nn.Module], dat
     _check_backend(config, backend, size)
     stacked = backend.stacks_all or config.replicas_per_worker > 1
     replicas_per_worker = size if backend.stacks_all else config.replicas_per_worker
-    replicas = size * config.replicas_per_worker
+    replicas = (size - config.strategy.servers) * config.replicas_per_worker  # servers train none
     _check_stacking(config, stacked)
+    _check_asynchronous(config, size)
     checkpoint_dir = config.checkpoint_dir
     if checkpoint_dir is None and config.checkpoint_every is not None and log_dir is not None:
         checkpoint_dir = str(Path(log_dir) / "checkpoints")
@@ -133,6 +138,7 @@ def resolve(config: TrainConfig, model: nn.Module | Callable[[], nn.Module], dat
     shares = partition.sizes(len(train.x), replicas)
     config.strategy.check(replicas, has_validation=train.x_val is not None,
                           steps=[math.ceil(share / config.batch_size) for share in shares])
+    config.strategy.check_schedule(config.epochs, [math.ceil(share / config.batch_size) for share in shares])
     start_model = _start_model(model, config.seed)
     _check_model(start_model, train, loss)
     _check_batchnorm(start_model, shares, config.batch_size)
@@ -222,6 +228,28 @@ def _check_stacking(config: TrainConfig, stacked: bool) -> None:
         raise ConfigError("checkpoint_every and nan='rollback' are not supported with stacked replicas "
                           "(backend='stacked' or replicas_per_worker > 1) yet: their per-replica optimizer "
                           "state is not saved; use backend='threads' or 'processes' with one replica each")
+
+
+def _check_asynchronous(config: TrainConfig, size: int) -> None:
+    """What an asynchronous strategy (unison.engine.asynchronous) cannot do yet: its ranks never
+    agree on a step, so nan='skip'/'rollback' and checkpoints (both made at common points) are out."""
+    strategy = config.strategy
+    if not strategy.asynchronous:
+        return
+    if size <= strategy.servers:
+        raise ConfigError(f"strategy {strategy.spec()!r} needs {strategy.servers} server rank(s) and at least one "
+                          f"worker; torchrun started {size} process(es): use --nproc-per-node {strategy.servers + 1} "
+                          "or more")
+    if config.replicas_per_worker > 1:
+        raise ConfigError(f"replicas_per_worker={config.replicas_per_worker} is not supported with the asynchronous "
+                          f"strategy {strategy.name!r} (stacked replicas step together); use replicas_per_worker=1")
+    if config.nan != "stop":
+        raise ConfigError(f"nan={config.nan!r} is not supported with the asynchronous strategy {strategy.name!r} "
+                          "(its workers never step together); use nan='stop'")
+    if config.checkpoint_every is not None or config.checkpoint_dir is not None:
+        raise ConfigError(f"checkpoint_every/checkpoint_dir are not supported with the asynchronous strategy "
+                          f"{strategy.name!r} yet (its workers have no common round end to save at); "
+                          "leave them unset")
 
 
 def _resume_point(config: TrainConfig, directory: str | None, resume: bool, data: TrainData, model: nn.Module,

@@ -9,7 +9,7 @@ what they send (fp16: 2 bytes a value; int8: 1 byte a value + float32 scales; to
 values + int32 indices, all-gathered; powersgd: the P and Q factors; see
 strategies/compressed.py). Per worker and collective: all-reduce 2(N-1)/N·B (the ring
 algorithm's figure, which gloo's and NCCL's ring all-reduce send; on threads, what a ring would
-send over a network), all-gather (N-1)·B, broadcast B on the source. Stacked rows of one
+send over a network), all-gather (N-1)·B, broadcast B on the source, send B on the sender. Stacked rows of one
 process send nothing; unison's own bookkeeping is not counted (``uncounted``).
 """
 
@@ -73,6 +73,20 @@ class Communicator(ABC):
     def barrier(self) -> None:
         """Return once every rank has arrived."""
 
+    # ---- point to point (asynchronous strategies: unison.engine.asynchronous) ----
+    # A message is a list of tensors, sent and received whole; between two ranks messages
+    # arrive in the order they were sent. Only backends that offer POINT_TO_POINT implement it.
+
+    def send(self, tensors: list[torch.Tensor], dst: int) -> None:
+        """Send one message (``tensors``, in order) to rank ``dst``."""
+        raise NotImplementedError(f"{type(self).__name__} has no point-to-point messages")
+
+    def recv(self, tensors: list[torch.Tensor], src: int | tuple[int, ...] | None = None) -> int:
+        """Receive one message into ``tensors`` (shapes and dtypes as sent) from rank ``src``,
+        or from whichever of the ranks ``src`` (a tuple; None: any) sends first; return the
+        sender. Ranks outside a tuple must not be sending to this one meanwhile."""
+        raise NotImplementedError(f"{type(self).__name__} has no point-to-point messages")
+
     def peer_failed(self) -> bool:
         """Whether another worker is known to have failed already (without communicating).
         Lets a replica between collectives stop early; False where the launcher stops it."""
@@ -102,6 +116,8 @@ class Communicator(ABC):
         elif kind == "all_gather":
             self.bytes_sent += (n - 1) * nbytes
         elif kind == "broadcast" and self.rank == src:
+            self.bytes_sent += nbytes
+        elif kind == "send":
             self.bytes_sent += nbytes
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 
 from .base import Communicator, PeerFailed, nbytes
 
@@ -28,11 +29,16 @@ class ThreadGroup:
         self.entered = [0] * world_size   # collectives each rank has entered
         self.missing: tuple[int, ...] = ()  # set by the first rank to see a timeout
         self.aborted = False
+        # point to point: each rank's inbox of (sender, tensors), in arrival order
+        self.inboxes: list[list[tuple[int, list]]] = [[] for _ in range(world_size)]
+        self.mail = threading.Condition()
 
     def abort(self) -> None:
         """Wake every waiting worker with PeerFailed (called when one worker fails)."""
         self.aborted = True
         self.barrier.abort()
+        with self.mail:
+            self.mail.notify_all()
 
 
 class ThreadComm(Communicator):
@@ -111,3 +117,36 @@ class ThreadComm(Communicator):
         self._enter()
         self._wait()
 
+    def send(self, tensors, dst):
+        """Deposit copies in ``dst``'s inbox; never waits (gloo's send of a small message
+        does not either)."""
+        self._count("send", sum(nbytes(t) for t in tensors))
+        copies = [t.detach().clone() for t in tensors]
+        with self.group.mail:
+            self.group.inboxes[dst].append((self.rank, copies))
+            self.group.mail.notify_all()
+
+    def recv(self, tensors, src=None):
+        group, deadline = self.group, time.monotonic() + self.group.timeout
+        with group.mail:
+            while True:
+                if group.aborted:
+                    raise PeerFailed("another worker failed", rank=self.rank)
+                inbox = group.inboxes[self.rank]
+                found = next((i for i, (sender, _) in enumerate(inbox) if _matches(sender, src)), None)
+                if found is not None:
+                    sender, parts = inbox.pop(found)
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    who = "any rank" if src is None else f"rank {src}"
+                    raise PeerFailed(f"a message from {who} did not arrive within {group.timeout:g} s",
+                                     rank=self.rank, missing=(src,) if isinstance(src, int) else ())
+                group.mail.wait(min(left, 0.5))
+        for tensor, part in zip(tensors, parts, strict=True):
+            tensor.copy_(part)
+        return sender
+
+
+def _matches(sender: int, src) -> bool:
+    return src is None or (sender == src if isinstance(src, int) else sender in src)

@@ -98,6 +98,21 @@ class TorchDistComm(Communicator):
     def barrier(self):
         self._collective("barrier", dist.barrier)
 
+    def send(self, tensors, dst):
+        """One message: each tensor in turn, its position as the tag, so that parts never mix."""
+        for tag, tensor in enumerate(tensors):
+            self._count("send", nbytes(tensor))
+            self._collective("send", dist.send, tensor.contiguous(), dst=dst, tag=tag)
+
+    def recv(self, tensors, src=None):
+        """The first part from ``src`` (several or None: gloo's receive from any rank, whose
+        torch.distributed.recv returns the sender), then the rest from that sender. NCCL has
+        no receive from any rank, so torchrun with CUDA lacks POINT_TO_POINT."""
+        src = self._collective("recv", dist.recv, tensors[0], src=src if isinstance(src, int) else None, tag=0)
+        for tag, tensor in enumerate(tensors[1:], start=1):
+            self._collective("recv", dist.recv, tensor, src=src, tag=tag)
+        return src
+
 
 class _Started(Pending):
     """An all-reduce running in torch.distributed's background; a failure surfaces at ``wait``."""

@@ -25,6 +25,7 @@ from ..comm.base import Communicator
 from ..comm.stacked import StackedComm
 from ..errors import UnisonError, WorkerError
 from ..history import History
+from . import asynchronous
 from .checkpointer import Checkpointer
 from .guard import GOOD, ROLLED_BACK, NonFiniteGuard
 from .job import Job, Outcome
@@ -49,6 +50,8 @@ def run(job: Job, comm: Communicator, device: torch.device | None = None) -> Out
         if job.data.x_val is not None:
             validation = (job.data.x_val.to(device), job.data.y_val.to(device), job.data.task)
         replica = build_replica(job, comm, device, validation)
+        if job.strategy.asynchronous:  # a server and workers on their own time (fedbuff)
+            return asynchronous.run(job, comm, replica, validation)
         return _Training(job, comm, replica, device, validation).run()
     except UnisonError:
         raise

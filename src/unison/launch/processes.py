@@ -45,7 +45,7 @@ from ..comm import torch_dist
 from ..comm.base import PeerFailed
 from ..engine.job import Job, Outcome
 from ..errors import ConfigError, WorkerError
-from ..strategies.base import SHARED_MEMORY
+from ..strategies.base import POINT_TO_POINT, SHARED_MEMORY
 from .base import Backend
 from .worker import Failure, blame, in_this_process, own_process
 
@@ -86,7 +86,7 @@ def _unpickle(data: bytes) -> _ByValue:
 
 class Processes(Backend):
     name = "processes"
-    offers = frozenset({SHARED_MEMORY})
+    offers = frozenset({SHARED_MEMORY, POINT_TO_POINT})
     stacks_per_worker = True
 
     def prestart(self, workers: int) -> None:

@@ -13,7 +13,7 @@ import torch
 
 from ..engine.job import Job, Outcome
 from ..errors import ConfigError
-from ..strategies.base import SHARED_MEMORY
+from ..strategies.base import POINT_TO_POINT, SHARED_MEMORY
 from .base import Backend
 from .worker import in_this_process
 
@@ -21,7 +21,9 @@ from .worker import in_this_process
 class Stacked(Backend):
     name = "stacked"
     lacks = {SHARED_MEMORY: "its workers must all update one shared model, and stacked replicas are "
-                            "separate copies trained as one batched computation"}
+                            "separate copies trained as one batched computation",
+             POINT_TO_POINT: "its replicas are one batched computation that steps together, so none can "
+                             "send or wait on its own time"}
     stacks_all = True
     devices = ("cpu", "cuda")
 

@@ -17,7 +17,7 @@ from ..comm.base import PeerFailed
 from ..comm.threads import ThreadComm, ThreadGroup
 from ..engine import loop
 from ..engine.job import Job, Outcome
-from ..strategies.base import SHARED_MEMORY
+from ..strategies.base import POINT_TO_POINT, SHARED_MEMORY
 from .base import Backend, threads_per_worker
 from .worker import Failure, blame, in_this_process
 
@@ -26,7 +26,7 @@ GRACE_S = 3.0  # how long the other workers may take to stop once one has failed
 
 class Threads(Backend):
     name = "threads"
-    offers = frozenset({SHARED_MEMORY})
+    offers = frozenset({SHARED_MEMORY, POINT_TO_POINT})
 
     def launch(self, job: Job) -> Outcome:
         if job.workers == 1:

@@ -14,7 +14,7 @@ import torch
 from ..comm import torch_dist
 from ..engine.job import Job, Outcome
 from ..errors import ConfigError, expected
-from ..strategies.base import SHARED_MEMORY
+from ..strategies.base import POINT_TO_POINT, SHARED_MEMORY
 from .base import Backend
 from .worker import own_process
 
@@ -27,10 +27,19 @@ def world_size() -> int | None:
 
 class Torchrun(Backend):
     name = "torchrun"
+    offers = frozenset({POINT_TO_POINT})
     lacks = {SHARED_MEMORY: "it needs one model held in one machine's shared memory, and torchrun's "
-                            "workers may run on different machines"}
+                            "workers may run on different machines",
+             POINT_TO_POINT: "with CUDA present its ranks talk through NCCL, which has no receive from "
+                             "any rank; run on CPU (gloo), e.g. CUDA_VISIBLE_DEVICES="}
     stacks_per_worker = True
     in_process = False
+
+    def why_not(self, needs: frozenset[str]) -> str | None:
+        """POINT_TO_POINT only on gloo: the group is NCCL whenever CUDA is present."""
+        if POINT_TO_POINT in needs and torch.cuda.is_available():
+            return super().why_not(needs) or f"{POINT_TO_POINT}: {self.lacks[POINT_TO_POINT]}"
+        return super().why_not(needs)
 
     def workers(self, requested: int | None) -> int:
         size = world_size()

@@ -7,6 +7,7 @@ from typing import Any
 from .. import specs
 from .base import Strategy
 from .diloco import DiLoCo
+from .fedbuff import FedBuff
 from .fednova import FedNova
 from .fedprox import FedProx
 from .hogwild import Hogwild
@@ -17,7 +18,7 @@ from .single import Single
 from .sync import Sync
 
 REGISTRY: dict[str, type[Strategy]] = {cls.name: cls for cls in (Single, Sync, Periodic, Oneshot, Hogwild, DiLoCo,
-                                                     FedProx, Scaffold, FedNova)}
+                                                     FedProx, Scaffold, FedNova, FedBuff)}
 NAMES = tuple(REGISTRY)
 
 
@@ -27,5 +28,5 @@ def parse(spec: Any) -> Strategy:
     return specs.parse(spec, REGISTRY, "strategy", Strategy)
 
 
-__all__ = ["Strategy", "Single", "Sync", "Periodic", "Oneshot", "Hogwild", "DiLoCo", "FedProx", "Scaffold", "FedNova", "parse", "NAMES",
+__all__ = ["Strategy", "Single", "Sync", "Periodic", "Oneshot", "Hogwild", "DiLoCo", "FedProx", "Scaffold", "FedNova", "FedBuff", "parse", "NAMES",
            "REGISTRY"]

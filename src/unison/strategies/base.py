@@ -23,6 +23,8 @@ if TYPE_CHECKING:  # strategies see a replica only through its protocol, never t
 OPTIMIZER_STATES = ("keep", "reset", "average")
 # The capability of one model held in this machine's shared memory, that every worker updates.
 SHARED_MEMORY = "shared_memory"
+# The capability of messages between two ranks (Communicator.send/recv), for asynchronous strategies.
+POINT_TO_POINT = "point_to_point"
 
 
 class Strategy(specs.Spec, ABC):
@@ -30,6 +32,13 @@ class Strategy(specs.Spec, ABC):
 
     # Capabilities a backend must offer (e.g. SHARED_MEMORY); the plan checks them up front.
     needs: ClassVar[frozenset[str]] = frozenset()
+    # Ranks (the first ones) that serve and train no replica of their own, e.g. fedbuff's server.
+    servers: ClassVar[int] = 0
+    # Whether ranks exchange point-to-point messages on their own time (unison.engine.asynchronous)
+    # instead of making the same collectives in the same order (the loop).
+    asynchronous: ClassVar[bool] = False
+    # Whether `unison compare` without --strategies runs it (unison.comparison.default_strategies).
+    compared_by_default: ClassVar[bool] = True
 
     @property
     def shares_model(self) -> bool:
@@ -49,6 +58,10 @@ class Strategy(specs.Spec, ABC):
             if rule.needs_validation and not has_validation:
                 raise ConfigError(f"{self.name}(merge={rule}) scores candidate models on validation "
                                   "data, and this run has none; pass val= (data or a fraction to hold out)")
+
+    def check_schedule(self, epochs: int, steps: list[int]) -> None:
+        """Like ``check``, for options that depend on the run's length: ``epochs`` and each
+        replica's batches per epoch."""
 
     def begin(self, replica: "ReplicaView", comm: "Communicator") -> None:
         """Called once on every replica after the common start is in place, before step 1."""
