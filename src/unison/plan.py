@@ -102,6 +102,7 @@ def resolve(config: TrainConfig, model: nn.Module | Callable[[], nn.Module], dat
     replicas_per_worker = size if backend.stacks_all else config.replicas_per_worker
     replicas = size * config.replicas_per_worker
     _check_stacking(config, stacked)
+    _check_speeds(config, stacked, replicas)
     checkpoint_dir = config.checkpoint_dir
     if checkpoint_dir is None and config.checkpoint_every is not None and log_dir is not None:
         checkpoint_dir = str(Path(log_dir) / "checkpoints")
@@ -148,7 +149,7 @@ def resolve(config: TrainConfig, model: nn.Module | Callable[[], nn.Module], dat
               optimizer=optimizer_settings, loss_fn=loss or resolve_loss(config.loss, train.task), data=train,
               model=start_model, penalty=config.penalty, constraint=config.constraint,
               schedule=config.schedule, nan=config.nan, device=config.device, checkpoint=settings,
-              started=started, progress=progress,
+              started=started, progress=progress, speeds=config.speeds,
               history_path=str(log_path / HISTORY_FILE) if log_path is not None else None)
     backend.check(job)
     if stacked:  # can the model be vmapped? (a custom optimizer factory is tried there too)
@@ -222,6 +223,19 @@ def _check_stacking(config: TrainConfig, stacked: bool) -> None:
         raise ConfigError("checkpoint_every and nan='rollback' are not supported with stacked replicas "
                           "(backend='stacked' or replicas_per_worker > 1) yet: their per-replica optimizer "
                           "state is not saved; use backend='threads' or 'processes' with one replica each")
+
+
+def _check_speeds(config: TrainConfig, stacked: bool, replicas: int) -> None:
+    """speeds: one per worker, and workers that each run on their own (a wait per worker)."""
+    if config.speeds is None:
+        return
+    if stacked:
+        raise ConfigError("speeds= simulates uneven workers by making each worker wait, and stacked "
+                          "replicas (backend='stacked' or replicas_per_worker > 1) train as one computation; "
+                          "use backend='threads', 'processes' or 'torchrun' with one replica each")
+    if len(config.speeds) != replicas:
+        raise ConfigError(expected("speeds", list(config.speeds), f"one number per worker: {replicas} "
+                                   f"for strategy {config.strategy.spec()!r} with workers={config.workers}"))
 
 
 def _resume_point(config: TrainConfig, directory: str | None, resume: bool, data: TrainData, model: nn.Module,

@@ -28,6 +28,7 @@ from ..history import History
 from .checkpointer import Checkpointer
 from .guard import GOOD, ROLLED_BACK, NonFiniteGuard
 from .job import Job, Outcome
+from .pace import Pace
 from .records import RoundLog
 from .replica import Replica
 from .stacked import StackedReplica
@@ -94,6 +95,8 @@ class _Training:
         self.progress = _progress_bar(job, comm.rank)
         self.strategy.begin(replica, comm)
         self.loss_sum = torch.zeros(replica.local_shape, dtype=torch.float64, device=device)
+        # Declared speeds: each step's gradients timed and the slowdown waited out (unison.engine.pace).
+        self.pace = Pace(job.speeds, comm.rank, device) if job.speeds else None
         self.last_round_step = 0
         # Reliability: continue from a checkpoint, write them at round ends, and agree on every
         # step whether it was finite (unison.engine.checkpointer, unison.engine.guard).
@@ -117,7 +120,8 @@ class _Training:
         self.rounds = RoundLog(replica, comm, self.history, loss_fn=job.loss_fn, validation=validation,
                                steps_per_epoch=self.steps_per_epoch, started=job.started,
                                wall_offset=wall_offset, samples_seen=samples_seen, progress=self.progress,
-                               every_round=job.checkpoint is not None or self.strategy.shares_model)
+                               every_round=job.checkpoint is not None or self.strategy.shares_model,
+                               simulated=job.speeds is not None)
 
     def run(self) -> Outcome:
         job, replica, strategy = self.job, self.replica, self.strategy
@@ -168,8 +172,12 @@ class _Training:
         return total / samples.clamp_min(1).unsqueeze(-1)
 
     def train_step(self, batches: list[torch.Tensor]) -> None:
-        replica = self.replica
+        replica, pace = self.replica, self.pace
+        if pace is not None:
+            pace.start()
         loss, count = replica.gradients(self.x, self.y, batches)
+        if pace is not None:  # the declared slowdown, before the exchange others may wait at
+            pace.stop(count)
         replica.step += 1
         # stacked replicas give one loss per replica: their sum is finite exactly when all are
         self.guard.before_exchange(loss.sum() if loss.dim() else loss)
@@ -193,7 +201,8 @@ class _Training:
         distance = self.strategy.merge_replicas(replica, self.comm)
         replica.project()  # a robust merge need not stay inside the constraint set
         self.rounds.add(loss_sum=self.loss_sum.clone(), samples=round_samples, distance=distance,
-                        discarded=guard.discarded, rollbacks=guard.rollbacks)
+                        discarded=guard.discarded, rollbacks=guard.rollbacks,
+                        wait_s=self.pace.take_round_wait() if self.pace is not None else 0.0)
         self.loss_sum.zero_()
         replica.samples_since_merge = 0
         self.last_round_step = replica.step

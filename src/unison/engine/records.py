@@ -28,7 +28,8 @@ if TYPE_CHECKING:
     from .view import ReplicaView
 
 # one row per round: what each replica adds, summed over replicas
-LOSS, SAMPLES, DISTANCE, DISCARDED, VAL_LOSS, VAL_CORRECT = range(6)
+LOSS, SAMPLES, DISTANCE, DISCARDED, VAL_LOSS, VAL_CORRECT, WAIT = range(7)
+COLUMNS = 7
 
 
 @torch.no_grad()
@@ -67,11 +68,12 @@ class RoundLog:
     def __init__(self, replica: "ReplicaView", comm: Communicator, history: History, *, loss_fn: Callable,
                  validation: tuple[torch.Tensor, torch.Tensor, str] | None, steps_per_epoch: int,
                  started: float, wall_offset: float, samples_seen: int, every_round: bool,
-                 progress: Any = None):
+                 progress: Any = None, simulated: bool = False):
         self.replica, self.comm, self.history, self.loss_fn = replica, comm, history, loss_fn
         self.steps_per_epoch, self.started, self.wall_offset = steps_per_epoch, started, wall_offset
         self.samples_seen, self.every_round, self.progress = samples_seen, every_round, progress
         self._pending: list[tuple[dict[str, Any], torch.Tensor]] = []
+        self.simulated = simulated  # declared speeds: records carry simulated_wait_s
         self.validation = validation
         if validation is not None:  # this process's slice; a process holds len(ranks) replicas
             x, y, self.task = validation
@@ -80,16 +82,19 @@ class RoundLog:
             self._val_x, self._val_y = x.tensor_split(processes)[mine], y.tensor_split(processes)[mine]
 
     def add(self, *, loss_sum: torch.Tensor, samples: torch.Tensor, distance: torch.Tensor,
-            discarded: int, rollbacks: int) -> None:
-        """Record a round whose merge just happened (the replica holds the merged model)."""
+            discarded: int, rollbacks: int, wait_s: float = 0.0) -> None:
+        """Record a round whose merge just happened (the replica holds the merged model);
+        ``wait_s``: this process's simulated waiting in the round (unison.engine.pace)."""
         replica = self.replica
         first_row = torch.zeros_like(samples)  # per-process numbers go in its first replica's row
         val_loss, val_correct = first_row.clone(), first_row.clone()
         if self.validation is not None and len(self._val_x):
             loss, correct = evaluation_sums(replica.model, self._val_x, self._val_y, self.loss_fn, self.task)
             val_loss.view(-1)[0], val_correct.view(-1)[0] = loss, correct
-        first_row.view(-1)[0] = float(discarded)
-        stats = torch.stack([loss_sum, samples, distance.to(torch.float64), first_row, val_loss, val_correct], dim=-1)
+        wait = first_row.clone()
+        first_row.view(-1)[0], wait.view(-1)[0] = float(discarded), wait_s
+        stats = torch.stack([loss_sum, samples, distance.to(torch.float64), first_row, val_loss, val_correct, wait],
+                            dim=-1)
         local = {"epoch": round(replica.step / self.steps_per_epoch, 4), "step": replica.step,
                  "wall_s": time.time() - self.started + self.wall_offset, "comm_bytes": self.comm.bytes_sent,
                  "lr": replica.optimizer.param_groups[0]["lr"], "rollbacks": rollbacks}
@@ -101,15 +106,17 @@ class RoundLog:
         """Sum the pending rounds' statistics over replicas (one collective) and append their records."""
         if not self._pending:
             return
-        stats = torch.stack([s for _, s in self._pending], dim=-2)  # [*replica rows, rounds, 6]
+        stats = torch.stack([s for _, s in self._pending], dim=-2)  # [*replica rows, rounds, COLUMNS]
         with uncounted(self.comm):  # bookkeeping, not the strategy's traffic
-            summed = self.comm.all_reduce_sum(stats).reshape(-1, len(self._pending), 6)[0].tolist()
+            summed = self.comm.all_reduce_sum(stats).reshape(-1, len(self._pending), COLUMNS)[0].tolist()
         for (local, _), row in zip(self._pending, summed):
             self.samples_seen += int(row[SAMPLES])
             record = {"epoch": local["epoch"], "step": local["step"], "wall_s": local["wall_s"],
                       "samples": self.samples_seen, "train_loss": row[LOSS] / max(row[SAMPLES], 1.0),
                       "divergence": row[DISTANCE] / self.comm.world_size, "comm_bytes": local["comm_bytes"],
                       "lr": local["lr"]}
+            if self.simulated:  # seconds all workers waited in this round to simulate their speeds
+                record["simulated_wait_s"] = row[WAIT]
             if row[DISCARDED]:  # steps discarded so far, summed over replicas, and rollbacks
                 record |= {"discarded_steps": int(row[DISCARDED]), "rollbacks": local["rollbacks"]}
             if self.validation is not None:
