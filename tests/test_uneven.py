@@ -81,3 +81,117 @@ def test_bad_speeds_are_refused_before_any_worker_starts(blobs, small_model, spe
 def test_speeds_are_refused_for_stacked_replicas(blobs, small_model):
     with pytest.raises(ConfigError, match="stacked"):
         fit(small_model, blobs, workers=2, backend="stacked", speeds=[1, 0.5])
+
+
+# ---- balance="speed" ----
+
+def weighted_local_sgd(model, x, y, *, orders, batches, steps, epochs, lr, every, momentum=0.0):
+    """Replicas one after another, replica r with batch batches[epoch][r] over orders(r, epoch),
+    merged every ``every`` steps (and at the end) by the mean weighted by samples since the last."""
+    import copy
+    import torch.nn.functional as F
+    world = len(batches[0])
+    replicas = [copy.deepcopy(model) for _ in range(world)]
+    opts = [torch.optim.SGD(m.parameters(), lr=lr, momentum=momentum) for m in replicas]
+    samples, step = [0] * world, 0
+
+    def merge():
+        w = torch.tensor(samples, dtype=torch.float64)
+        with torch.no_grad():
+            for params in zip(*[list(m.parameters()) for m in replicas]):
+                mean = sum(p.double() * wr for p, wr in zip(params, w)) / w.sum()
+                for p in params:
+                    p.copy_(mean.to(p.dtype))
+        samples[:] = [0] * world
+
+    for epoch in range(epochs):
+        epoch_orders = [orders(r, epoch) for r in range(world)]
+        for i in range(steps):
+            step += 1
+            for r, (m, opt) in enumerate(zip(replicas, opts)):
+                b = batches[epoch][r]
+                idx = epoch_orders[r][i * b:(i + 1) * b]
+                if len(idx):
+                    opt.zero_grad()
+                    F.cross_entropy(m(x[idx]), y[idx]).backward()
+                    opt.step()
+                    samples[r] += len(idx)
+            if step % every == 0:
+                merge()
+    if any(samples):
+        merge()
+    return replicas[0]
+
+
+def test_balance_with_equal_speeds_is_shard_exactly(blobs, small_model):
+    shard = fit(small_model, blobs, strategy="periodic(every=3)", workers=3, momentum=0.9)
+    balanced = fit(small_model, blobs, strategy="periodic(every=3)", workers=3, momentum=0.9,
+                   balance="speed", speeds=[2, 2, 2])
+    measured = fit(small_model, blobs, strategy="periodic(every=3)", workers=3, momentum=0.9,
+                   balance="speed", epochs=1)  # epoch 0 has no measurement yet: equal shares
+    assert identical(shard.model, balanced.model)
+    assert balanced.history[0]["shares"] == [32, 32, 32]
+    one_epoch = fit(small_model, blobs, strategy="periodic(every=3)", workers=3, momentum=0.9, epochs=1)
+    assert identical(one_epoch.model, measured.model)
+
+
+def test_equal_shares_deal_out_the_distributed_sampler_order():
+    from reference import sampler_order
+    from unison.balance import balanced_indices, balanced_sizes
+    for n, world, batch in [(96, 2, 8), (97, 3, 8), (1000, 4, 7)]:
+        shares, batches = balanced_sizes(n, world, batch, [1.0] * world)
+        assert batches == [batch] * world
+        for rank in range(world):
+            for epoch in range(2):
+                assert torch.equal(balanced_indices(n, world, rank, epoch, 5, shares),
+                                   sampler_order(n, world, rank, epoch, 5))
+
+
+def test_shares_follow_the_speeds_disjointly_within_shards_steps():
+    from unison.balance import balanced_indices, balanced_sizes
+    shares, batches = balanced_sizes(96, 2, 8, [1, 0.5])
+    assert shares == [64, 32] and batches == [11, 6]  # ⌈64·8/48⌉, ⌈32·8/48⌉: 6 steps each, as shard
+    shares, batches = balanced_sizes(1000, 4, 16, [1, 1, 1, 0.25])
+    assert shares == [308, 308, 307, 77] and sum(shares) == 1000
+    assert max(-(-s // b) for s, b in zip(shares, batches)) <= -(-250 // 16)
+    dealt = torch.cat([balanced_indices(1000, 4, r, 3, 0, shares) for r in range(4)])
+    assert sorted(dealt.tolist()) == list(range(1000))
+
+
+@pytest.mark.parametrize("strategy, every", [("periodic(every=4)", 4), ("sync", 1)])
+def test_balanced_shares_equal_a_sequential_simulation_of_weighted_merges(blobs, small_model, strategy, every):
+    from unison.balance import balanced_indices
+    x, y = blobs
+    result = fit(small_model, blobs, strategy=strategy, workers=2, balance="speed", speeds=[1, 0.5], epochs=2)
+    assert all(r["shares"] == [64, 32] for r in result.history)
+    expected = weighted_local_sgd(small_model, x, y, orders=lambda r, e: balanced_indices(96, 2, r, e, 0, [64, 32]),
+                                  batches=[[11, 6]] * 2, steps=6, epochs=2, lr=0.1, every=every)
+    assert max_abs_diff(result.model, expected) <= 1e-5
+    assert result.history[-1]["samples"] == 2 * 96
+
+
+def test_measured_rates_are_agreed_and_size_the_next_epochs(blobs, small_model, monkeypatch):
+    from unison.balance import balanced_indices
+    x, y = blobs
+    monkeypatch.setattr(pace.Pace, "take_epoch_rate", lambda self: [3.0, 1.0][self.rank])
+    result = fit(small_model, blobs, strategy="periodic(every=epoch)", workers=2, balance="speed", epochs=3)
+    assert [r["shares"] for r in result.history] == [[48, 48], [72, 24], [72, 24]]
+    shares = [[48, 48], [72, 24], [72, 24]]
+    expected = weighted_local_sgd(small_model, x, y, orders=lambda r, e: balanced_indices(96, 2, r, e, 0, shares[e]),
+                                  batches=[[8, 8], [12, 4], [12, 4]], steps=6, epochs=3, lr=0.1, every=6)
+    assert max_abs_diff(result.model, expected) <= 1e-5
+
+
+def test_measured_balance_runs_on_the_real_clock(blobs, small_model):
+    result = fit(small_model, blobs, strategy="periodic(every=epoch)", workers=2, balance="speed", epochs=3)
+    assert result.history[0]["shares"] == [48, 48]
+    assert all(sum(r["shares"]) == 96 for r in result.history)
+
+
+def test_balance_is_refused_where_it_cannot_work(blobs, small_model, tmp_path):
+    with pytest.raises(ConfigError, match="balance='fast' is not accepted"):
+        fit(small_model, blobs, workers=2, balance="fast")
+    with pytest.raises(ConfigError, match="partition='shard'"):
+        fit(small_model, blobs, workers=2, balance="speed", partition="full")
+    with pytest.raises(ConfigError, match="needs speeds="):
+        fit(small_model, blobs, workers=2, balance="speed", checkpoint_dir=str(tmp_path / "c"))

@@ -29,6 +29,7 @@ from .validators import check_bool, check_choice, check_float, check_int
 DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 LOSSES = ("cross_entropy", "mse")
 NAN_POLICIES = ("stop", "skip", "rollback")
+BALANCES = ("none", "speed")
 _DURATION_UNITS = {"s": 1.0, "sec": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0}
 
 
@@ -157,6 +158,7 @@ class TrainConfig:
     nan: str = "stop"
     # Uneven workers, declared: worker r takes max(speeds)/speeds[r] times its step time (unison.engine.pace).
     speeds: tuple[float, ...] | None = None
+    balance: str = "none"          # "speed": shares and batches ∝ each worker's throughput (unison.balance)
 
     def __post_init__(self) -> None:
         check_int("workers", self.workers, minimum=1)
@@ -203,6 +205,7 @@ class TrainConfig:
 
     def _check_speeds(self) -> None:
         """speeds: one positive finite number per worker (their count is the plan's to check)."""
+        check_choice("balance", self.balance, BALANCES)
         if self.speeds is None:
             return
         accepted = "a list of positive numbers, one per worker, e.g. [1, 1, 0.5, 0.25]"

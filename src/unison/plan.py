@@ -31,6 +31,7 @@ from .engine.stacked import check_vmappable
 from .errors import CheckpointError, ConfigError, DataError, UnisonError, WorkerError, expected
 from .history import with_throughput, write_jsonl
 from .launch.base import Backend
+from .partitions import Shard
 from .result import Result
 
 HISTORY_FILE, MODEL_FILE = "history.jsonl", "model.safetensors"
@@ -149,7 +150,7 @@ def resolve(config: TrainConfig, model: nn.Module | Callable[[], nn.Module], dat
               optimizer=optimizer_settings, loss_fn=loss or resolve_loss(config.loss, train.task), data=train,
               model=start_model, penalty=config.penalty, constraint=config.constraint,
               schedule=config.schedule, nan=config.nan, device=config.device, checkpoint=settings,
-              started=started, progress=progress, speeds=config.speeds,
+              started=started, progress=progress, speeds=config.speeds, balance=config.balance,
               history_path=str(log_path / HISTORY_FILE) if log_path is not None else None)
     backend.check(job)
     if stacked:  # can the model be vmapped? (a custom optimizer factory is tried there too)
@@ -226,7 +227,20 @@ def _check_stacking(config: TrainConfig, stacked: bool) -> None:
 
 
 def _check_speeds(config: TrainConfig, stacked: bool, replicas: int) -> None:
-    """speeds: one per worker, and workers that each run on their own (a wait per worker)."""
+    """speeds: one per worker, and workers that each run on their own (a wait per worker);
+    balance="speed": shard's shares re-sized, from rates that a resume can find again."""
+    if config.balance == "speed":
+        if not isinstance(config.partition, Shard):
+            raise ConfigError(f"balance='speed' re-sizes the shares of partition='shard' by worker speed; "
+                              f"partition={config.partition.spec()!r} has shares of its own; use "
+                              "partition='shard' or balance='none'")
+        if stacked:
+            raise ConfigError("balance='speed' sizes each worker's share by its own throughput, and stacked "
+                              "replicas (backend='stacked' or replicas_per_worker > 1) train as one computation; "
+                              "use backend='threads', 'processes' or 'torchrun' with one replica each")
+        if config.speeds is None and (config.checkpoint_every is not None or config.checkpoint_dir is not None):
+            raise ConfigError("balance='speed' with checkpoints needs speeds= (declared rates): measured rates "
+                              "are not saved in checkpoints yet, so a resumed epoch could not be re-dealt alike")
     if config.speeds is None:
         return
     if stacked:

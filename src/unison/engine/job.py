@@ -95,6 +95,7 @@ class Job:
     progress: bool = False
     history_path: str | None = None   # rank 0 appends one JSON line per round
     speeds: tuple[float, ...] | None = None   # declared relative speeds, one per replica (a simulation)
+    balance: str = "none"             # "speed": shares sized by throughput each epoch (unison.balance)
 
     @property
     def replicas(self) -> int:

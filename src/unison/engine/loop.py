@@ -21,7 +21,8 @@ import traceback
 import torch
 from torch import nn
 
-from ..comm.base import Communicator
+from ..balance import balanced_indices, balanced_sizes
+from ..comm.base import Communicator, uncounted
 from ..comm.stacked import StackedComm
 from ..errors import UnisonError, WorkerError
 from ..history import History
@@ -96,7 +97,8 @@ class _Training:
         self.strategy.begin(replica, comm)
         self.loss_sum = torch.zeros(replica.local_shape, dtype=torch.float64, device=device)
         # Declared speeds: each step's gradients timed and the slowdown waited out (unison.engine.pace).
-        self.pace = Pace(job.speeds, comm.rank, device) if job.speeds else None
+        self.balanced = job.balance == "speed"
+        self.pace = Pace(job.speeds, comm.rank, device) if job.speeds or self.balanced else None
         self.last_round_step = 0
         # Reliability: continue from a checkpoint, write them at round ends, and agree on every
         # step whether it was finite (unison.engine.checkpointer, unison.engine.guard).
@@ -125,15 +127,14 @@ class _Training:
 
     def run(self) -> Outcome:
         job, replica, strategy = self.job, self.replica, self.strategy
-        n, batch_size = len(self.x), job.batch_size
         startup_s = time.time() - job.started
         if self.progress is not None and self.start_epoch:
             self.progress.update(self.start_epoch)
         for epoch in range(self.start_epoch, job.epochs):
-            orders = [job.partition.indices(n, self.comm.world_size, r, epoch, job.seed).to(replica.device)
-                      for r in replica.ranks]
+            orders, batches = self.deal(epoch, self.epoch_rates(epoch))
+            self.rounds.shares = self.epoch_shares if self.balanced else None
             for i in range(self.start_index if epoch == self.start_epoch else 0, self.steps_per_epoch):
-                self.train_step([order[i * batch_size:(i + 1) * batch_size] for order in orders])
+                self.train_step([order[i * b:(i + 1) * b] for order, b in zip(orders, batches)])
                 if strategy.round_ends(replica.step, epoch_end=False):
                     self.end_round(epoch_end=False)
             last_epoch_unmerged = epoch == job.epochs - 1 and self.last_round_step != replica.step
@@ -151,19 +152,46 @@ class _Training:
         state = {k: v.detach().to("cpu", copy=True) for k, v in replica.model.state_dict().items()}
         return Outcome(state=state, history=self.history.records, startup_s=startup_s)
 
+    def epoch_rates(self, epoch: int) -> list[float] | None:
+        """With balance="speed": every worker's rate for sizing this epoch's shares, the same on
+        every rank — the declared speeds, or else the samples per second each measured in the
+        last epoch (agreed in one small all-reduce; equal in the first epoch, before any)."""
+        if not self.balanced:
+            return None
+        if self.job.speeds is not None:
+            return list(self.job.speeds)
+        rate = self.pace.take_epoch_rate()
+        if epoch == self.start_epoch:
+            return [1.0] * self.comm.world_size
+        rates = torch.zeros(self.comm.world_size, dtype=torch.float64, device=self.replica.device)
+        rates[self.comm.rank] = rate
+        with uncounted(self.comm):  # bookkeeping, not the strategy's traffic
+            return self.comm.all_reduce_sum(rates).tolist()
+
+    def deal(self, epoch: int, rates: list[float] | None) -> tuple[list[torch.Tensor], list[int]]:
+        """This epoch's index list and batch size of each replica this object trains: the
+        partition's, or with ``rates`` shard's permutation dealt out by speed (unison.balance)."""
+        job, n, world, device = self.job, len(self.x), self.comm.world_size, self.replica.device
+        if rates is None:
+            return ([job.partition.indices(n, world, r, epoch, job.seed).to(device) for r in self.replica.ranks],
+                    [job.batch_size] * len(self.replica.ranks))
+        shares, batches = balanced_sizes(n, world, job.batch_size, rates)
+        self.epoch_shares = shares
+        return ([balanced_indices(n, world, r, epoch, job.seed, shares).to(device) for r in self.replica.ranks],
+                [batches[r] for r in self.replica.ranks])
+
     def start_gradient(self) -> torch.Tensor:
         """This replica's mean gradient (loss + penalty) at the start over its first epoch's
         share, batch by batch in training mode; floating buffers (BatchNorm statistics) are put
         back as they were."""
-        replica, job, n = self.replica, self.job, len(self.x)
+        replica, job = self.replica, self.job
         buffers = replica.state_vector(parameters=False)
-        orders = [job.partition.indices(n, self.comm.world_size, r, 0, job.seed).to(replica.device)
-                  for r in replica.ranks]
+        first = (list(job.speeds) if job.speeds else [1.0] * self.comm.world_size) if self.balanced else None
+        orders, batches = self.deal(0, first)
         total = torch.zeros(replica.local_shape + (replica.num_parameters,), device=replica.device)
         samples = torch.zeros(replica.local_shape, device=replica.device)
-        b = job.batch_size
         for i in range(self.steps_per_epoch):
-            _, count = replica.gradients(self.x, self.y, [order[i * b:(i + 1) * b] for order in orders])
+            _, count = replica.gradients(self.x, self.y, [o[i * b:(i + 1) * b] for o, b in zip(orders, batches)])
             count = torch.as_tensor(count, dtype=total.dtype, device=replica.device)
             total += replica.grad_vector() * count.unsqueeze(-1)
             samples += count

@@ -23,7 +23,7 @@ class Pace:
 
     def __init__(self, speeds: tuple[float, ...] | None, rank: int, device: torch.device):
         self.slowdown = max(speeds) / speeds[rank] - 1.0 if speeds else 0.0
-        self.cuda = device.type == "cuda"
+        self.rank, self.cuda = rank, device.type == "cuda"
         self.device = device
         self.round_wait_s = 0.0      # simulated waiting since the last round record
         self.epoch_s = 0.0           # compute + simulated wait this epoch (for the measured rate)

@@ -74,6 +74,7 @@ class RoundLog:
         self.samples_seen, self.every_round, self.progress = samples_seen, every_round, progress
         self._pending: list[tuple[dict[str, Any], torch.Tensor]] = []
         self.simulated = simulated  # declared speeds: records carry simulated_wait_s
+        self.shares: list[int] | None = None  # balance="speed": the epoch's shares, in each record
         self.validation = validation
         if validation is not None:  # this process's slice; a process holds len(ranks) replicas
             x, y, self.task = validation
@@ -97,7 +98,7 @@ class RoundLog:
                             dim=-1)
         local = {"epoch": round(replica.step / self.steps_per_epoch, 4), "step": replica.step,
                  "wall_s": time.time() - self.started + self.wall_offset, "comm_bytes": self.comm.bytes_sent,
-                 "lr": replica.optimizer.param_groups[0]["lr"], "rollbacks": rollbacks}
+                 "lr": replica.optimizer.param_groups[0]["lr"], "rollbacks": rollbacks, "shares": self.shares}
         self._pending.append((local, stats))
         if self.every_round:
             self.flush()
@@ -115,6 +116,8 @@ class RoundLog:
                       "samples": self.samples_seen, "train_loss": row[LOSS] / max(row[SAMPLES], 1.0),
                       "divergence": row[DISTANCE] / self.comm.world_size, "comm_bytes": local["comm_bytes"],
                       "lr": local["lr"]}
+            if local["shares"] is not None:  # balance="speed": each worker's samples this epoch
+                record["shares"] = list(local["shares"])
             if self.simulated:  # seconds all workers waited in this round to simulate their speeds
                 record["simulated_wait_s"] = row[WAIT]
             if row[DISCARDED]:  # steps discarded so far, summed over replicas, and rollbacks
