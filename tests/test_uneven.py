@@ -85,24 +85,40 @@ def test_speeds_are_refused_for_stacked_replicas(blobs, small_model):
 
 # ---- balance="speed" ----
 
-def weighted_local_sgd(model, x, y, *, orders, batches, steps, epochs, lr, every, momentum=0.0):
+def weighted_local_sgd(model, x, y, *, orders, batches, steps, epochs, lr, every, momentum=0.0,
+                       dropped=None, outer=None):
     """Replicas one after another, replica r with batch batches[epoch][r] over orders(r, epoch),
-    merged every ``every`` steps (and at the end) by the mean weighted by samples since the last."""
+    merged every ``every`` steps (and at the end) by the mean weighted by samples since the last;
+    the ranks in ``dropped[k]`` weigh 0 in the k-th merge. ``outer=(lr, momentum, nesterov)``:
+    DiLoCo's outer SGD step on θ − merge."""
     import copy
     import torch.nn.functional as F
     world = len(batches[0])
     replicas = [copy.deepcopy(model) for _ in range(world)]
     opts = [torch.optim.SGD(m.parameters(), lr=lr, momentum=momentum) for m in replicas]
-    samples, step = [0] * world, 0
+    samples, step, merges = [0] * world, 0, 0
+    if outer is not None:
+        theta = [p.detach().clone().requires_grad_() for p in model.parameters()]
+        outer_opt = torch.optim.SGD(theta, lr=outer[0], momentum=outer[1], nesterov=outer[2])
 
     def merge():
-        w = torch.tensor(samples, dtype=torch.float64)
+        nonlocal merges
+        w = torch.tensor([0 if dropped and r in dropped[merges] else s for r, s in enumerate(samples)],
+                         dtype=torch.float32)
         with torch.no_grad():
-            for params in zip(*[list(m.parameters()) for m in replicas]):
-                mean = sum(p.double() * wr for p, wr in zip(params, w)) / w.sum()
+            means = [(torch.stack(list(params)) * w.reshape(-1, *[1] * params[0].dim())).sum(0) / w.sum()
+                     for params in zip(*[list(m.parameters()) for m in replicas])]
+        if outer is not None:
+            for t, mean in zip(theta, means):
+                t.grad = t.detach() - mean
+            outer_opt.step()
+            means = [t.detach() for t in theta]
+        with torch.no_grad():
+            for params, mean in zip(zip(*[list(m.parameters()) for m in replicas]), means):
                 for p in params:
-                    p.copy_(mean.to(p.dtype))
+                    p.copy_(mean)
         samples[:] = [0] * world
+        merges += 1
 
     for epoch in range(epochs):
         epoch_orders = [orders(r, epoch) for r in range(world)]
@@ -195,3 +211,50 @@ def test_balance_is_refused_where_it_cannot_work(blobs, small_model, tmp_path):
         fit(small_model, blobs, workers=2, balance="speed", partition="full")
     with pytest.raises(ConfigError, match="needs speeds="):
         fit(small_model, blobs, workers=2, balance="speed", checkpoint_dir=str(tmp_path / "c"))
+
+
+# ---- straggler-tolerant rounds: min_fraction ----
+
+@pytest.mark.parametrize("strategy, outer", [
+    ("periodic(every=4, min_fraction=0.6)", None),
+    ("diloco(every=4, min_fraction=0.6, outer_lr=0.7, outer_momentum=0.9)", (0.7, 0.9, True)),
+])
+def test_partial_rounds_equal_a_sequential_simulation_given_who_took_part(blobs, small_model, strategy, outer):
+    from reference import sampler_order
+    x, y = blobs
+    result = fit(small_model, blobs, strategy=strategy, workers=3, speeds=[1, 1, 0.05], epochs=3)
+    assert all(r["stragglers"] in ([], [2]) for r in result.history)  # never more than N − ⌈0.6·3⌉ = 1
+    assert any(r["stragglers"] == [2] for r in result.history)       # the slow worker was left out
+    assert all(r["dropped"] == len(r["stragglers"]) for r in result.history)
+    assert [r["step"] for r in result.history] == [4, 8, 12]         # everyone jumped to the round's end
+    dropped = [r["stragglers"] for r in result.history]
+    expected = weighted_local_sgd(small_model, x, y, orders=lambda r, e: sampler_order(96, 3, r, e, 0),
+                                  batches=[[8, 8, 8]] * 3, steps=4, epochs=3, lr=0.1, every=4, dropped=dropped,
+                                  outer=outer)
+    assert max_abs_diff(result.model, expected) <= 1e-5
+    merged = sum(r["samples"] for r in result.history[:1])
+    assert merged == 8 * 4 * (3 - len(dropped[0]))  # a straggler's round counts no samples
+
+
+def test_min_fraction_one_is_periodic_and_no_one_is_dropped(blobs, small_model):
+    plain = fit(small_model, blobs, strategy="periodic(every=4)", workers=3, momentum=0.9)
+    full = fit(small_model, blobs, strategy="periodic(every=4, min_fraction=1)", workers=3, momentum=0.9,
+               speeds=[1, 1, 0.2])
+    assert identical(plain.model, full.model)
+    assert all("stragglers" not in r for r in full.history)
+
+
+@pytest.mark.parametrize("strategy, message", [
+    ("periodic(min_fraction=0)", r"periodic.min_fraction=0 is not accepted"),
+    ("periodic(min_fraction=1.5)", r"min_fraction=1.5"),
+    ("periodic(min_fraction=0.5, merge=median)", r"needs merge=mean and compress=none"),
+    ("diloco(min_fraction=0.5, compress=fp16)", r"needs merge=mean"),
+])
+def test_bad_min_fraction_is_refused(blobs, small_model, strategy, message):
+    with pytest.raises(ConfigError, match=message):
+        fit(small_model, blobs, workers=2, strategy=strategy)
+
+
+def test_partial_rounds_are_refused_for_stacked_replicas(blobs, small_model):
+    with pytest.raises(ConfigError, match="stragglers"):
+        fit(small_model, blobs, workers=2, backend="stacked", strategy="periodic(min_fraction=0.5)")

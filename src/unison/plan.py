@@ -219,6 +219,10 @@ def _check_stacking(config: TrainConfig, stacked: bool) -> None:
         if config.strategy.world_size(per_worker) == 1:
             raise ConfigError(f"strategy {config.strategy.spec()!r} trains one replica; replicas_per_worker="
                               f"{per_worker} needs a strategy with several (sync, periodic, ...)")
+    if stacked and config.strategy.partial_rounds:
+        raise ConfigError(f"strategy {config.strategy.spec()!r} closes rounds without its stragglers, and "
+                          "stacked replicas (backend='stacked' or replicas_per_worker > 1) step as one "
+                          "computation; use backend='threads', 'processes' or 'torchrun' with one replica each")
     if stacked and (config.checkpoint_every is not None or config.checkpoint_dir is not None
                     or config.nan == "rollback"):
         raise ConfigError("checkpoint_every and nan='rollback' are not supported with stacked replicas "

@@ -28,6 +28,8 @@ class ThreadGroup:
         self.entered = [0] * world_size   # collectives each rank has entered
         self.missing: tuple[int, ...] = ()  # set by the first rank to see a timeout
         self.aborted = False
+        self.arrived: dict[str, int] = {}   # arrival counters (Communicator.arrive)
+        self.arrived_lock = threading.Lock()
 
     def abort(self) -> None:
         """Wake every waiting worker with PeerFailed (called when one worker fails)."""
@@ -42,6 +44,15 @@ class ThreadComm(Communicator):
 
     def peer_failed(self) -> bool:
         return self.group.aborted
+
+    def arrive(self, key):
+        with self.group.arrived_lock:
+            self.group.arrived[key] = self.group.arrived.get(key, 0) + 1
+            return self.group.arrived[key]
+
+    def arrivals(self, key):
+        with self.group.arrived_lock:
+            return self.group.arrived.get(key, 0)
 
     def _enter(self) -> None:
         self.group.entered[self.rank] += 1

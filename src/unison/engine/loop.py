@@ -99,6 +99,10 @@ class _Training:
         # Declared speeds: each step's gradients timed and the slowdown waited out (unison.engine.pace).
         self.balanced = job.balance == "speed"
         self.pace = Pace(job.speeds, comm.rank, device) if job.speeds or self.balanced else None
+        # Partial rounds (min_fraction < 1): a round closes once its quorum of replicas finished;
+        # a straggler then skips to the round's end and takes part in the merge with weight 0.
+        self.partial = self.strategy.partial_rounds and comm.world_size > 1
+        self.straggling = False
         self.last_round_step = 0
         # Reliability: continue from a checkpoint, write them at round ends, and agree on every
         # step whether it was finite (unison.engine.checkpointer, unison.engine.guard).
@@ -123,7 +127,7 @@ class _Training:
                                steps_per_epoch=self.steps_per_epoch, started=job.started,
                                wall_offset=wall_offset, samples_seen=samples_seen, progress=self.progress,
                                every_round=job.checkpoint is not None or self.strategy.shares_model,
-                               simulated=job.speeds is not None)
+                               simulated=job.speeds is not None, partial=self.partial)
 
     def run(self) -> Outcome:
         job, replica, strategy = self.job, self.replica, self.strategy
@@ -134,9 +138,14 @@ class _Training:
             orders, batches = self.deal(epoch, self.epoch_rates(epoch))
             self.rounds.shares = self.epoch_shares if self.balanced else None
             for i in range(self.start_index if epoch == self.start_epoch else 0, self.steps_per_epoch):
-                self.train_step([order[i * b:(i + 1) * b] for order, b in zip(orders, batches)])
+                if self.straggling:  # the round closed without this replica: on to its end step
+                    replica.step += 1
+                else:
+                    self.train_step([order[i * b:(i + 1) * b] for order, b in zip(orders, batches)])
                 if strategy.round_ends(replica.step, epoch_end=False):
                     self.end_round(epoch_end=False)
+                elif self.partial and not self.straggling:
+                    self.straggling = self.round_closed()
             last_epoch_unmerged = epoch == job.epochs - 1 and self.last_round_step != replica.step
             if strategy.round_ends(replica.step, epoch_end=True) or last_epoch_unmerged:
                 self.end_round(epoch_end=True)
@@ -218,8 +227,19 @@ class _Training:
         elif verdict == ROLLED_BACK:
             self.loss_sum.zero_()
 
+    def round_closed(self) -> bool:
+        """Whether enough other replicas finished this round that it closes without this one."""
+        quorum = self.strategy.quorum(self.comm.world_size, self.replica.step + 1)
+        return quorum < self.comm.world_size and self.comm.arrivals(str(self.last_round_step)) >= quorum
+
     def end_round(self, epoch_end: bool) -> None:
         replica, guard = self.replica, self.guard
+        dropped, self.straggling = self.straggling, False
+        if self.partial and not dropped and self.strategy.quorum(self.comm.world_size, replica.step) < self.comm.world_size:
+            self.comm.arrive(str(self.last_round_step))  # first, so that stragglers stop at once
+        if dropped:  # FedAvg's partial participation: a straggler's round is left out of the merge
+            replica.samples_since_merge = 0
+            self.loss_sum.zero_()
         if guard.rolled_back_at_round_end():  # a local step was not finite: undo the round
             self.loss_sum.zero_()
             self.last_round_step = replica.step
@@ -230,7 +250,7 @@ class _Training:
         replica.project()  # a robust merge need not stay inside the constraint set
         self.rounds.add(loss_sum=self.loss_sum.clone(), samples=round_samples, distance=distance,
                         discarded=guard.discarded, rollbacks=guard.rollbacks,
-                        wait_s=self.pace.take_round_wait() if self.pace is not None else 0.0)
+                        wait_s=self.pace.take_round_wait() if self.pace is not None else 0.0, dropped=dropped)
         self.loss_sum.zero_()
         replica.samples_since_merge = 0
         self.last_round_step = replica.step

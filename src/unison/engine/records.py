@@ -28,8 +28,9 @@ if TYPE_CHECKING:
     from .view import ReplicaView
 
 # one row per round: what each replica adds, summed over replicas
-LOSS, SAMPLES, DISTANCE, DISCARDED, VAL_LOSS, VAL_CORRECT, WAIT = range(7)
-COLUMNS = 7
+LOSS, SAMPLES, DISTANCE, DISCARDED, VAL_LOSS, VAL_CORRECT, WAIT, DROPPED, DROPPED_MASK = range(9)
+COLUMNS = 9
+MASK_RANKS = 52  # a float64 holds the bit mask 2^rank exactly for this many ranks
 
 
 @torch.no_grad()
@@ -68,12 +69,13 @@ class RoundLog:
     def __init__(self, replica: "ReplicaView", comm: Communicator, history: History, *, loss_fn: Callable,
                  validation: tuple[torch.Tensor, torch.Tensor, str] | None, steps_per_epoch: int,
                  started: float, wall_offset: float, samples_seen: int, every_round: bool,
-                 progress: Any = None, simulated: bool = False):
+                 progress: Any = None, simulated: bool = False, partial: bool = False):
         self.replica, self.comm, self.history, self.loss_fn = replica, comm, history, loss_fn
         self.steps_per_epoch, self.started, self.wall_offset = steps_per_epoch, started, wall_offset
         self.samples_seen, self.every_round, self.progress = samples_seen, every_round, progress
         self._pending: list[tuple[dict[str, Any], torch.Tensor]] = []
         self.simulated = simulated  # declared speeds: records carry simulated_wait_s
+        self.partial = partial      # rounds may close without stragglers: records name them
         self.shares: list[int] | None = None  # balance="speed": the epoch's shares, in each record
         self.validation = validation
         if validation is not None:  # this process's slice; a process holds len(ranks) replicas
@@ -83,19 +85,23 @@ class RoundLog:
             self._val_x, self._val_y = x.tensor_split(processes)[mine], y.tensor_split(processes)[mine]
 
     def add(self, *, loss_sum: torch.Tensor, samples: torch.Tensor, distance: torch.Tensor,
-            discarded: int, rollbacks: int, wait_s: float = 0.0) -> None:
+            discarded: int, rollbacks: int, wait_s: float = 0.0, dropped: bool = False) -> None:
         """Record a round whose merge just happened (the replica holds the merged model);
-        ``wait_s``: this process's simulated waiting in the round (unison.engine.pace)."""
+        ``wait_s``: this process's simulated waiting in the round (unison.engine.pace);
+        ``dropped``: this replica was a straggler, left out of the merge (min_fraction)."""
         replica = self.replica
         first_row = torch.zeros_like(samples)  # per-process numbers go in its first replica's row
         val_loss, val_correct = first_row.clone(), first_row.clone()
         if self.validation is not None and len(self._val_x):
             loss, correct = evaluation_sums(replica.model, self._val_x, self._val_y, self.loss_fn, self.task)
             val_loss.view(-1)[0], val_correct.view(-1)[0] = loss, correct
-        wait = first_row.clone()
+        wait, out, mask = first_row.clone(), first_row.clone(), first_row.clone()
         first_row.view(-1)[0], wait.view(-1)[0] = float(discarded), wait_s
-        stats = torch.stack([loss_sum, samples, distance.to(torch.float64), first_row, val_loss, val_correct, wait],
-                            dim=-1)
+        if dropped:
+            out.view(-1)[0] = 1.0
+            mask.view(-1)[0] = 2.0 ** self.comm.rank if self.comm.rank < MASK_RANKS else 0.0
+        stats = torch.stack([loss_sum, samples, distance.to(torch.float64), first_row, val_loss, val_correct, wait,
+                             out, mask], dim=-1)
         local = {"epoch": round(replica.step / self.steps_per_epoch, 4), "step": replica.step,
                  "wall_s": time.time() - self.started + self.wall_offset, "comm_bytes": self.comm.bytes_sent,
                  "lr": replica.optimizer.param_groups[0]["lr"], "rollbacks": rollbacks, "shares": self.shares}
@@ -118,6 +124,11 @@ class RoundLog:
                       "lr": local["lr"]}
             if local["shares"] is not None:  # balance="speed": each worker's samples this epoch
                 record["shares"] = list(local["shares"])
+            if self.partial:  # the replicas left out of this round's merge
+                record["dropped"] = int(row[DROPPED])
+                if self.comm.world_size <= MASK_RANKS:
+                    mask = int(row[DROPPED_MASK])
+                    record["stragglers"] = [r for r in range(self.comm.world_size) if mask >> r & 1]
             if self.simulated:  # seconds all workers waited in this round to simulate their speeds
                 record["simulated_wait_s"] = row[WAIT]
             if row[DISCARDED]:  # steps discarded so far, summed over replicas, and rollbacks

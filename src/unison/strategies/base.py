@@ -8,6 +8,7 @@ the communicator it is handed, and combines what it receives only through ``unis
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -69,6 +70,19 @@ class Strategy(specs.Spec, ABC):
         together (then a replica without a batch still steps with the shared gradient)."""
         return False
 
+    @property
+    def partial_rounds(self) -> bool:
+        """Whether a round may close before every replica finished it (``min_fraction`` < 1)."""
+        return getattr(self, "min_fraction", 1.0) < 1.0
+
+    def quorum(self, world_size: int, step: int) -> int:
+        """How many replicas must have finished the round that global step ``step`` belongs to
+        before it closes; the others stop where they are, their round's work left out of the
+        merge. Every replica (the default), or ⌈min_fraction·N⌉ after any warm-up."""
+        if not self.partial_rounds or step <= getattr(self, "warmup", 0):
+            return world_size
+        return max(1, math.ceil(self.min_fraction * world_size - 1e-9))
+
     @abstractmethod
     def round_ends(self, step: int, epoch_end: bool) -> bool:
         """Whether a round ends after global step ``step``; asked once after each step with
@@ -77,6 +91,21 @@ class Strategy(specs.Spec, ABC):
     def merge_replicas(self, replica: "ReplicaView", comm: "Communicator") -> torch.Tensor:
         """Merge the replicas at a round end; return this replica's distance to the merge."""
         return merge_states(replica, comm, getattr(self, "merge", merges.Mean()))
+
+
+def check_min_fraction(strategy: Strategy) -> None:
+    """In a strategy's __post_init__ (after parse_merge and parse_compress): min_fraction is in
+    (0, 1], and below 1 the merge is the weighted mean, uncompressed (a straggler's weight is 0;
+    a robust rule would count its vote, error feedback would keep its unsent change)."""
+    f = strategy.min_fraction
+    if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
+        raise ConfigError(expected(f"{strategy.name}.min_fraction", f, "a number in (0, 1]: the fraction of "
+                                   "workers whose finished round closes it"))
+    if f < 1 and (not isinstance(strategy.merge, merges.Mean)
+                  or not isinstance(strategy.compress, compression.NoCompression)):
+        raise ConfigError(f"{strategy.name}.min_fraction={f} needs merge=mean and compress=none (a round's "
+                          f"stragglers take part with weight 0), got merge={strategy.merge}, "
+                          f"compress={strategy.compress}")
 
 
 def parse_merge(strategy: Strategy) -> None:
