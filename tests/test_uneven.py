@@ -258,3 +258,23 @@ def test_bad_min_fraction_is_refused(blobs, small_model, strategy, message):
 def test_partial_rounds_are_refused_for_stacked_replicas(blobs, small_model):
     with pytest.raises(ConfigError, match="stragglers"):
         fit(small_model, blobs, workers=2, backend="stacked", strategy="periodic(min_fraction=0.5)")
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(180)
+def test_on_processes_the_store_counts_arrivals_and_the_rates_are_agreed(blobs, small_model):
+    """backend='processes' (gloo, the group's TCPStore): a partial round equals the simulation
+    given who took part; measured rates are agreed (every rank deals the same shares)."""
+    from reference import sampler_order
+    x, y = blobs
+    result = fit(small_model, blobs, strategy="periodic(every=4, min_fraction=0.5)", workers=2,
+                 backend="processes", speeds=[1, 0.05], epochs=2)
+    dropped = [r["stragglers"] for r in result.history]
+    assert [1] in dropped and all(d in ([], [1]) for d in dropped)
+    expected = weighted_local_sgd(small_model, x, y, orders=lambda r, e: sampler_order(96, 2, r, e, 0),
+                                  batches=[[8, 8]] * 2, steps=6, epochs=2, lr=0.1, every=4, dropped=dropped)
+    assert max_abs_diff(result.model, expected) <= 1e-5
+    measured = fit(small_model, blobs, strategy="periodic(every=epoch)", workers=2, backend="processes",
+                   balance="speed", epochs=3)
+    assert measured.history[0]["shares"] == [48, 48]
+    assert all(sum(r["shares"]) == 96 for r in measured.history)
