@@ -37,7 +37,8 @@ def methods(every: int, workers: int) -> list[tuple[str, dict]]:
          {"strategy": f"periodic(every={every}, min_fraction={quorum:g})"}),
         ("periodic(every=epoch), waiting", {"strategy": "periodic(every=epoch)"}),
         ("periodic(every=epoch), balance=speed", {"strategy": "periodic(every=epoch)", "balance": "speed"}),
-        (f"periodic(every=epoch, min_fraction={quorum:g})", {"strategy": f"periodic(every=epoch, min_fraction={quorum:g})"}),
+        (f"periodic(every=epoch, min_fraction={quorum:g})",
+         {"strategy": f"periodic(every=epoch, min_fraction={quorum:g})"}),
         ("sync, waiting", {"strategy": "sync"}),
         ("sync, balance=speed", {"strategy": "sync", "balance": "speed"}),
     ]
@@ -72,7 +73,8 @@ def main() -> None:
                      "wall_s": history[-1]["wall_s"], "waited_s": sum(r.get("simulated_wait_s", 0.0) for r in history),
                      "dropped": sum(r.get("dropped", 0) for r in history), "rounds": len(history)})
         print(f"  {rows[-1]}", flush=True)
-    reference = {"periodic": rows[0]["time_to_target"], "epoch": rows[3]["time_to_target"], "sync": rows[6]["time_to_target"]}
+    reference = {"periodic": rows[0]["time_to_target"], "epoch": rows[3]["time_to_target"],
+                 "sync": rows[6]["time_to_target"]}
     for row in rows:
         base = reference["sync" if row["method"].startswith("sync") else
                          "epoch" if "every=epoch" in row["method"] else "periodic"]

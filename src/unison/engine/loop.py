@@ -235,7 +235,8 @@ class _Training:
     def end_round(self, epoch_end: bool) -> None:
         replica, guard = self.replica, self.guard
         dropped, self.straggling = self.straggling, False
-        if self.partial and not dropped and self.strategy.quorum(self.comm.world_size, replica.step) < self.comm.world_size:
+        world = self.comm.world_size
+        if self.partial and not dropped and self.strategy.quorum(world, replica.step) < world:
             self.comm.arrive(str(self.last_round_step))  # first, so that stragglers stop at once
         if dropped:  # FedAvg's partial participation: a straggler's round is left out of the merge
             replica.samples_since_merge = 0

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from .. import compression, merges
 from ..errors import ConfigError, expected
-from .base import (OPTIMIZER_STATES, Strategy, check_every, check_min_fraction, combine_gradients, ends_every, merge_optimizer_state,
-                   merge_states, merge_weight, parse_compress, parse_merge)
+from .base import (OPTIMIZER_STATES, Strategy, check_every, check_min_fraction, combine_gradients, ends_every,
+                   merge_optimizer_state, merge_states, merge_weight, parse_compress, parse_merge)
 from .compressed import merge_change
 
 ANCHOR = "periodic.anchor"  # the parameters of the last merge, that the change is measured from
