@@ -72,10 +72,21 @@ def test_speeds_really_wait(blobs, small_model):
     ("fast", "speeds='fast'"),
     ([], "speeds=[]"),
     ([1, 1, 1], "one number per worker: 2"),
+    ([1], "one number per worker: 2"),
 ])
 def test_bad_speeds_are_refused_before_any_worker_starts(blobs, small_model, speeds, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         fit(small_model, blobs, workers=2, speeds=speeds)
+
+
+def test_single_runs_on_the_first_workers_speed(blobs, small_model, monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(pace, "perf_counter", clock.perf_counter)
+    monkeypatch.setattr(pace, "sleep", clock.sleep)
+    fit(small_model, blobs, strategy="single", workers=2, speeds=[1, 0.5])  # on worker 0: no wait
+    assert clock.slept == []
+    fit(small_model, blobs, strategy="single", workers=2, speeds=[0.5, 1], epochs=1)
+    assert clock.slept == [1.0] * 12  # 96 samples, batch 8
 
 
 def test_speeds_are_refused_for_stacked_replicas(blobs, small_model):
@@ -278,3 +289,10 @@ def test_on_processes_the_store_counts_arrivals_and_the_rates_are_agreed(blobs, 
                    balance="speed", epochs=3)
     assert measured.history[0]["shares"] == [48, 48]
     assert all(sum(r["shares"]) == 96 for r in measured.history)
+
+
+def test_balanced_batches_of_one_are_refused_with_batchnorm(blobs):
+    torch.manual_seed(0)
+    model = unison.models.mlp(8, [16], 3, batchnorm=True)
+    with pytest.raises(ConfigError, match="BatchNorm"):  # speeds 1:0.01 give worker 1 batches of 1
+        fit(model, blobs, workers=2, balance="speed", speeds=[1, 0.01])

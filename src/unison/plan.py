@@ -31,6 +31,7 @@ from .engine.stacked import check_vmappable
 from .errors import CheckpointError, ConfigError, DataError, UnisonError, WorkerError, expected
 from .history import with_throughput, write_jsonl
 from .launch.base import Backend
+from .balance import balanced_sizes
 from .partitions import Shard
 from .result import Result
 
@@ -137,7 +138,10 @@ def resolve(config: TrainConfig, model: nn.Module | Callable[[], nn.Module], dat
                           steps=[math.ceil(share / config.batch_size) for share in shares])
     start_model = _start_model(model, config.seed)
     _check_model(start_model, train, loss)
-    _check_batchnorm(start_model, shares, config.batch_size)
+    batches = [config.batch_size] * len(shares)
+    if config.balance == "speed" and config.speeds is not None:  # the shares and batches it will deal
+        shares, batches = balanced_sizes(len(train.x), replicas, config.batch_size, _speeds(config, replicas))
+    _check_batchnorm(start_model, shares, batches)
 
     settings = None
     if checkpoint_dir is not None:
@@ -150,7 +154,7 @@ def resolve(config: TrainConfig, model: nn.Module | Callable[[], nn.Module], dat
               optimizer=optimizer_settings, loss_fn=loss or resolve_loss(config.loss, train.task), data=train,
               model=start_model, penalty=config.penalty, constraint=config.constraint,
               schedule=config.schedule, nan=config.nan, device=config.device, checkpoint=settings,
-              started=started, progress=progress, speeds=config.speeds, balance=config.balance,
+              started=started, progress=progress, speeds=_speeds(config, replicas), balance=config.balance,
               history_path=str(log_path / HISTORY_FILE) if log_path is not None else None)
     backend.check(job)
     if stacked:  # can the model be vmapped? (a custom optimizer factory is tried there too)
@@ -251,9 +255,17 @@ def _check_speeds(config: TrainConfig, stacked: bool, replicas: int) -> None:
         raise ConfigError("speeds= simulates uneven workers by making each worker wait, and stacked "
                           "replicas (backend='stacked' or replicas_per_worker > 1) train as one computation; "
                           "use backend='threads', 'processes' or 'torchrun' with one replica each")
-    if len(config.speeds) != replicas:
-        raise ConfigError(expected("speeds", list(config.speeds), f"one number per worker: {replicas} "
-                                   f"for strategy {config.strategy.spec()!r} with workers={config.workers}"))
+    if len(config.speeds) not in (replicas, config.workers):
+        raise ConfigError(expected("speeds", list(config.speeds), f"one number per worker: {config.workers} "
+                                   f"(workers={config.workers}; strategy {config.strategy.spec()!r} runs {replicas})"))
+
+
+def _speeds(config: TrainConfig, replicas: int) -> tuple[float, ...] | None:
+    """The declared speeds of the replicas that run, over the fastest declared (so each is <= 1):
+    a strategy that runs fewer replicas than workers were asked for (single) runs on the first."""
+    if config.speeds is None:
+        return None
+    return tuple(speed / max(config.speeds) for speed in config.speeds[:replicas])
 
 
 def _resume_point(config: TrainConfig, directory: str | None, resume: bool, data: TrainData, model: nn.Module,
@@ -345,11 +357,11 @@ def _called(what: str, function: Callable, *args: Any, given: Any = None) -> Any
         raise ConfigError(f"the {what} {name!r} raised {type(exc).__name__}: {exc}") from exc
 
 
-def _check_batchnorm(model: nn.Module, shares: list[int], batch_size: int) -> None:
+def _check_batchnorm(model: nn.Module, shares: list[int], batches: list[int]) -> None:
     """BatchNorm cannot train on a batch of one sample; find such a batch before starting."""
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return
-    for rank, share in enumerate(shares):
+    for rank, (share, batch_size) in enumerate(zip(shares, batches)):
         if batch_size == 1 or share % batch_size == 1:
             raise ConfigError(f"batch_size={batch_size} leaves worker {rank} (share of {share} samples) "
                               "a batch of 1 sample, which BatchNorm cannot train on; choose another "

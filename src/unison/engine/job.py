@@ -94,7 +94,7 @@ class Job:
     started: float = 0.0              # time.time() when fit() was called
     progress: bool = False
     history_path: str | None = None   # rank 0 appends one JSON line per round
-    speeds: tuple[float, ...] | None = None   # declared relative speeds, one per replica (a simulation)
+    speeds: tuple[float, ...] | None = None   # declared speeds over the fastest, one per replica (a simulation)
     balance: str = "none"             # "speed": shares sized by throughput each epoch (unison.balance)
 
     @property

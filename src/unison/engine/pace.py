@@ -22,7 +22,7 @@ class Pace:
     """One worker's clock: the time of each step's gradients, its declared slowdown, its rate."""
 
     def __init__(self, speeds: tuple[float, ...] | None, rank: int, device: torch.device):
-        self.slowdown = max(speeds) / speeds[rank] - 1.0 if speeds else 0.0
+        self.slowdown = 1.0 / speeds[rank] - 1.0 if speeds else 0.0  # speeds over the fastest (plan)
         self.rank, self.cuda = rank, device.type == "cuda"
         self.device = device
         self.round_wait_s = 0.0      # simulated waiting since the last round record
