@@ -247,6 +247,22 @@ def test_partial_rounds_equal_a_sequential_simulation_given_who_took_part(blobs,
     assert merged == 8 * 4 * (3 - len(dropped[0]))  # a straggler's round counts no samples
 
 
+def test_a_deadline_closes_rounds_with_those_that_finished(blobs, small_model):
+    from reference import sampler_order
+    x, y = blobs
+    result = fit(small_model, blobs, strategy="periodic(every=4, deadline=0)", workers=3, speeds=[1, 1, 0.05],
+                 epochs=3)
+    dropped = [r["stragglers"] for r in result.history]
+    assert all(len(d) <= 2 for d in dropped) and any(2 in d for d in dropped)  # someone always finished
+    expected = weighted_local_sgd(small_model, x, y, orders=lambda r, e: sampler_order(96, 3, r, e, 0),
+                                  batches=[[8, 8, 8]] * 3, steps=4, epochs=3, lr=0.1, every=4, dropped=dropped)
+    assert max_abs_diff(result.model, expected) <= 1e-5
+    patient = fit(small_model, blobs, strategy="periodic(every=4, deadline=60)", workers=3, speeds=[1, 1, 0.5])
+    plain = fit(small_model, blobs, strategy="periodic(every=4)", workers=3)
+    assert all(r["stragglers"] == [] for r in patient.history)
+    assert identical(patient.model, plain.model)
+
+
 def test_min_fraction_one_is_periodic_and_no_one_is_dropped(blobs, small_model):
     plain = fit(small_model, blobs, strategy="periodic(every=4)", workers=3, momentum=0.9)
     full = fit(small_model, blobs, strategy="periodic(every=4, min_fraction=1)", workers=3, momentum=0.9,
@@ -260,6 +276,8 @@ def test_min_fraction_one_is_periodic_and_no_one_is_dropped(blobs, small_model):
     ("periodic(min_fraction=1.5)", r"min_fraction=1.5"),
     ("periodic(min_fraction=0.5, merge=median)", r"needs merge=mean and compress=none"),
     ("diloco(min_fraction=0.5, compress=fp16)", r"needs merge=mean"),
+    ("periodic(deadline=-1)", r"periodic.deadline=-1 is not accepted"),
+    ("periodic(deadline=1, merge=median)", r"periodic.deadline=1 needs merge=mean"),
 ])
 def test_bad_min_fraction_is_refused(blobs, small_model, strategy, message):
     with pytest.raises(ConfigError, match=message):

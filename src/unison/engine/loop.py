@@ -103,6 +103,7 @@ class _Training:
         # a straggler then skips to the round's end and takes part in the merge with weight 0.
         self.partial = self.strategy.partial_rounds and comm.world_size > 1
         self.straggling = False
+        self.first_arrival_seen: float | None = None  # (monotonic) when this round's first arrival was seen
         self.last_round_step = 0
         # Reliability: continue from a checkpoint, write them at round ends, and agree on every
         # step whether it was finite (unison.engine.checkpointer, unison.engine.guard).
@@ -227,16 +228,32 @@ class _Training:
         elif verdict == ROLLED_BACK:
             self.loss_sum.zero_()
 
+    def closes_early(self, step: int) -> bool:
+        """Whether the round of global step ``step`` may close before every replica finished it."""
+        world = self.comm.world_size
+        return self.strategy.quorum(world, step) < world or self.strategy.deadline_at(step) is not None
+
     def round_closed(self) -> bool:
-        """Whether enough other replicas finished this round that it closes without this one."""
-        quorum = self.strategy.quorum(self.comm.world_size, self.replica.step + 1)
-        return quorum < self.comm.world_size and self.comm.arrivals(str(self.last_round_step)) >= quorum
+        """Whether this round closes without this replica: its quorum finished it, or its
+        deadline passed since this replica first saw that another one had."""
+        step = self.replica.step + 1
+        if not self.closes_early(step):
+            return False
+        arrived = self.comm.arrivals(str(self.last_round_step))
+        if arrived >= self.strategy.quorum(self.comm.world_size, step):
+            return True
+        deadline = self.strategy.deadline_at(step)
+        if deadline is None or not arrived:
+            return False
+        now = time.monotonic()
+        if self.first_arrival_seen is None:
+            self.first_arrival_seen = now
+        return now - self.first_arrival_seen >= deadline
 
     def end_round(self, epoch_end: bool) -> None:
         replica, guard = self.replica, self.guard
-        dropped, self.straggling = self.straggling, False
-        world = self.comm.world_size
-        if self.partial and not dropped and self.strategy.quorum(world, replica.step) < world:
+        dropped, self.straggling, self.first_arrival_seen = self.straggling, False, None
+        if self.partial and not dropped and self.closes_early(replica.step):
             self.comm.arrive(str(self.last_round_step))  # first, so that stragglers stop at once
         if dropped:  # FedAvg's partial participation: a straggler's round is left out of the merge
             replica.samples_since_merge = 0

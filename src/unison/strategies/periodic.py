@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from .. import compression, merges
 from ..errors import ConfigError, expected
-from .base import (OPTIMIZER_STATES, Strategy, check_every, check_min_fraction, combine_gradients, ends_every,
+from .base import (OPTIMIZER_STATES, Strategy, check_every, check_partial_rounds, combine_gradients, ends_every,
                    merge_optimizer_state, merge_states, merge_weight, parse_compress, parse_merge)
 from .compressed import merge_change
 
@@ -29,6 +29,8 @@ class Periodic(Strategy):
     ``min_fraction`` < 1: straggler-tolerant rounds, FedAvg's partial participation (McMahan et
     al. 2017): a round closes once ⌈min_fraction·N⌉ replicas finished its steps; the others stop
     at their current step and take part with weight 0, then start the next round from the merge.
+    ``deadline`` (seconds): a round also closes that long after its first replica finished it
+    (as each straggler sees at the end of its current step).
     """
 
     name = "periodic"
@@ -38,6 +40,7 @@ class Periodic(Strategy):
     merge: merges.Merge = merges.Mean()
     compress: compression.Compression = compression.NoCompression()
     min_fraction: float = 1.0
+    deadline: float | None = None
 
     def __post_init__(self) -> None:
         check_every(self.name, self.every)
@@ -47,7 +50,7 @@ class Periodic(Strategy):
             raise ConfigError(expected(f"{self.name}.optimizer_state", self.optimizer_state, OPTIMIZER_STATES))
         parse_merge(self)
         parse_compress(self)
-        check_min_fraction(self)
+        check_partial_rounds(self)
 
     @property
     def compressed(self) -> bool:
