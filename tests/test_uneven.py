@@ -314,3 +314,61 @@ def test_balanced_batches_of_one_are_refused_with_batchnorm(blobs):
     model = unison.models.mlp(8, [16], 3, batchnorm=True)
     with pytest.raises(ConfigError, match="BatchNorm"):  # speeds 1:0.01 give worker 1 batches of 1
         fit(model, blobs, workers=2, balance="speed", speeds=[1, 0.01])
+
+
+# ---- on_failure="continue" ----
+
+class FailsOnRank(torch.nn.Module):
+    """Linear 8 → 3 that raises in its ``at``-th training forward pass on the replicas in ``ranks``."""
+
+    def __init__(self, ranks=(1,), at=3):
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = torch.nn.Linear(8, 3)
+        self.ranks, self.at, self.calls = tuple(ranks), at, 0
+
+    def forward(self, x):
+        from toy_models import current_rank
+        if self.training and threading.current_thread().name.startswith("unison-worker-") \
+                or torch.distributed.is_initialized():
+            self.calls += 1
+            if current_rank() in self.ranks and self.calls == self.at:
+                raise RuntimeError("boom on this worker")
+        return self.linear(x)
+
+
+def test_on_failure_continue_drops_the_worker_and_equals_the_simulation_without_it(blobs):
+    from reference import sampler_order
+    from unison.errors import WorkerDropped
+    x, y = blobs
+    model = FailsOnRank(ranks=(1,), at=3)
+    with pytest.warns(WorkerDropped, match=r"worker 1 failed at step 3.*boom.*dropped"):
+        result = fit(model, blobs, strategy="periodic(every=4)", workers=3, on_failure="continue", epochs=2)
+    assert [r["failed_workers"] for r in result.history] == [[1]] * len(result.history)
+    expected = weighted_local_sgd(model, x, y, orders=lambda r, e: sampler_order(96, 3, r, e, 0),
+                                  batches=[[8, 8, 8]] * 2, steps=4, epochs=2, lr=0.1, every=4,
+                                  dropped=[[1]] * len(result.history))
+    assert max_abs_diff(result.model, expected) <= 1e-5
+    assert result.history[0]["samples"] == 2 * 4 * 8  # the failed worker's round is left out
+
+
+def test_on_failure_continue_keeps_sync_in_step_and_fails_when_no_worker_is_left(blobs):
+    from unison.errors import WorkerDropped, WorkerError
+    with pytest.warns(WorkerDropped):
+        result = fit(FailsOnRank(ranks=(0,), at=2), blobs, strategy="sync", workers=2, on_failure="continue")
+    assert result.history[-1]["failed_workers"] == [0] and result.history[-1]["step"] == 12
+    with pytest.raises(WorkerError, match="every worker's training step failed"), pytest.warns(WorkerDropped):
+        fit(FailsOnRank(ranks=(0, 1), at=2), blobs, strategy="periodic(every=4)", workers=2, on_failure="continue")
+    with pytest.raises(WorkerError, match="boom"):  # the default stops the run
+        fit(FailsOnRank(ranks=(1,), at=2), blobs, strategy="periodic(every=4)", workers=2)
+    with pytest.raises(ConfigError, match="on_failure='later' is not accepted"):
+        fit(FailsOnRank(), blobs, workers=2, on_failure="later")
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(180)
+def test_on_failure_continue_on_processes(blobs):
+    result = fit(FailsOnRank(ranks=(1,), at=3), blobs, strategy="sync", workers=2, backend="processes",
+                 on_failure="continue")
+    assert result.history[-1]["failed_workers"] == [1] and result.history[-1]["step"] == 12
+    assert result.history[-1]["samples"] == 48 + 48  # worker 1's samples are left out from its failed round on

@@ -48,7 +48,7 @@ def fit(model: nn.Module | Callable[[], nn.Module], data: Any, val: Any = None, 
         device: str = "cpu", replicas_per_worker: int = 1,
         checkpoint_every: int | str | None = None, checkpoint_dir: str | Path | None = None,
         keep_checkpoints: int = 2, nan: str = "stop", resume: bool = False, label: str | None = None,
-        speeds: Any = None, balance: str = "none") -> Result:
+        speeds: Any = None, balance: str = "none", on_failure: str = "stop") -> Result:
     """Train ``workers`` replicas of ``model`` on ``data`` with ``strategy`` and merge them.
 
     ``model``: an nn.Module (its weights are every replica's start) or a zero-argument factory
@@ -75,6 +75,8 @@ def fit(model: nn.Module | Callable[[], nn.Module], data: Any, val: Any = None, 
     same, only time changes, and records carry ``simulated_wait_s`` (unison.engine.pace).
     ``balance="speed"`` (with partition="shard") sizes each worker's share and batch by its
     throughput, measured each epoch (the declared ``speeds`` when given; unison.balance).
+    ``on_failure="continue"``: a worker whose training step raises is dropped with a
+    WorkerDropped warning (its share unused, its weight 0) and the run goes on with the others.
     """
     started = time.time()
     config = TrainConfig(
@@ -83,7 +85,7 @@ def fit(model: nn.Module | Callable[[], nn.Module], data: Any, val: Any = None, 
         nesterov=nesterov, weight_decay=weight_decay, schedule=schedule, penalty=penalty,
         constraint=constraint, loss="custom" if callable(loss) else loss, seed=seed, timeout=timeout,
         replicas_per_worker=replicas_per_worker, device=device, checkpoint_every=checkpoint_every,
-        nan=nan, keep_checkpoints=keep_checkpoints, speeds=speeds, balance=balance,
+        nan=nan, keep_checkpoints=keep_checkpoints, speeds=speeds, balance=balance, on_failure=on_failure,
         checkpoint_dir=str(checkpoint_dir) if isinstance(checkpoint_dir, Path) else checkpoint_dir)
     return run(config, model, data, val, optimizer=optimizer if callable(optimizer) else None,
                loss=loss if callable(loss) else None, progress=progress, log_dir=log_dir, resume=resume,

@@ -30,6 +30,7 @@ DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 LOSSES = ("cross_entropy", "mse")
 NAN_POLICIES = ("stop", "skip", "rollback")
 BALANCES = ("none", "speed")
+ON_FAILURE = ("stop", "continue")
 _DURATION_UNITS = {"s": 1.0, "sec": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0}
 
 
@@ -159,6 +160,7 @@ class TrainConfig:
     # Uneven workers, declared: worker r takes max(speeds)/speeds[r] times its step time (unison.engine.pace).
     speeds: tuple[float, ...] | None = None
     balance: str = "none"          # "speed": shares and batches ∝ each worker's throughput (unison.balance)
+    on_failure: str = "stop"       # "continue": a worker whose training step raises is dropped, the run goes on
 
     def __post_init__(self) -> None:
         check_int("workers", self.workers, minimum=1)
@@ -206,6 +208,7 @@ class TrainConfig:
     def _check_speeds(self) -> None:
         """speeds: one positive finite number per worker (their count is the plan's to check)."""
         check_choice("balance", self.balance, BALANCES)
+        check_choice("on_failure", self.on_failure, ON_FAILURE)
         if self.speeds is None:
             return
         accepted = "a list of positive numbers, one per worker, e.g. [1, 1, 0.5, 0.25]"

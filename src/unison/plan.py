@@ -155,6 +155,7 @@ def resolve(config: TrainConfig, model: nn.Module | Callable[[], nn.Module], dat
               model=start_model, penalty=config.penalty, constraint=config.constraint,
               schedule=config.schedule, nan=config.nan, device=config.device, checkpoint=settings,
               started=started, progress=progress, speeds=_speeds(config, replicas), balance=config.balance,
+              on_failure=config.on_failure,
               history_path=str(log_path / HISTORY_FILE) if log_path is not None else None)
     backend.check(job)
     if stacked:  # can the model be vmapped? (a custom optimizer factory is tried there too)
@@ -223,6 +224,10 @@ def _check_stacking(config: TrainConfig, stacked: bool) -> None:
         if config.strategy.world_size(per_worker) == 1:
             raise ConfigError(f"strategy {config.strategy.spec()!r} trains one replica; replicas_per_worker="
                               f"{per_worker} needs a strategy with several (sync, periodic, ...)")
+    if stacked and config.on_failure == "continue":
+        raise ConfigError("on_failure='continue' drops the one worker whose step failed, and stacked replicas "
+                          "(backend='stacked' or replicas_per_worker > 1) step as one computation; use "
+                          "backend='threads', 'processes' or 'torchrun' with one replica each, or on_failure='stop'")
     if stacked and config.strategy.partial_rounds:
         raise ConfigError(f"strategy {config.strategy.spec()!r} closes rounds without its stragglers, and "
                           "stacked replicas (backend='stacked' or replicas_per_worker > 1) step as one "

@@ -17,6 +17,7 @@ import copy
 import math
 import time
 import traceback
+import warnings
 
 import torch
 from torch import nn
@@ -24,7 +25,7 @@ from torch import nn
 from ..balance import balanced_indices, balanced_sizes
 from ..comm.base import Communicator, uncounted
 from ..comm.stacked import StackedComm
-from ..errors import UnisonError, WorkerError
+from ..errors import UnisonError, WorkerDropped, WorkerError
 from ..history import History
 from .checkpointer import Checkpointer
 from .guard import GOOD, ROLLED_BACK, NonFiniteGuard
@@ -103,6 +104,7 @@ class _Training:
         # a straggler then skips to the round's end and takes part in the merge with weight 0.
         self.partial = self.strategy.partial_rounds and comm.world_size > 1
         self.straggling = False
+        self.failed = False  # on_failure="continue" dropped this worker after its step raised
         self.first_arrival_seen: float | None = None  # (monotonic) when this round's first arrival was seen
         self.last_round_step = 0
         # Reliability: continue from a checkpoint, write them at round ends, and agree on every
@@ -211,9 +213,16 @@ class _Training:
 
     def train_step(self, batches: list[torch.Tensor]) -> None:
         replica, pace = self.replica, self.pace
+        if self.failed:  # dropped (on_failure="continue"): no data, weight 0, still in every collective
+            batches = [batch[:0] for batch in batches]
         if pace is not None:
             pace.start()
-        loss, count = replica.gradients(self.x, self.y, batches)
+        try:
+            loss, count = replica.gradients(self.x, self.y, batches)
+        except Exception as exc:  # noqa: BLE001 - the user's model or loss: any exception is its failure
+            if self.job.on_failure != "continue" or isinstance(exc, UnisonError):
+                raise
+            loss, count = self.drop_this_worker(exc)
         if pace is not None:  # the declared slowdown, before the exchange others may wait at
             pace.stop(count)
         replica.step += 1
@@ -250,10 +259,25 @@ class _Training:
             self.first_arrival_seen = now
         return now - self.first_arrival_seen >= deadline
 
+    def drop_this_worker(self, exc: Exception) -> tuple[torch.Tensor, int]:
+        """on_failure="continue": warn, leave this replica's round out and train on nothing from
+        now on; it keeps making every collective (as a replica whose share is used up does), so
+        the others go on. Returns the failed step's (loss, samples): (0, 0)."""
+        replica = self.replica
+        message = str(_step_failure(exc, self.comm.rank, replica))
+        warnings.warn(f"{message}; on_failure='continue': worker {self.comm.rank} is dropped and the run goes "
+                      "on with the others", WorkerDropped, stacklevel=2)
+        self.failed = True
+        replica.in_forward = False
+        replica.zero_grad()
+        replica.samples_since_merge = 0
+        self.loss_sum.zero_()
+        return torch.zeros((), device=replica.device), 0
+
     def end_round(self, epoch_end: bool) -> None:
         replica, guard = self.replica, self.guard
         dropped, self.straggling, self.first_arrival_seen = self.straggling, False, None
-        if self.partial and not dropped and self.closes_early(replica.step):
+        if self.partial and not dropped and not self.failed and self.closes_early(replica.step):
             self.comm.arrive(str(self.last_round_step))  # first, so that stragglers stop at once
         if dropped:  # FedAvg's partial participation: a straggler's round is left out of the merge
             replica.samples_since_merge = 0
@@ -268,7 +292,8 @@ class _Training:
         replica.project()  # a robust merge need not stay inside the constraint set
         self.rounds.add(loss_sum=self.loss_sum.clone(), samples=round_samples, distance=distance,
                         discarded=guard.discarded, rollbacks=guard.rollbacks,
-                        wait_s=self.pace.take_round_wait() if self.pace is not None else 0.0, dropped=dropped)
+                        wait_s=self.pace.take_round_wait() if self.pace is not None else 0.0, dropped=dropped,
+                        failed=self.failed)
         self.loss_sum.zero_()
         replica.samples_since_merge = 0
         self.last_round_step = replica.step

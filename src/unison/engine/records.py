@@ -22,14 +22,15 @@ import torch
 
 from ..comm.base import Communicator, uncounted
 from ..data import CLASSIFICATION
+from ..errors import WorkerError
 from ..history import History
 
 if TYPE_CHECKING:
     from .view import ReplicaView
 
 # one row per round: what each replica adds, summed over replicas
-LOSS, SAMPLES, DISTANCE, DISCARDED, VAL_LOSS, VAL_CORRECT, WAIT, DROPPED, DROPPED_MASK = range(9)
-COLUMNS = 9
+LOSS, SAMPLES, DISTANCE, DISCARDED, VAL_LOSS, VAL_CORRECT, WAIT, DROPPED, DROPPED_MASK, FAILED, FAILED_MASK = range(11)
+COLUMNS = 11
 MASK_RANKS = 52  # a float64 holds the bit mask 2^rank exactly for this many ranks
 
 
@@ -85,23 +86,27 @@ class RoundLog:
             self._val_x, self._val_y = x.tensor_split(processes)[mine], y.tensor_split(processes)[mine]
 
     def add(self, *, loss_sum: torch.Tensor, samples: torch.Tensor, distance: torch.Tensor,
-            discarded: int, rollbacks: int, wait_s: float = 0.0, dropped: bool = False) -> None:
+            discarded: int, rollbacks: int, wait_s: float = 0.0, dropped: bool = False,
+            failed: bool = False) -> None:
         """Record a round whose merge just happened (the replica holds the merged model);
         ``wait_s``: this process's simulated waiting in the round (unison.engine.pace);
-        ``dropped``: this replica was a straggler, left out of the merge (min_fraction)."""
+        ``dropped``: this replica was a straggler, left out of the merge (min_fraction);
+        ``failed``: its step raised and on_failure="continue" dropped it for good."""
         replica = self.replica
         first_row = torch.zeros_like(samples)  # per-process numbers go in its first replica's row
         val_loss, val_correct = first_row.clone(), first_row.clone()
         if self.validation is not None and len(self._val_x):
             loss, correct = evaluation_sums(replica.model, self._val_x, self._val_y, self.loss_fn, self.task)
             val_loss.view(-1)[0], val_correct.view(-1)[0] = loss, correct
-        wait, out, mask = first_row.clone(), first_row.clone(), first_row.clone()
+        wait, out, mask, dead, dead_mask = (first_row.clone() for _ in range(5))
         first_row.view(-1)[0], wait.view(-1)[0] = float(discarded), wait_s
+        bit = 2.0 ** self.comm.rank if self.comm.rank < MASK_RANKS else 0.0
         if dropped:
-            out.view(-1)[0] = 1.0
-            mask.view(-1)[0] = 2.0 ** self.comm.rank if self.comm.rank < MASK_RANKS else 0.0
+            out.view(-1)[0], mask.view(-1)[0] = 1.0, bit
+        if failed:
+            dead.view(-1)[0], dead_mask.view(-1)[0] = 1.0, bit
         stats = torch.stack([loss_sum, samples, distance.to(torch.float64), first_row, val_loss, val_correct, wait,
-                             out, mask], dim=-1)
+                             out, mask, dead, dead_mask], dim=-1)
         local = {"epoch": round(replica.step / self.steps_per_epoch, 4), "step": replica.step,
                  "wall_s": time.time() - self.started + self.wall_offset, "comm_bytes": self.comm.bytes_sent,
                  "lr": replica.optimizer.param_groups[0]["lr"], "rollbacks": rollbacks, "shares": self.shares}
@@ -127,8 +132,12 @@ class RoundLog:
             if self.partial:  # the replicas left out of this round's merge
                 record["dropped"] = int(row[DROPPED])
                 if self.comm.world_size <= MASK_RANKS:
-                    mask = int(row[DROPPED_MASK])
-                    record["stragglers"] = [r for r in range(self.comm.world_size) if mask >> r & 1]
+                    record["stragglers"] = _ranks(int(row[DROPPED_MASK]), self.comm.world_size)
+            if row[FAILED]:  # on_failure="continue": the workers dropped so far
+                if int(row[FAILED]) == self.comm.world_size:
+                    raise WorkerError(f"every worker's training step failed (on_failure='continue' goes on only "
+                                      f"while one is left); the first failure was warned about", rank=self.comm.rank)
+                record["failed_workers"] = _ranks(int(row[FAILED_MASK]), self.comm.world_size)
             if self.simulated:  # seconds all workers waited in this round to simulate their speeds
                 record["simulated_wait_s"] = row[WAIT]
             if row[DISCARDED]:  # steps discarded so far, summed over replicas, and rollbacks
@@ -142,3 +151,8 @@ class RoundLog:
         if self.progress is not None:
             record = self.history.records[-1]
             self.progress.set_postfix({k: f"{record[k]:.4g}" for k in ("train_loss", "val_acc") if k in record})
+
+
+def _ranks(mask: int, world_size: int) -> list[int]:
+    """The ranks whose bits are set in ``mask`` (only ranks below MASK_RANKS have one)."""
+    return [r for r in range(min(world_size, MASK_RANKS)) if mask >> r & 1]
