@@ -372,3 +372,12 @@ def test_on_failure_continue_on_processes(blobs):
                  on_failure="continue")
     assert result.history[-1]["failed_workers"] == [1] and result.history[-1]["step"] == 12
     assert result.history[-1]["samples"] == 48 + 48  # worker 1's samples are left out from its failed round on
+
+
+def test_partial_rounds_checkpoint_and_resume(blobs, small_model, tmp_path):
+    kwargs = dict(strategy="periodic(every=4, min_fraction=0.5)", workers=2, speeds=[1, 0.05],
+                  checkpoint_dir=str(tmp_path / "ckpt"), balance="speed")
+    first = fit(small_model, blobs, epochs=2, **kwargs)
+    more = fit(small_model, blobs, epochs=3, resume=True, **kwargs)
+    assert [r["step"] for r in more.history[:len(first.history)]] == [r["step"] for r in first.history]
+    assert more.history[-1]["step"] == 18 and all("stragglers" in r for r in more.history)

@@ -39,7 +39,8 @@ HISTORY_FILE, MODEL_FILE = "history.jsonl", "model.safetensors"
 RESUME_HINT = "resume=True continues from it"
 # Settings a resumed run may change; any other difference is refused (the result would not be
 # the run that was checkpointed).
-RESUMABLE_CHANGES = ("backend", "epochs", "timeout", "checkpoint_every", "checkpoint_dir", "keep_checkpoints", "nan")
+RESUMABLE_CHANGES = ("backend", "epochs", "timeout", "checkpoint_every", "checkpoint_dir", "keep_checkpoints", "nan",
+                     "on_failure")
 
 
 @dataclass
