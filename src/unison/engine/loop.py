@@ -6,6 +6,12 @@ step and the projection. When the strategy says a round ends: merge, project, ev
 process its slice) and record; the records' sums over replicas are taken once an epoch
 (unison.engine.records), and the checkpointer writes at round ends.
 
+Uneven workers (issue 15): declared ``speeds`` wait out a simulated slowdown after each step's
+gradients (unison.engine.pace); ``balance="speed"`` deals each epoch's shares and batches by
+speed (unison.balance); a round whose strategy allows it closes once enough replicas finished it
+(``min_fraction``, ``deadline``), the others skipping to its end step with weight 0; with
+``on_failure="continue"`` a replica whose step raised trains on nothing but keeps every collective.
+
 The loop never assumes one replica per call: with ``job.stacked`` the replica object holds R
 replicas (unison.engine.stacked) whose losses, sample counts and distances are [R] tensors,
 and the communicator reduces over them before it talks to the other workers.
