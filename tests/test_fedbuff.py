@@ -283,3 +283,16 @@ def test_torchrun_with_cuda_lacks_messages_from_any_rank(monkeypatch):
     assert BACKEND.why_not(FedBuff.needs) is None or torch.cuda.is_available()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert "NCCL" in BACKEND.why_not(FedBuff.needs) and BACKEND.why_not(frozenset()) is None
+
+
+def test_declared_speeds_slow_a_fedbuff_worker_without_changing_what_the_replay_trains(blobs, small_model):
+    """speeds= makes worker 1 wait (a simulation); the model is then what the recorded arrival
+    order gives, as without speeds: replaying that order without speeds trains the same model."""
+    kwargs = dict(strategy="fedbuff(every=2, buffer=1)", workers=2, backend="threads", epochs=2, batch_size=8,
+                  lr=0.1, progress=False, val=None)
+    slow = unison.fit(small_model, blobs, speeds=[1, 0.05], **kwargs)
+    order = [worker for record in slow.history for worker, _, _ in record["arrivals"]]
+    assert order.count(0) == order.count(1) >= 3
+    assert order[-3:] == [1, 1, 1]  # 20 times slower: worker 0 was done long before
+    replayed = unison.fit(small_model, blobs, **(kwargs | {"strategy": f"fedbuff(every=2, buffer=1, replay={order})"}))
+    assert max_abs_diff(slow.model, replayed.model) <= 1e-6

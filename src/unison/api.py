@@ -47,7 +47,8 @@ def fit(model: nn.Module | Callable[[], nn.Module], data: Any, val: Any = None, 
         progress: bool = True, log_dir: str | Path | None = None, timeout: float = 300.0,
         device: str = "cpu", replicas_per_worker: int = 1,
         checkpoint_every: int | str | None = None, checkpoint_dir: str | Path | None = None,
-        keep_checkpoints: int = 2, nan: str = "stop", resume: bool = False, label: str | None = None) -> Result:
+        keep_checkpoints: int = 2, nan: str = "stop", resume: bool = False, label: str | None = None,
+        speeds: Any = None, balance: str = "none", on_failure: str = "stop") -> Result:
     """Train ``workers`` replicas of ``model`` on ``data`` with ``strategy`` and merge them.
 
     ``model``: an nn.Module (its weights are every replica's start) or a zero-argument factory
@@ -69,6 +70,14 @@ def fit(model: nn.Module | Callable[[], nn.Module], data: Any, val: Any = None, 
     the newest ``keep_checkpoints``; ``resume=True`` continues from the newest valid one (a
     restarted torchrun group does so by itself). ``nan``: "stop", "skip" or "rollback" (see
     unison.engine.guard). ``timeout``: seconds any collective may wait for a peer.
+
+    Uneven workers: ``speeds=[1, 1, 0.5, 0.25]`` (one per worker) simulates them on one machine:
+    worker r waits so that its steps take max(speeds)/speeds[r] times as long; the model is the
+    same, only time changes, and records carry ``simulated_wait_s`` (unison.engine.pace).
+    ``balance="speed"`` (with partition="shard") sizes each worker's share and batch by its
+    throughput, measured each epoch (the declared ``speeds`` when given; unison.balance).
+    ``on_failure="continue"``: a worker whose training step raises is dropped with a
+    WorkerDropped warning (its share unused, its weight 0) and the run goes on with the others.
     """
     started = time.time()
     config = TrainConfig(
@@ -77,7 +86,7 @@ def fit(model: nn.Module | Callable[[], nn.Module], data: Any, val: Any = None, 
         nesterov=nesterov, weight_decay=weight_decay, schedule=schedule, penalty=penalty,
         constraint=constraint, loss="custom" if callable(loss) else loss, seed=seed, timeout=timeout,
         replicas_per_worker=replicas_per_worker, device=device, checkpoint_every=checkpoint_every,
-        nan=nan, keep_checkpoints=keep_checkpoints,
+        nan=nan, keep_checkpoints=keep_checkpoints, speeds=speeds, balance=balance, on_failure=on_failure,
         checkpoint_dir=str(checkpoint_dir) if isinstance(checkpoint_dir, Path) else checkpoint_dir)
     return run(config, model, data, val, optimizer=optimizer if callable(optimizer) else None,
                loss=loss if callable(loss) else None, progress=progress, log_dir=log_dir, resume=resume,

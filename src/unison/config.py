@@ -10,6 +10,7 @@ A run file has three tables, one per dataclass::
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -28,6 +29,8 @@ from .validators import check_bool, check_choice, check_float, check_int
 DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 LOSSES = ("cross_entropy", "mse")
 NAN_POLICIES = ("stop", "skip", "rollback")
+BALANCES = ("none", "speed")
+ON_FAILURE = ("stop", "continue")
 _DURATION_UNITS = {"s": 1.0, "sec": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0}
 
 
@@ -154,6 +157,10 @@ class TrainConfig:
     checkpoint_dir: str | None = None
     keep_checkpoints: int = 2
     nan: str = "stop"
+    # Uneven workers, declared: worker r takes max(speeds)/speeds[r] times its step time (unison.engine.pace).
+    speeds: tuple[float, ...] | None = None
+    balance: str = "none"          # "speed": shares and batches ∝ each worker's throughput (unison.balance)
+    on_failure: str = "stop"       # "continue": a worker whose training step raises is dropped, the run goes on
 
     def __post_init__(self) -> None:
         check_int("workers", self.workers, minimum=1)
@@ -177,6 +184,7 @@ class TrainConfig:
         check_int("seed", self.seed, minimum=0, maximum=2**63 - 1)  # what every generator it seeds accepts
         check_float("timeout", self.timeout, low=0.0, low_open=True)
         self._check_reliability()
+        self._check_speeds()
         # parse() raises ConfigError naming the accepted names and options.
         object.__setattr__(self, "strategy", strategies.parse(self.strategy))
         object.__setattr__(self, "partition", partitions.parse(self.partition))
@@ -196,6 +204,20 @@ class TrainConfig:
     def record(self) -> dict[str, Any]:
         """Every setting as a plain value (specs as strings, None kept): what checkpoints save."""
         return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+
+    def _check_speeds(self) -> None:
+        """speeds: one positive finite number per worker (their count is the plan's to check)."""
+        check_choice("balance", self.balance, BALANCES)
+        check_choice("on_failure", self.on_failure, ON_FAILURE)
+        if self.speeds is None:
+            return
+        accepted = "a list of positive numbers, one per worker, e.g. [1, 1, 0.5, 0.25]"
+        if not isinstance(self.speeds, (list, tuple)) or not self.speeds:
+            raise ConfigError(expected("speeds", self.speeds, accepted))
+        for speed in self.speeds:
+            if isinstance(speed, bool) or not isinstance(speed, (int, float)) or not 0 < speed < math.inf:
+                raise ConfigError(expected("speeds", list(self.speeds), accepted))
+        object.__setattr__(self, "speeds", tuple(float(s) for s in self.speeds))
 
     def _check_reliability(self) -> None:
         check_choice("nan", self.nan, NAN_POLICIES)

@@ -49,6 +49,11 @@ class CheckpointError(UnisonError, OSError):
     """A checkpoint or model file is missing, corrupt or of the wrong shape."""
 
 
+class WorkerDropped(UserWarning):
+    """on_failure="continue": a worker's training step raised; it was left out of the rest of the
+    run (its share unused, its weight 0) and the others went on."""
+
+
 def expected(field: str, got: object, accepted: str | Iterable[str]) -> str:
     """One-line message naming the field, the bad value and what is accepted."""
     if not isinstance(accepted, str):

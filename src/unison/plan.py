@@ -31,13 +31,16 @@ from .engine.stacked import check_vmappable
 from .errors import CheckpointError, ConfigError, DataError, UnisonError, WorkerError, expected
 from .history import with_throughput, write_jsonl
 from .launch.base import Backend
+from .balance import balanced_sizes
+from .partitions import Shard
 from .result import Result
 
 HISTORY_FILE, MODEL_FILE = "history.jsonl", "model.safetensors"
 RESUME_HINT = "resume=True continues from it"
 # Settings a resumed run may change; any other difference is refused (the result would not be
 # the run that was checkpointed).
-RESUMABLE_CHANGES = ("backend", "epochs", "timeout", "checkpoint_every", "checkpoint_dir", "keep_checkpoints", "nan")
+RESUMABLE_CHANGES = ("backend", "epochs", "timeout", "checkpoint_every", "checkpoint_dir", "keep_checkpoints", "nan",
+                     "on_failure")
 
 
 @dataclass
@@ -107,6 +110,7 @@ def resolve(config: TrainConfig, model: nn.Module | Callable[[], nn.Module], dat
     replicas = (size - config.strategy.servers) * config.replicas_per_worker  # servers train none
     _check_stacking(config, stacked)
     _check_asynchronous(config, size)
+    _check_speeds(config, stacked, replicas)
     checkpoint_dir = config.checkpoint_dir
     if checkpoint_dir is None and config.checkpoint_every is not None and log_dir is not None:
         checkpoint_dir = str(Path(log_dir) / "checkpoints")
@@ -141,7 +145,10 @@ def resolve(config: TrainConfig, model: nn.Module | Callable[[], nn.Module], dat
     config.strategy.check_schedule(config.epochs, [math.ceil(share / config.batch_size) for share in shares])
     start_model = _start_model(model, config.seed)
     _check_model(start_model, train, loss)
-    _check_batchnorm(start_model, shares, config.batch_size)
+    batches = [config.batch_size] * len(shares)
+    if config.balance == "speed" and config.speeds is not None:  # the shares and batches it will deal
+        shares, batches = balanced_sizes(len(train.x), replicas, config.batch_size, _speeds(config, replicas))
+    _check_batchnorm(start_model, shares, batches)
 
     settings = None
     if checkpoint_dir is not None:
@@ -154,7 +161,8 @@ def resolve(config: TrainConfig, model: nn.Module | Callable[[], nn.Module], dat
               optimizer=optimizer_settings, loss_fn=loss or resolve_loss(config.loss, train.task), data=train,
               model=start_model, penalty=config.penalty, constraint=config.constraint,
               schedule=config.schedule, nan=config.nan, device=config.device, checkpoint=settings,
-              started=started, progress=progress,
+              started=started, progress=progress, speeds=_speeds(config, replicas), balance=config.balance,
+              on_failure=config.on_failure,
               history_path=str(log_path / HISTORY_FILE) if log_path is not None else None)
     backend.check(job)
     if stacked:  # can the model be vmapped? (a custom optimizer factory is tried there too)
@@ -223,6 +231,14 @@ def _check_stacking(config: TrainConfig, stacked: bool) -> None:
         if config.strategy.world_size(per_worker) == 1:
             raise ConfigError(f"strategy {config.strategy.spec()!r} trains one replica; replicas_per_worker="
                               f"{per_worker} needs a strategy with several (sync, periodic, ...)")
+    if stacked and config.on_failure == "continue":
+        raise ConfigError("on_failure='continue' drops the one worker whose step failed, and stacked replicas "
+                          "(backend='stacked' or replicas_per_worker > 1) step as one computation; use "
+                          "backend='threads', 'processes' or 'torchrun' with one replica each, or on_failure='stop'")
+    if stacked and config.strategy.partial_rounds:
+        raise ConfigError(f"strategy {config.strategy.spec()!r} closes rounds without its stragglers, and "
+                          "stacked replicas (backend='stacked' or replicas_per_worker > 1) step as one "
+                          "computation; use backend='threads', 'processes' or 'torchrun' with one replica each")
     if stacked and (config.checkpoint_every is not None or config.checkpoint_dir is not None
                     or config.nan == "rollback"):
         raise ConfigError("checkpoint_every and nan='rollback' are not supported with stacked replicas "
@@ -250,6 +266,40 @@ def _check_asynchronous(config: TrainConfig, size: int) -> None:
         raise ConfigError(f"checkpoint_every/checkpoint_dir are not supported with the asynchronous strategy "
                           f"{strategy.name!r} yet (its workers have no common round end to save at); "
                           "leave them unset")
+
+
+def _check_speeds(config: TrainConfig, stacked: bool, replicas: int) -> None:
+    """speeds: one per worker, and workers that each run on their own (a wait per worker);
+    balance="speed": shard's shares re-sized, from rates that a resume can find again."""
+    if config.balance == "speed":
+        if not isinstance(config.partition, Shard):
+            raise ConfigError(f"balance='speed' re-sizes the shares of partition='shard' by worker speed; "
+                              f"partition={config.partition.spec()!r} has shares of its own; use "
+                              "partition='shard' or balance='none'")
+        if stacked:
+            raise ConfigError("balance='speed' sizes each worker's share by its own throughput, and stacked "
+                              "replicas (backend='stacked' or replicas_per_worker > 1) train as one computation; "
+                              "use backend='threads', 'processes' or 'torchrun' with one replica each")
+        if config.speeds is None and (config.checkpoint_every is not None or config.checkpoint_dir is not None):
+            raise ConfigError("balance='speed' with checkpoints needs speeds= (declared rates): measured rates "
+                              "are not saved in checkpoints yet, so a resumed epoch could not be re-dealt alike")
+    if config.speeds is None:
+        return
+    if stacked:
+        raise ConfigError("speeds= simulates uneven workers by making each worker wait, and stacked "
+                          "replicas (backend='stacked' or replicas_per_worker > 1) train as one computation; "
+                          "use backend='threads', 'processes' or 'torchrun' with one replica each")
+    if len(config.speeds) not in (replicas, config.workers):
+        raise ConfigError(expected("speeds", list(config.speeds), f"one number per worker: {config.workers} "
+                                   f"(workers={config.workers}; strategy {config.strategy.spec()!r} runs {replicas})"))
+
+
+def _speeds(config: TrainConfig, replicas: int) -> tuple[float, ...] | None:
+    """The declared speeds of the replicas that run, over the fastest declared (so each is <= 1):
+    a strategy that runs fewer replicas than workers were asked for (single) runs on the first."""
+    if config.speeds is None:
+        return None
+    return tuple(speed / max(config.speeds) for speed in config.speeds[:replicas])
 
 
 def _resume_point(config: TrainConfig, directory: str | None, resume: bool, data: TrainData, model: nn.Module,
@@ -341,11 +391,11 @@ def _called(what: str, function: Callable, *args: Any, given: Any = None) -> Any
         raise ConfigError(f"the {what} {name!r} raised {type(exc).__name__}: {exc}") from exc
 
 
-def _check_batchnorm(model: nn.Module, shares: list[int], batch_size: int) -> None:
+def _check_batchnorm(model: nn.Module, shares: list[int], batches: list[int]) -> None:
     """BatchNorm cannot train on a batch of one sample; find such a batch before starting."""
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return
-    for rank, share in enumerate(shares):
+    for rank, (share, batch_size) in enumerate(zip(shares, batches)):
         if batch_size == 1 or share % batch_size == 1:
             raise ConfigError(f"batch_size={batch_size} leaves worker {rank} (share of {share} samples) "
                               "a batch of 1 sample, which BatchNorm cannot train on; choose another "

@@ -301,6 +301,12 @@ def _settings_list(settings: dict[str, Any]) -> list[tuple[str, str]]:
         items.append(("model", str(compare["model"])))
     if train:
         items.append(("training", ", ".join(f"{k}={v}" for k, v in train.items() if k != "timeout")))
+    simulated = [label for label in compare.get("strategies", [])
+                 if compare.get("runs", {}).get(label, {}).get("speeds")]
+    if train.get("speeds") or simulated:
+        items.append(("simulated speeds", "times are simulated: worker r waits so that its steps take "
+                      "max(speeds)/speeds[r] times as long (declared speeds, one machine)"
+                      + (f"; runs {', '.join(simulated)}" if simulated else "")))
     runs = compare.get("runs", {})
     if compare.get("strategies"):
         items.append(("runs", ", ".join(compare["strategies"])))

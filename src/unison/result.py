@@ -49,6 +49,9 @@ class Result:
                                    for (name, fmt), w in zip(columns, widths)))
         final = self.final
         headline = f"done in {self.wall_s:.2f} s (start-up {self.startup_s:.2f} s)"
+        if cfg.speeds is not None:  # the times include waits that simulate declared speeds
+            waited = sum(r.get("simulated_wait_s", 0.0) for r in self.history)
+            headline += f"; SIMULATED speeds {list(cfg.speeds)} ({waited:.2f} s waited, all workers)"
         if "val_acc" in final:
             headline += f"; final validation accuracy {final['val_acc']:.2%}"
         elif "val_loss" in final:

@@ -87,6 +87,15 @@ class Communicator(ABC):
         sender. Ranks outside a tuple must not be sending to this one meanwhile."""
         raise NotImplementedError(f"{type(self).__name__} has no point-to-point messages")
 
+    def arrive(self, key: str) -> int:
+        """Count this worker as arrived under ``key`` (without waiting for anyone); return how
+        many have arrived there so far. For rounds that close when enough workers finished."""
+        raise NotImplementedError(f"{type(self).__name__} has no arrival counter")
+
+    def arrivals(self, key: str) -> int:
+        """How many workers have arrived under ``key`` so far; never waits."""
+        raise NotImplementedError(f"{type(self).__name__} has no arrival counter")
+
     def peer_failed(self) -> bool:
         """Whether another worker is known to have failed already (without communicating).
         Lets a replica between collectives stop early; False where the launcher stops it."""
@@ -136,6 +145,14 @@ class Solo(Communicator):
 
     def __init__(self) -> None:
         super().__init__(rank=0, world_size=1)
+        self._arrived: dict[str, int] = {}
+
+    def arrive(self, key):
+        self._arrived[key] = self._arrived.get(key, 0) + 1
+        return self._arrived[key]
+
+    def arrivals(self, key):
+        return self._arrived.get(key, 0)
 
     def all_reduce_sum(self, tensor):
         return tensor

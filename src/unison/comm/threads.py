@@ -32,6 +32,8 @@ class ThreadGroup:
         # point to point: each rank's inbox of (sender, tensors), in arrival order
         self.inboxes: list[list[tuple[int, list]]] = [[] for _ in range(world_size)]
         self.mail = threading.Condition()
+        self.arrived: dict[str, int] = {}   # arrival counters (Communicator.arrive)
+        self.arrived_lock = threading.Lock()
 
     def abort(self) -> None:
         """Wake every waiting worker with PeerFailed (called when one worker fails)."""
@@ -48,6 +50,15 @@ class ThreadComm(Communicator):
 
     def peer_failed(self) -> bool:
         return self.group.aborted
+
+    def arrive(self, key):
+        with self.group.arrived_lock:
+            self.group.arrived[key] = self.group.arrived.get(key, 0) + 1
+            return self.group.arrived[key]
+
+    def arrivals(self, key):
+        with self.group.arrived_lock:
+            return self.group.arrived.get(key, 0)
 
     def _enter(self) -> None:
         self.group.entered[self.rank] += 1

@@ -40,6 +40,25 @@ class TorchDistComm(Communicator):
         self.timeout = timeout
         # Idle until a collective times out; then it takes the roll call (see the module doc).
         self._roll_call = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
+        self._store = None  # the group's key-value store, for arrival counters (made on first use)
+
+    def _counters(self):
+        if self._store is None:
+            self._store = dist.PrefixStore("unison/arrivals/", dist.distributed_c10d._get_default_store())
+        return self._store
+
+    def arrive(self, key):
+        """One atomic add in the group's store (TCPStore): no collective, nobody waits."""
+        try:
+            return int(self._counters().add(key, 1))
+        except RuntimeError as exc:
+            raise PeerFailed(f"the group's store is gone: {exc}", rank=self.rank) from exc
+
+    def arrivals(self, key):
+        try:
+            return int(self._counters().add(key, 0))
+        except RuntimeError as exc:
+            raise PeerFailed(f"the group's store is gone: {exc}", rank=self.rank) from exc
 
     def _collective(self, name: str, call, *args, **kwargs):
         """Run a torch.distributed call; its failure means a peer is gone or late: PeerFailed."""

@@ -34,6 +34,7 @@ from ..comm.base import Communicator, PeerFailed, nbytes, uncounted
 from ..errors import NonFiniteError
 from ..history import History
 from .job import Job, Outcome
+from .pace import Pace
 from .records import evaluate
 from .replica import Replica
 
@@ -66,6 +67,7 @@ def _work(job: Job, comm: Communicator, replica: Replica) -> Outcome:
     start = replica.state_vector()
     reply, reply_meta = torch.empty_like(start), torch.zeros(1, dtype=torch.float64, device=device)
     version, loss_sum, samples = 0, torch.zeros((), dtype=torch.float64, device=device), 0
+    pace = Pace(job.speeds, me, device) if job.speeds else None  # declared speeds (unison.engine.pace)
     startup_s = time.time() - job.started
 
     def exchange() -> None:
@@ -92,7 +94,11 @@ def _work(job: Job, comm: Communicator, replica: Replica) -> Outcome:
         for i in range(steps_per_epoch):
             if comm.peer_failed():
                 raise PeerFailed("another worker failed", rank=comm.rank)
+            if pace is not None:
+                pace.start()
             loss, count = replica.gradients(x, y, [order[i * b:(i + 1) * b]])
+            if pace is not None:
+                pace.stop(count)
             replica.step += 1
             if not torch.isfinite(loss):
                 raise NonFiniteError(f"step {replica.step} is not finite (replica {me}: the loss is {loss.item()}); "

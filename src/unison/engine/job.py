@@ -94,6 +94,9 @@ class Job:
     started: float = 0.0              # time.time() when fit() was called
     progress: bool = False
     history_path: str | None = None   # rank 0 appends one JSON line per round
+    speeds: tuple[float, ...] | None = None   # declared speeds over the fastest, one per replica (a simulation)
+    balance: str = "none"             # "speed": shares sized by throughput each epoch (unison.balance)
+    on_failure: str = "stop"          # "continue": a worker whose step raises is dropped (loop.py)
 
     @property
     def replicas(self) -> int:

@@ -6,6 +6,12 @@ step and the projection. When the strategy says a round ends: merge, project, ev
 process its slice) and record; the records' sums over replicas are taken once an epoch
 (unison.engine.records), and the checkpointer writes at round ends.
 
+Uneven workers (issue 15): declared ``speeds`` wait out a simulated slowdown after each step's
+gradients (unison.engine.pace); ``balance="speed"`` deals each epoch's shares and batches by
+speed (unison.balance); a round whose strategy allows it closes once enough replicas finished it
+(``min_fraction``, ``deadline``), the others skipping to its end step with weight 0; with
+``on_failure="continue"`` a replica whose step raised trains on nothing but keeps every collective.
+
 The loop never assumes one replica per call: with ``job.stacked`` the replica object holds R
 replicas (unison.engine.stacked) whose losses, sample counts and distances are [R] tensors,
 and the communicator reduces over them before it talks to the other workers.
@@ -17,18 +23,21 @@ import copy
 import math
 import time
 import traceback
+import warnings
 
 import torch
 from torch import nn
 
-from ..comm.base import Communicator
+from ..balance import balanced_indices, balanced_sizes
+from ..comm.base import Communicator, uncounted
 from ..comm.stacked import StackedComm
-from ..errors import UnisonError, WorkerError
+from ..errors import UnisonError, WorkerDropped, WorkerError
 from ..history import History
 from . import asynchronous
 from .checkpointer import Checkpointer
 from .guard import GOOD, ROLLED_BACK, NonFiniteGuard
 from .job import Job, Outcome
+from .pace import Pace
 from .records import RoundLog
 from .replica import Replica
 from .stacked import StackedReplica
@@ -97,6 +106,15 @@ class _Training:
         self.progress = _progress_bar(job, comm.rank)
         self.strategy.begin(replica, comm)
         self.loss_sum = torch.zeros(replica.local_shape, dtype=torch.float64, device=device)
+        # Declared speeds: each step's gradients timed and the slowdown waited out (unison.engine.pace).
+        self.balanced = job.balance == "speed"
+        self.pace = Pace(job.speeds, comm.rank, device) if job.speeds or self.balanced else None
+        # Partial rounds (min_fraction < 1): a round closes once its quorum of replicas finished;
+        # a straggler then skips to the round's end and takes part in the merge with weight 0.
+        self.partial = self.strategy.partial_rounds and comm.world_size > 1
+        self.straggling = False
+        self.failed = False  # on_failure="continue" dropped this worker after its step raised
+        self.first_arrival_seen: float | None = None  # (monotonic) when this round's first arrival was seen
         self.last_round_step = 0
         # Reliability: continue from a checkpoint, write them at round ends, and agree on every
         # step whether it was finite (unison.engine.checkpointer, unison.engine.guard).
@@ -120,21 +138,26 @@ class _Training:
         self.rounds = RoundLog(replica, comm, self.history, loss_fn=job.loss_fn, validation=validation,
                                steps_per_epoch=self.steps_per_epoch, started=job.started,
                                wall_offset=wall_offset, samples_seen=samples_seen, progress=self.progress,
-                               every_round=job.checkpoint is not None or self.strategy.shares_model)
+                               every_round=job.checkpoint is not None or self.strategy.shares_model,
+                               simulated=job.speeds is not None, partial=self.partial)
 
     def run(self) -> Outcome:
         job, replica, strategy = self.job, self.replica, self.strategy
-        n, batch_size = len(self.x), job.batch_size
         startup_s = time.time() - job.started
         if self.progress is not None and self.start_epoch:
             self.progress.update(self.start_epoch)
         for epoch in range(self.start_epoch, job.epochs):
-            orders = [job.partition.indices(n, self.comm.world_size, r, epoch, job.seed).to(replica.device)
-                      for r in replica.ranks]
+            orders, batches = self.deal(epoch, self.epoch_rates(epoch))
+            self.rounds.shares = self.epoch_shares if self.balanced else None
             for i in range(self.start_index if epoch == self.start_epoch else 0, self.steps_per_epoch):
-                self.train_step([order[i * batch_size:(i + 1) * batch_size] for order in orders])
+                if self.straggling:  # the round closed without this replica: on to its end step
+                    replica.step += 1
+                else:
+                    self.train_step([order[i * b:(i + 1) * b] for order, b in zip(orders, batches)])
                 if strategy.round_ends(replica.step, epoch_end=False):
                     self.end_round(epoch_end=False)
+                elif self.partial and not self.straggling:
+                    self.straggling = self.round_closed()
             last_epoch_unmerged = epoch == job.epochs - 1 and self.last_round_step != replica.step
             if strategy.round_ends(replica.step, epoch_end=True) or last_epoch_unmerged:
                 self.end_round(epoch_end=True)
@@ -150,19 +173,46 @@ class _Training:
         state = {k: v.detach().to("cpu", copy=True) for k, v in replica.model.state_dict().items()}
         return Outcome(state=state, history=self.history.records, startup_s=startup_s)
 
+    def epoch_rates(self, epoch: int) -> list[float] | None:
+        """With balance="speed": every worker's rate for sizing this epoch's shares, the same on
+        every rank — the declared speeds, or else the samples per second each measured in the
+        last epoch (agreed in one small all-reduce; equal in the first epoch, before any)."""
+        if not self.balanced:
+            return None
+        if self.job.speeds is not None:
+            return list(self.job.speeds)
+        rate = self.pace.take_epoch_rate()
+        if epoch == self.start_epoch:
+            return [1.0] * self.comm.world_size
+        rates = torch.zeros(self.comm.world_size, dtype=torch.float64, device=self.replica.device)
+        rates[self.comm.rank] = rate
+        with uncounted(self.comm):  # bookkeeping, not the strategy's traffic
+            return self.comm.all_reduce_sum(rates).tolist()
+
+    def deal(self, epoch: int, rates: list[float] | None) -> tuple[list[torch.Tensor], list[int]]:
+        """This epoch's index list and batch size of each replica this object trains: the
+        partition's, or with ``rates`` shard's permutation dealt out by speed (unison.balance)."""
+        job, n, world, device = self.job, len(self.x), self.comm.world_size, self.replica.device
+        if rates is None:
+            return ([job.partition.indices(n, world, r, epoch, job.seed).to(device) for r in self.replica.ranks],
+                    [job.batch_size] * len(self.replica.ranks))
+        shares, batches = balanced_sizes(n, world, job.batch_size, rates)
+        self.epoch_shares = shares
+        return ([balanced_indices(n, world, r, epoch, job.seed, shares).to(device) for r in self.replica.ranks],
+                [batches[r] for r in self.replica.ranks])
+
     def start_gradient(self) -> torch.Tensor:
         """This replica's mean gradient (loss + penalty) at the start over its first epoch's
         share, batch by batch in training mode; floating buffers (BatchNorm statistics) are put
         back as they were."""
-        replica, job, n = self.replica, self.job, len(self.x)
+        replica, job = self.replica, self.job
         buffers = replica.state_vector(parameters=False)
-        orders = [job.partition.indices(n, self.comm.world_size, r, 0, job.seed).to(replica.device)
-                  for r in replica.ranks]
+        first = (list(job.speeds) if job.speeds else [1.0] * self.comm.world_size) if self.balanced else None
+        orders, batches = self.deal(0, first)
         total = torch.zeros(replica.local_shape + (replica.num_parameters,), device=replica.device)
         samples = torch.zeros(replica.local_shape, device=replica.device)
-        b = job.batch_size
         for i in range(self.steps_per_epoch):
-            _, count = replica.gradients(self.x, self.y, [order[i * b:(i + 1) * b] for order in orders])
+            _, count = replica.gradients(self.x, self.y, [o[i * b:(i + 1) * b] for o, b in zip(orders, batches)])
             count = torch.as_tensor(count, dtype=total.dtype, device=replica.device)
             total += replica.grad_vector() * count.unsqueeze(-1)
             samples += count
@@ -171,8 +221,19 @@ class _Training:
         return total / samples.clamp_min(1).unsqueeze(-1)
 
     def train_step(self, batches: list[torch.Tensor]) -> None:
-        replica = self.replica
-        loss, count = replica.gradients(self.x, self.y, batches)
+        replica, pace = self.replica, self.pace
+        if self.failed:  # dropped (on_failure="continue"): no data, weight 0, still in every collective
+            batches = [batch[:0] for batch in batches]
+        if pace is not None:
+            pace.start()
+        try:
+            loss, count = replica.gradients(self.x, self.y, batches)
+        except Exception as exc:  # noqa: BLE001 - the user's model or loss: any exception is its failure
+            if self.job.on_failure != "continue" or isinstance(exc, UnisonError):
+                raise
+            loss, count = self.drop_this_worker(exc)
+        if pace is not None:  # the declared slowdown, before the exchange others may wait at
+            pace.stop(count)
         replica.step += 1
         # stacked replicas give one loss per replica: their sum is finite exactly when all are
         self.guard.before_exchange(loss.sum() if loss.dim() else loss)
@@ -185,8 +246,51 @@ class _Training:
         elif verdict == ROLLED_BACK:
             self.loss_sum.zero_()
 
+    def closes_early(self, step: int) -> bool:
+        """Whether the round of global step ``step`` may close before every replica finished it."""
+        world = self.comm.world_size
+        return self.strategy.quorum(world, step) < world or self.strategy.deadline_at(step) is not None
+
+    def round_closed(self) -> bool:
+        """Whether this round closes without this replica: its quorum finished it, or its
+        deadline passed since this replica first saw that another one had."""
+        step = self.replica.step + 1
+        if not self.closes_early(step):
+            return False
+        arrived = self.comm.arrivals(str(self.last_round_step))
+        if arrived >= self.strategy.quorum(self.comm.world_size, step):
+            return True
+        deadline = self.strategy.deadline_at(step)
+        if deadline is None or not arrived:
+            return False
+        now = time.monotonic()
+        if self.first_arrival_seen is None:
+            self.first_arrival_seen = now
+        return now - self.first_arrival_seen >= deadline
+
+    def drop_this_worker(self, exc: Exception) -> tuple[torch.Tensor, int]:
+        """on_failure="continue": warn, leave this replica's round out and train on nothing from
+        now on; it keeps making every collective (as a replica whose share is used up does), so
+        the others go on. Returns the failed step's (loss, samples): (0, 0)."""
+        replica = self.replica
+        message = str(_step_failure(exc, self.comm.rank, replica))
+        warnings.warn(f"{message}; on_failure='continue': worker {self.comm.rank} is dropped and the run goes "
+                      "on with the others", WorkerDropped, stacklevel=2)
+        self.failed = True
+        replica.in_forward = False
+        replica.zero_grad()
+        replica.samples_since_merge = 0
+        self.loss_sum.zero_()
+        return torch.zeros((), device=replica.device), 0
+
     def end_round(self, epoch_end: bool) -> None:
         replica, guard = self.replica, self.guard
+        dropped, self.straggling, self.first_arrival_seen = self.straggling, False, None
+        if self.partial and not dropped and not self.failed and self.closes_early(replica.step):
+            self.comm.arrive(str(self.last_round_step))  # first, so that stragglers stop at once
+        if dropped:  # FedAvg's partial participation: a straggler's round is left out of the merge
+            replica.samples_since_merge = 0
+            self.loss_sum.zero_()
         if guard.rolled_back_at_round_end():  # a local step was not finite: undo the round
             self.loss_sum.zero_()
             self.last_round_step = replica.step
@@ -196,7 +300,9 @@ class _Training:
         distance = self.strategy.merge_replicas(replica, self.comm)
         replica.project()  # a robust merge need not stay inside the constraint set
         self.rounds.add(loss_sum=self.loss_sum.clone(), samples=round_samples, distance=distance,
-                        discarded=guard.discarded, rollbacks=guard.rollbacks)
+                        discarded=guard.discarded, rollbacks=guard.rollbacks,
+                        wait_s=self.pace.take_round_wait() if self.pace is not None else 0.0, dropped=dropped,
+                        failed=self.failed)
         self.loss_sum.zero_()
         replica.samples_since_merge = 0
         self.last_round_step = replica.step

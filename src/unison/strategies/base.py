@@ -8,6 +8,7 @@ the communicator it is handed, and combines what it receives only through ``unis
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -82,6 +83,27 @@ class Strategy(specs.Spec, ABC):
         together (then a replica without a batch still steps with the shared gradient)."""
         return False
 
+    @property
+    def partial_rounds(self) -> bool:
+        """Whether a round may close before every replica finished it (``min_fraction`` < 1 or
+        a ``deadline``)."""
+        return getattr(self, "min_fraction", 1.0) < 1.0 or getattr(self, "deadline", None) is not None
+
+    def deadline_at(self, step: int) -> float | None:
+        """Seconds after its first replica finished it that the round of global step ``step``
+        closes without the others; None: no deadline (or a warm-up step)."""
+        if step <= getattr(self, "warmup", 0):
+            return None
+        return getattr(self, "deadline", None)
+
+    def quorum(self, world_size: int, step: int) -> int:
+        """How many replicas must have finished the round that global step ``step`` belongs to
+        before it closes; the others stop where they are, their round's work left out of the
+        merge. Every replica (the default), or ⌈min_fraction·N⌉ after any warm-up."""
+        if getattr(self, "min_fraction", 1.0) >= 1.0 or step <= getattr(self, "warmup", 0):
+            return world_size
+        return max(1, math.ceil(self.min_fraction * world_size - 1e-9))
+
     @abstractmethod
     def round_ends(self, step: int, epoch_end: bool) -> bool:
         """Whether a round ends after global step ``step``; asked once after each step with
@@ -90,6 +112,27 @@ class Strategy(specs.Spec, ABC):
     def merge_replicas(self, replica: "ReplicaView", comm: "Communicator") -> torch.Tensor:
         """Merge the replicas at a round end; return this replica's distance to the merge."""
         return merge_states(replica, comm, getattr(self, "merge", merges.Mean()))
+
+
+def check_partial_rounds(strategy: Strategy) -> None:
+    """In a strategy's __post_init__ (after parse_merge and parse_compress): min_fraction is in
+    (0, 1], deadline None or seconds >= 0, and rounds that close early merge by the weighted
+    mean, uncompressed (a straggler's weight is 0; a robust rule would count its vote, error
+    feedback would keep its unsent change)."""
+    f, deadline = strategy.min_fraction, strategy.deadline
+    if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
+        raise ConfigError(expected(f"{strategy.name}.min_fraction", f, "a number in (0, 1]: the fraction of "
+                                   "workers whose finished round closes it"))
+    if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float))
+                                 or not 0 <= deadline < math.inf):
+        raise ConfigError(expected(f"{strategy.name}.deadline", deadline, "seconds >= 0 after the first worker "
+                                   "finished a round that it closes, or none"))
+    early = f"min_fraction={f}" if f < 1 else f"deadline={deadline}" if deadline is not None else None
+    if early and (not isinstance(strategy.merge, merges.Mean)
+                  or not isinstance(strategy.compress, compression.NoCompression)):
+        raise ConfigError(f"{strategy.name}.{early} needs merge=mean and compress=none (a round's "
+                          f"stragglers take part with weight 0), got merge={strategy.merge}, "
+                          f"compress={strategy.compress}")
 
 
 def parse_merge(strategy: Strategy) -> None:

@@ -9,7 +9,8 @@ import torch
 
 from .. import compression, merges
 from ..errors import ConfigError, expected
-from .base import Strategy, check_every, combined, ends_every, merge_weight, parse_compress, parse_merge
+from .base import (Strategy, check_every, check_partial_rounds, combined, ends_every, merge_weight, parse_compress,
+                   parse_merge)
 from .compressed import merge_change
 from .yogi import Yogi
 
@@ -52,6 +53,10 @@ class DiLoCo(Strategy):
     square root as the paper does. Flower's FedAdam (flwr/server/strategy/fedadam.py, the
     version read) follows the paper without bias correction, with defaults eta 0.1, tau 1e-9,
     β 0.9/0.99. The outer moments and step count live in strategy_state (checkpointed).
+
+    ``min_fraction`` < 1: as in ``periodic``, a round closes once ⌈min_fraction·N⌉ replicas
+    finished it (or ``deadline`` seconds after the first did), and the pseudo-gradient is the
+    mean over those (stragglers weigh 0).
     """
 
     name = "diloco"
@@ -62,6 +67,8 @@ class DiLoCo(Strategy):
     merge: merges.Merge = merges.Mean()
     compress: compression.Compression = compression.NoCompression()
     outer: str = "sgd"
+    min_fraction: float = 1.0
+    deadline: float | None = None
 
     def __post_init__(self) -> None:
         check_every(self.name, self.every)
@@ -76,6 +83,7 @@ class DiLoCo(Strategy):
             raise ConfigError(expected("diloco.nesterov", self.nesterov, "true or false"))
         parse_merge(self)
         parse_compress(self)
+        check_partial_rounds(self)
 
     def begin(self, replica, comm):
         # The global parameters θ and the outer momentum, identical on every rank (so the outer

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from .. import compression, merges
 from ..errors import ConfigError, expected
-from .base import (OPTIMIZER_STATES, Strategy, check_every, combine_gradients, ends_every, merge_optimizer_state,
-                   merge_states, merge_weight, parse_compress, parse_merge)
+from .base import (OPTIMIZER_STATES, Strategy, check_every, check_partial_rounds, combine_gradients, ends_every,
+                   merge_optimizer_state, merge_states, merge_weight, parse_compress, parse_merge)
 from .compressed import merge_change
 
 ANCHOR = "periodic.anchor"  # the parameters of the last merge, that the change is measured from
@@ -26,6 +26,11 @@ class Periodic(Strategy):
     or "average". ``merge``: "mean" (weighted by samples) or any rule in unison.merges.
     ``compress`` (with merge=mean) sends each replica's change since the last merge compressed,
     never its weights (unison.compression); warm-up steps and optimizer state go uncompressed.
+    ``min_fraction`` < 1: straggler-tolerant rounds, FedAvg's partial participation (McMahan et
+    al. 2017): a round closes once ⌈min_fraction·N⌉ replicas finished its steps; the others stop
+    at their current step and take part with weight 0, then start the next round from the merge.
+    ``deadline`` (seconds): a round also closes that long after its first replica finished it
+    (as each straggler sees at the end of its current step).
     """
 
     name = "periodic"
@@ -34,6 +39,8 @@ class Periodic(Strategy):
     optimizer_state: str = "keep"
     merge: merges.Merge = merges.Mean()
     compress: compression.Compression = compression.NoCompression()
+    min_fraction: float = 1.0
+    deadline: float | None = None
 
     def __post_init__(self) -> None:
         check_every(self.name, self.every)
@@ -43,6 +50,7 @@ class Periodic(Strategy):
             raise ConfigError(expected(f"{self.name}.optimizer_state", self.optimizer_state, OPTIMIZER_STATES))
         parse_merge(self)
         parse_compress(self)
+        check_partial_rounds(self)
 
     @property
     def compressed(self) -> bool:
