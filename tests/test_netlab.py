@@ -3,7 +3,6 @@ the README's multi-node torchrun command, over the veth addresses."""
 
 import importlib.util
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,6 +37,13 @@ lr = 0.1
 momentum = 0.9
 timeout = 20
 """
+
+
+@pytest.mark.timeout(60)
+def test_a_limited_link_gives_its_rate():
+    with netlab.two_hosts(rate="10mbit") as hosts:
+        measured = netlab.throughput(hosts, seconds=1.0, rate="10mbit")
+    assert 5e6 < measured < 13e6  # tbf holds the rate, and its bucket does not choke the stream
 
 
 def _first_round_done(folder: Path) -> bool:
