@@ -135,11 +135,13 @@ def run_one(model: Model, spec: str, rate: str, cap: float, folder: Path) -> dic
     finally:
         for log in logs:
             log.close()
-    failed = None if finished or None in codes else (folder / "host0.log").read_text()[-2000:]
+    failed = None if finished or not any(codes) else \
+        "\n".join((folder / f"host{i}.log").read_text()[-1500:] for i, code in enumerate(codes) if code)
+    trained = bool(records) and records[-1]["epoch"] >= model.epochs  # only its exit was still under way
     return {"model": model.name, "hidden": list(model.hidden), "parameters": model.parameters, "rows": model.rows,
             "val_rows": model.val, "epochs": model.epochs, "target": model.target, "batch_size": BATCH,
             "lr": LR, "momentum": MOMENTUM, "hosts": 2, "processes_per_host": 1, "rate": rate, "strategy": spec,
-            "cap_s": cap, "capped": not finished and failed is None, "run_s": took, "exit_codes": codes,
+            "cap_s": cap, "capped": not finished and not trained and failed is None, "run_s": took, "exit_codes": codes,
             "failure": failed, **measures(records, model.target), "records": records}
 
 
