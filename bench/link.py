@@ -140,7 +140,8 @@ def run_one(model: Model, spec: str, rate: str, cap: float, folder: Path) -> dic
     trained = bool(records) and records[-1]["epoch"] >= model.epochs  # only its exit was still under way
     return {"model": model.name, "hidden": list(model.hidden), "parameters": model.parameters, "rows": model.rows,
             "val_rows": model.val, "epochs": model.epochs, "target": model.target, "batch_size": BATCH,
-            "lr": LR, "momentum": MOMENTUM, "hosts": 2, "processes_per_host": 1, "rate": rate, "strategy": spec,
+            "lr": LR, "momentum": MOMENTUM, "hosts": 2, "processes_per_host": 1, "workers": 2,
+            "steps_per_epoch": model.rows // 2 // BATCH, "rate": rate, "strategy": spec,
             "cap_s": cap, "capped": not finished and not trained and failed is None, "run_s": took, "exit_codes": codes,
             "failure": failed, **measures(records, model.target), "records": records}
 
