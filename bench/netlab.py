@@ -2,8 +2,9 @@
 
 Each namespace is a host with its own address on the link (10.213.0.1 and 10.213.0.2, used only
 inside these namespaces); ``tc qdisc ... tbf rate R`` limits the link (netem, which would add
-latency, is not in these kernels). ``torchrun_hosts`` runs the README's multi-node command in
-both namespaces, over the veth addresses and never loopback:
+latency, is not in these kernels), its bucket sized to the rate (``burst``); ``throughput``
+times one TCP stream over the link, to show the rate it really gives. ``torchrun_hosts`` runs
+the README's multi-node command in both namespaces, over the veth addresses, never loopback:
 
     torchrun --nnodes 2 --nproc-per-node K --node-rank I --rdzv-backend c10d
              --rdzv-endpoint 10.213.0.1:29400 --local-addr <this host> -m unison train RUN_FILE
@@ -49,8 +50,9 @@ def _ip(*args: str, namespace: str | None = None) -> None:
 
 def available() -> str | None:
     """None when namespaces can be made here, else why not (for a test's skip reason)."""
-    if shutil.which("ip") is None:
-        return "the ip command (iproute2) is not installed"
+    for tool in ("ip", "tc"):
+        if shutil.which(tool) is None:
+            return f"the {tool} command (iproute2) is not installed"
     if os.geteuid() != 0:
         return "network namespaces need root"
     name = f"unison-probe-{os.getpid()}"
@@ -79,9 +81,9 @@ def two_hosts(rate: str | None = None):
             _ip("addr", "add", f"{host.address}/24", "dev", host.device, namespace=host.namespace)
             _ip("link", "set", host.device, "up", namespace=host.namespace)
             _ip("link", "set", "lo", "up", namespace=host.namespace)
-            if rate is not None:  # a token bucket: the rate, a burst of a few packets, a bounded queue
+            if rate is not None:  # a token bucket: the rate, a burst, a queue of at most 400 ms
                 subprocess.run(["ip", "netns", "exec", host.namespace, "tc", "qdisc", "add", "dev", host.device,
-                                "root", "tbf", "rate", rate, "burst", "32kbit", "latency", "400ms"],
+                                "root", "tbf", "rate", rate, "burst", str(burst(rate)), "latency", "400ms"],
                                check=True, capture_output=True, text=True)
         yield tuple(hosts)
     finally:
@@ -90,6 +92,71 @@ def two_hosts(rate: str | None = None):
                 kill_host(host)
         for namespace in made:  # deleting a namespace deletes its end of the veth pair, and so the pair
             subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
+
+
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+
+def bits_per_second(rate: str) -> float:
+    """tc's rate spelling in bits per second: "100mbit" -> 1e8 ("kbit", "mbit", "gbit", "tbit")."""
+    number = rate.lower().removesuffix("bit").removesuffix("ps")
+    unit = number[-1] if number and number[-1] in _UNITS else ""
+    try:
+        return float(number.removesuffix(unit)) * _UNITS[unit]
+    except ValueError:
+        raise ValueError(f"rate {rate!r} is not a tc rate such as 10mbit, 1gbit") from None
+
+
+def burst(rate: str) -> int:
+    """The token bucket's size in bytes: 4 ms at the rate, at least 64 KiB. A bucket smaller
+    than a veth segment (up to 64 KiB with GSO) makes tbf split every segment, and one of a
+    few packets (the old 32 kbit) capped a 1gbit link well below its rate."""
+    return max(64 * 1024, int(bits_per_second(rate) / 8 * 0.004))
+
+
+def throughput(hosts: tuple[Host, Host], *, seconds: float = 1.0, rate: str | None = None) -> float:
+    """Bits per second of one TCP stream from the second host to the first, timed at the
+    receiver: about ``seconds`` worth of data at ``rate`` (unlimited: 1 GiB, capped at 10 s)."""
+    size = int(bits_per_second(rate) / 8 * seconds) if rate else 1 << 30
+    port = PORT - 1
+    receiver = subprocess.Popen(
+        ["ip", "netns", "exec", hosts[0].namespace, sys.executable, "-c", _RECEIVER, hosts[0].address, str(port)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        receiver.stdout.readline()  # "listening"
+        subprocess.run(["ip", "netns", "exec", hosts[1].namespace, sys.executable, "-c", _SENDER,
+                        hosts[0].address, str(port), str(size)], check=True, timeout=60)
+        received, took = receiver.communicate(timeout=60)[0].split()
+        return int(received) * 8 / float(took)
+    finally:
+        if receiver.poll() is None:
+            receiver.kill()
+
+
+_RECEIVER = """
+import socket, sys, time
+server = socket.create_server((sys.argv[1], int(sys.argv[2])))
+print("listening", flush=True)
+peer, _ = server.accept()
+buffer, got, first = bytearray(1 << 20), 0, None
+while True:
+    n = peer.recv_into(buffer)
+    if not n:
+        break
+    if first is None:
+        first = time.monotonic()
+    got += n
+print(got, time.monotonic() - first)
+"""
+_SENDER = """
+import socket, sys, time
+sock = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+left, chunk, stop = int(sys.argv[3]), bytes(1 << 20), time.monotonic() + 10
+while left > 0 and time.monotonic() < stop:
+    sock.sendall(chunk[:min(left, len(chunk))])
+    left -= len(chunk)
+sock.close()
+"""
 
 
 def kill_host(host: Host) -> None:
@@ -101,9 +168,10 @@ def kill_host(host: Host) -> None:
 
 
 def torchrun_hosts(hosts: tuple[Host, Host], run_file: Path, out: Path, *, nproc_per_node: int = 1,
-                   extra: tuple[str, ...] = ()) -> list[subprocess.Popen]:
+                   extra: tuple[str, ...] = (), output=None) -> list[subprocess.Popen]:
     """Start `torchrun ... -m unison train RUN_FILE --out OUT` in each host's namespace; the
-    first host holds the c10d rendezvous. Gloo is told to use the veth device."""
+    first host holds the c10d rendezvous. Gloo is told to use the veth device. Each host's
+    output goes to a pipe (read it with communicate()), or to ``output[i]``, an open file."""
     processes = []
     port = PORT + int(hosts[0].namespace.rsplit("-", 1)[1]) % 1000  # a rendezvous of this pair's own
     inherited = {k: v for k, v in os.environ.items()  # no torchrun variables of a caller's group
@@ -117,7 +185,8 @@ def torchrun_hosts(hosts: tuple[Host, Host], run_file: Path, out: Path, *, nproc
                    "--rdzv-id", hosts[0].namespace, "--local-addr", host.address,
                    *(["--rdzv-conf", "is_host=1"] if rank == 0 else []),
                    "-m", "unison", "train", str(run_file), "--out", str(out), "--quiet", *extra]
-        processes.append(subprocess.Popen(command, env=environment, stdout=subprocess.PIPE,
+        processes.append(subprocess.Popen(command, env=environment,
+                                          stdout=subprocess.PIPE if output is None else output[rank],
                                           stderr=subprocess.STDOUT, text=True, start_new_session=True))
     return processes
 

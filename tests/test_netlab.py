@@ -2,9 +2,7 @@
 the README's multi-node torchrun command, over the veth addresses."""
 
 import importlib.util
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,12 +19,8 @@ netlab = importlib.util.module_from_spec(_spec)
 sys.modules["netlab"] = netlab
 _spec.loader.exec_module(netlab)
 
-# Opt-in for now: in about one full-suite run in three the two agents' rendezvous timed out at
-# start (not after the kill), a flake not yet understood; run with UNISON_NETLAB=1.
 pytestmark = [pytest.mark.multiprocess, pytest.mark.netns,
-              pytest.mark.skipif(netlab.available() is not None, reason=str(netlab.available())),
-              pytest.mark.skipif(os.environ.get("UNISON_NETLAB") != "1",
-                                 reason="opt-in (UNISON_NETLAB=1): the two-host start is flaky, see the module")]
+              pytest.mark.skipif(netlab.available() is not None, reason=str(netlab.available()))]
 
 SYNC_ON_MOONS = """
 [data]
@@ -43,6 +37,23 @@ lr = 0.1
 momentum = 0.9
 timeout = 20
 """
+
+
+@pytest.mark.timeout(60)
+def test_a_limited_link_gives_its_rate():
+    with netlab.two_hosts(rate="10mbit") as hosts:
+        measured = netlab.throughput(hosts, seconds=1.0, rate="10mbit")
+    assert 5e6 < measured < 13e6  # tbf holds the rate, and its bucket does not choke the stream
+
+
+def _first_round_done(folder: Path) -> bool:
+    """Whether rank 0 has recorded a round, and so the group has formed and is training.
+
+    Not merely whether its history file exists: the plan creates it (empty) before the worker
+    joins the group, and a host killed in that window fails the start, not the training
+    (a DistStoreError in init_process_group), which is another case than this test's.
+    """
+    return any(path.stat().st_size > 0 for path in folder.glob(".run.partial-*/history.jsonl"))
 
 
 @pytest.mark.timeout(240)
@@ -67,8 +78,9 @@ def test_a_killed_host_is_reported_naming_it(tmp_path):
     with netlab.two_hosts() as hosts:
         processes = netlab.torchrun_hosts(hosts, run_file, out)
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not list(tmp_path.glob(".run.partial-*/history.jsonl")):
-            time.sleep(0.2)  # rank 0 is training once its history file exists
+        while time.monotonic() < deadline and not _first_round_done(tmp_path):
+            time.sleep(0.2)
+        assert _first_round_done(tmp_path), "no round finished in 120 s"
         assert processes[0].poll() is None, processes[0].communicate()[0]
         killed = time.monotonic()
         netlab.kill_host(hosts[1])
