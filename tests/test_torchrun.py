@@ -38,3 +38,18 @@ def test_more_torchrun_processes_than_cuda_devices_is_refused_before_nccl_starts
     with pytest.raises(unison.errors.WorkerError, match=r"started 2 processes on this node .* 1 CUDA device.*"
                                                         r"--nproc-per-node 1"):
         torch_dist.join_from_environment(timeout=5)
+
+
+def test_a_group_that_never_forms_is_a_peer_failure_naming_the_rank_not_a_store_traceback(monkeypatch):
+    import socket
+
+    from unison.comm import torch_dist
+    with socket.socket() as probe:  # a port that nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for name, value in {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                        "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    with pytest.raises(unison.errors.WorkerError, match=r"rank 1 could not form the group of 2 processes within 2 s"):
+        torch_dist.join_from_environment(timeout=2)

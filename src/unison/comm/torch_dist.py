@@ -201,10 +201,17 @@ def join_from_environment(timeout: float) -> tuple[TorchDistComm, torch.device, 
     else:
         device, backend = torch.device("cpu"), "gloo"
     created = not dist.is_initialized()
-    if created:
-        _before_a_group()
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout), **_attempt_store(timeout))
-    return TorchDistComm(timeout), device, created
+    try:
+        if created:
+            _before_a_group()
+            dist.init_process_group(backend, timeout=timedelta(seconds=timeout), **_attempt_store(timeout))
+        return TorchDistComm(timeout), device, created
+    except RuntimeError as exc:  # DistStoreError and gloo's connection errors: a peer never joined
+        rank, size = os.environ.get("RANK", "?"), os.environ.get("WORLD_SIZE", "?")
+        raise PeerFailed(f"rank {rank} could not form the group of {size} processes within {timeout:g} s "
+                         f"(timeout): a host or process did not join, or left while it formed; "
+                         f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                         rank=int(rank) if rank.isdigit() else None) from exc
 
 
 def _attempt_store(timeout: float) -> dict:
