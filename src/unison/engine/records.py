@@ -11,6 +11,11 @@ Summing is a collective, and a collective costs about as much as a small merge o
 16 steps that alone was ~10% of the time. So the rounds of an epoch are summed together, in
 one collective, at the epoch's end; with checkpoints (which save the history) or a shared model
 (whose workers must wait while it is evaluated) every round is summed at once.
+
+A record also carries rank 0's collectives of its round, for unison.linkmodel: ``comm_s`` (the
+seconds inside them), ``collectives`` (the strategy's, kind → [calls, payload bytes]) and
+``bookkeeping`` (unison's own: the sums of records, checkpoint gathers); summing the records of
+an epoch takes one all-reduce, which is counted in the next round's ``bookkeeping``.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ if TYPE_CHECKING:
 
 # one row per round: what each replica adds, summed over replicas
 LOSS, SAMPLES, DISTANCE, DISCARDED, VAL_LOSS, VAL_CORRECT = range(6)
+# rank 0's collectives of the round (comm.base.Traffic): seconds inside, the strategy's, unison's own
+TRAFFIC = ("comm_s", "collectives", "bookkeeping")
 
 
 @torch.no_grad()
@@ -72,6 +79,7 @@ class RoundLog:
         self.steps_per_epoch, self.started, self.wall_offset = steps_per_epoch, started, wall_offset
         self.samples_seen, self.every_round, self.progress = samples_seen, every_round, progress
         self._pending: list[tuple[dict[str, Any], torch.Tensor]] = []
+        comm.traffic.take()  # start-up's collectives (the start broadcast) are start-up's, as measured
         self.validation = validation
         if validation is not None:  # this process's slice; a process holds len(ranks) replicas
             x, y, self.task = validation
@@ -92,7 +100,8 @@ class RoundLog:
         stats = torch.stack([loss_sum, samples, distance.to(torch.float64), first_row, val_loss, val_correct], dim=-1)
         local = {"epoch": round(replica.step / self.steps_per_epoch, 4), "step": replica.step,
                  "wall_s": time.time() - self.started + self.wall_offset, "comm_bytes": self.comm.bytes_sent,
-                 "lr": replica.optimizer.param_groups[0]["lr"], "rollbacks": rollbacks}
+                 "lr": replica.optimizer.param_groups[0]["lr"], "rollbacks": rollbacks,
+                 **self.comm.traffic.take()}
         self._pending.append((local, stats))
         if self.every_round:
             self.flush()
@@ -109,7 +118,9 @@ class RoundLog:
             record = {"epoch": local["epoch"], "step": local["step"], "wall_s": local["wall_s"],
                       "samples": self.samples_seen, "train_loss": row[LOSS] / max(row[SAMPLES], 1.0),
                       "divergence": row[DISTANCE] / self.comm.world_size, "comm_bytes": local["comm_bytes"],
-                      "lr": local["lr"]}
+                      "lr": local["lr"], **{k: local[k] for k in TRAFFIC if k in local}}
+            if len(self.replica.ranks) > 1:  # stacked: the link model divides compute among the rows
+                record["stacked_rows"] = len(self.replica.ranks)
             if row[DISCARDED]:  # steps discarded so far, summed over replicas, and rollbacks
                 record |= {"discarded_steps": int(row[DISCARDED]), "rollbacks": local["rollbacks"]}
             if self.validation is not None:
