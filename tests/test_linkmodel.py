@@ -137,3 +137,27 @@ def test_compressed_sync_counts_the_compressed_payload(blobs, small_model):
     # fp16: a 4-byte all-reduce of the weights, then the gradient in 2 bytes a value
     assert record["collectives"] == {"all_reduce": [2 * steps, steps * (4 + 2 * PARAMS)]}
     assert math.isfinite(record["comm_s"])
+
+
+def test_the_bench_check_predicts_from_the_unthrottled_run_and_flags_large_errors():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "bench" / "link_model_check.py"
+    spec = importlib.util.spec_from_file_location("link_model_check", path)
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    # the unthrottled run: 2 epochs of 1 s compute + 0.1 s in 100 all-reduces of 1 MB (on an infinite link)
+    records = [{"epoch": e, "wall_s": 1.0 + 1.1 * e, "startup_s": 1.0, "comm_s": 0.1,
+                "collectives": {"all_reduce": [100, 100 * 10**6]}} for e in (1, 2)]
+    base = {"model": "m", "strategy": "sync", "rate": "veth", "records": records, "s_per_epoch": 1.1}
+    beta = 1e8 / 8 / FRAMING
+    expected = 1.0 + 200 * 0.5e-3 + 100 * 10**6 / beta  # compute + 200 latency terms of α = 0.5 ms + bytes
+    runs = [base, {"model": "m", "strategy": "sync", "rate": "100mbit", "s_per_epoch": expected * 1.1},
+            {"model": "m", "strategy": "sync", "rate": "10mbit", "s_per_epoch": 1.0}]
+    rows = check.check(runs, runs, 0.25, math.inf)
+    assert rows[0]["alpha_us"] == pytest.approx(500.0) and rows[0]["predicted_s"] == pytest.approx(expected)
+    assert rows[0]["predicted_error"] == pytest.approx(1 / 1.1 - 1) and not rows[0]["flag"]
+    assert rows[1]["flag"]  # 10 Mbit/s: 80 s of bytes predicted against 1 s measured
+    table = check.markdown(rows, 0.25)
+    assert "| 1 of 2 predictions off by more than 25%" not in table and "1 of 2 predictions" in table
