@@ -78,3 +78,18 @@ def test_the_cli_refuses_a_bad_link_in_one_line(tmp_path, capsys):
     assert main(["compare", "--link", "100mb", "--out", str(tmp_path / "c"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "link" in err and "100mbit,20ms" in err
+
+
+def test_stacked_workers_beyond_the_cores_are_modelled_as_separate_workers(tmp_path, blobs, small_model):
+    workers = 8  # more than this machine's cores: one process, eight rows that send nothing
+    result = unison.compare(small_model, blobs, 0.25, strategies="sync", workers=workers, backend="stacked",
+                            epochs=2, batch_size=4, lr=0.1, progress=False, out=tmp_path / "cmp", repeat=1,
+                            link="1mbit,10ms")
+    history = result.results["sync"].history
+    row = result.summary.rows[0]
+    assert history[-1]["comm_bytes"] == 0 and history[0]["stacked_rows"] == workers
+    steps = history[0]["step"]
+    assert history[0]["collectives"]["all_reduce"][0] == steps  # one gradient all-reduce a step, as 8 workers
+    # each step: a ring of 8 workers, 14 latency terms of 10 ms; compute an eighth of the stacked process's
+    assert row.link_epoch_s >= steps * 14 * 0.010
+    assert row.link_epoch_s <= row.epoch_s / workers + steps * 14 * 0.010 + 1.0
