@@ -51,6 +51,7 @@ def test_collective_times_equal_a_hand_computation():
     assert linkmodel.collective_seconds("broadcast", B, 4, link) == pytest.approx(2 * (1e-3 + B / beta))
     assert linkmodel.collective_seconds("broadcast", B, 5, link) == pytest.approx(3 * (1e-3 + B / beta))
     assert linkmodel.collective_seconds("barrier", 0, 8, link) == pytest.approx(3e-3)
+    assert linkmodel.collective_seconds("send", B, 8, link, calls=2) == pytest.approx(2e-3 + B / beta)
     # calls add: 10 all-reduces of 1 kB each = 10 latency terms + 10 kB of bandwidth
     assert linkmodel.collective_seconds("all_reduce", 1e4, 2, link, calls=10) == pytest.approx(20e-3 + 1e4 / beta)
     assert linkmodel.collective_seconds("all_reduce", B, 1, link) == 0.0  # alone, nothing is sent

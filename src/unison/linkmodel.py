@@ -11,6 +11,8 @@ algorithms for clusters of workstations"):
 - all-gather, ring: N−1 steps of one worker's B: a = N−1, b = (N−1) · B
 - broadcast, binomial tree (gloo's): ⌈log₂ N⌉ rounds of B: a = b/B = ⌈log₂ N⌉
 - barrier (dissemination): a = ⌈log₂ N⌉, b = 0
+- send (point to point, asynchronous strategies): a = 1, b = B; the sender's view only, so an
+  asynchronous run's prediction is rougher than a synchronous one's
 
 Bytes on the wire are the payload × FRAMING (TCP/IPv4 with timestamps over Ethernet at MTU
 1500: 1514 bytes a frame for 1448 of payload); both directions of a link run at β at once.
@@ -100,6 +102,8 @@ def terms(kind: str, payload: float, world: int, calls: int = 1) -> tuple[float,
         return depth * calls, depth * payload
     if kind == "barrier":
         return depth * calls, 0.0
+    if kind == "send":  # point to point (asynchronous strategies): one message each
+        return calls, payload
     raise ValueError(f"no model of a collective {kind!r}")
 
 

@@ -49,7 +49,7 @@ class Traffic:
     """The collectives one rank made since the last ``take()``: per kind [calls, payload bytes],
     the strategy's and (inside ``uncounted``) unison's bookkeeping, and seconds spent inside."""
 
-    KINDS = ("all_reduce", "all_gather", "broadcast", "barrier")
+    KINDS = ("all_reduce", "all_gather", "broadcast", "barrier", "send")  # what unison.linkmodel models
 
     def __init__(self) -> None:
         self.strategy: dict[str, list[int]] = {}

@@ -136,6 +136,12 @@ class ThreadComm(Communicator):
             self.group.mail.notify_all()
 
     def recv(self, tensors, src=None):
+        started = time.perf_counter()
+        sender = self._receive(tensors, src)
+        self.traffic.timed(started)
+        return sender
+
+    def _receive(self, tensors, src):
         group, deadline = self.group, time.monotonic() + self.group.timeout
         with group.mail:
             while True:
