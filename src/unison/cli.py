@@ -107,6 +107,10 @@ def _parser() -> argparse.ArgumentParser:
                          "final accuracy as mean ± a 95%% interval")
     compare.add_argument("--threads", type=_integer, metavar="T", help="intra-op threads of one-worker runs "
                          "(default: 1 or every core, whichever a short calibration finds faster)")
+    compare.add_argument("--link", metavar="RATE[,LATENCY]", help="also predict each run's time to target and "
+                         "per epoch on this network link, e.g. 100mbit,20ms (rates kbit/mbit/gbit, latency "
+                         "ms/us/s): measured compute + modelled collectives; the winner on the link is named "
+                         "from the modelled times")
     compare.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                          help="override a setting, e.g. --set train.lr=0.1 (repeatable)")
     compare.add_argument("--out", help="output directory (default runs/<date-time>-compare)")
@@ -218,7 +222,7 @@ def _compare(args: argparse.Namespace) -> int:
     cfg, options = load_settings(raw, overrides)
     strategies = args.strategies if args.strategies is not None else runs_from_options(options)
     target = args.target if args.target is not None else options.get("target")
-    measuring = {name: value for name in ("repeat", "seeds", "threads")
+    measuring = {name: value for name in ("repeat", "seeds", "threads", "link")
                  if (value := getattr(args, name) if getattr(args, name) is not None else options.get(name)) is not None}
     # Every [train] setting but the strategy applies to every run (compare forwards them to fit).
     train = {f.name: getattr(cfg.train, f.name) for f in fields(cfg.train) if f.name != "strategy"}

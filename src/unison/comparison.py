@@ -22,7 +22,7 @@ import tomli_w
 import torch
 from torch import nn
 
-from . import api, history, launch, measure, report, rundir
+from . import api, history, launch, linkmodel, measure, report, rundir
 from . import summary as summaries
 from . import verdict as verdicts
 from .api import Result
@@ -151,8 +151,9 @@ class Comparison:
     @property
     def winner(self) -> str | None:
         """The label of the run that reached the target first by a lead that holds across
-        repeats, without diverging (None if none did: see the verdict for the leaders)."""
-        winner, _ = verdicts.lead(self.summary.rows)
+        repeats, without diverging (None if none did: see the verdict for the leaders); with a
+        ``link``, on that link, from the modelled times (unison.linkmodel)."""
+        winner, _ = verdicts.lead(verdicts.on_link(self.summary.rows) if self.summary.link else self.summary.rows)
         return None if winner is None else winner.label
 
 
@@ -165,7 +166,7 @@ def compare(model: nn.Module | Callable[[], nn.Module] | ModelConfig | None = No
             target: float | None = None, target_fraction: float = summaries.TARGET_FRACTION,
             out: str | Path | None = None, overwrite: bool = False, progress: bool = True,
             tensorboard: bool = False, repeat: int = DEFAULT_REPEAT, seeds: int = 1, threads: int | None = None,
-            **train: Any) -> Comparison:
+            link: str | None = None, **train: Any) -> Comparison:
     """Train ``model`` on ``data`` once per strategy and write the comparison to ``out``.
 
     ``model``: an nn.Module, a factory, a ModelConfig (an MLP sized to the data) or None (an
@@ -179,7 +180,8 @@ def compare(model: nn.Module | Callable[[], nn.Module] | ModelConfig | None = No
     (A B C, C B A, ...): times are medians with their spread. ``seeds``: each run is also
     trained with seeds seed, seed+1, ...: finals are means ± a 95% t interval. ``threads``:
     the intra-op threads of one-worker runs (default: 1 or every core, whichever a short
-    calibration finds faster); runs with N workers give each cores // N. Every other
+    calibration finds faster); runs with N workers give each cores // N. ``link``: e.g.
+    "100mbit,20ms": adds each run's modelled times on that link (unison.linkmodel). Every other
     training setting of unison.fit (weight_decay, loss, timeout, ...) is accepted as a
     keyword and applies to every run.
     """
@@ -199,6 +201,7 @@ def compare(model: nn.Module | Callable[[], nn.Module] | ModelConfig | None = No
     check_float("target_fraction", target_fraction, low=0.0, high=1.0, low_open=True, high_open=False)
     check_int("repeat", repeat, minimum=1, maximum=100)
     check_int("seeds", seeds, minimum=1, maximum=100)
+    link = None if link is None else linkmodel.parse(link).spec()
     if threads is not None:
         check_int("threads", threads, minimum=1, maximum=cpu_cores())
     loss = train.get("loss")
@@ -217,6 +220,7 @@ def compare(model: nn.Module | Callable[[], nn.Module] | ModelConfig | None = No
 
     settings = _settings(train_data, data, val, label, model_table, model, common, runs, configs, target,
                          target_fraction)
+    settings["compare"] |= {"link": link} if link else {}  # the report models it (unison.linkmodel)
     scratch = rundir.scratch_for(out)
     results: dict[str, Result] = {}
     for name, reason in skipped.items():
@@ -402,7 +406,7 @@ def load_settings(raw: Mapping[str, Any], overrides: Mapping[str, Any] | None = 
     is not used) plus an optional [compare] table: strategies, target, target_fraction, runs."""
     raw = dict(raw)
     options = dict(raw.pop("compare", {}) or {})
-    settings = ("strategies", "runs", "target", "target_fraction", "repeat", "seeds", "threads")
+    settings = ("strategies", "runs", "target", "target_fraction", "repeat", "seeds", "threads", "link")
     recorded = ("reference", "skipped", "machine", "model", "world_sizes", "budget")
     for key in options:
         if key not in settings + recorded:  # what compare records in config.toml is read back and ignored

@@ -5,7 +5,9 @@ start-up included), samples (seen by all workers so far), train_loss, divergence
 of the replicas to their merge, before it), comm_bytes (sent per worker so far), and with
 validation data val_loss and, for classification, val_acc. fit() adds startup_s (fit() called
 → first training step, the same in every record of a run) and samples_per_s (samples over
-the training time so far, wall_s − startup_s).
+the training time so far, wall_s − startup_s). For the link model (unison.linkmodel) a record
+also has rank 0's collectives of its round: comm_s (seconds inside them), collectives (the
+strategy's, kind → [calls, payload bytes]) and, when there were any, bookkeeping (unison's own).
 """
 
 from __future__ import annotations

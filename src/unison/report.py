@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import linkmodel
 from . import summary as summaries
 from . import verdict as verdicts
 from .errors import ConfigError
@@ -100,7 +101,8 @@ def summarise(loaded: Loaded) -> summaries.Summary:
     return summaries.summarise(loaded.histories, workers=loaded.workers, target=options.get("target"),
                                reference=options.get("reference"),
                                fraction=options.get("target_fraction", summaries.TARGET_FRACTION),
-                               attempts=loaded.attempts, cores=machine.get("cores"), load=load)
+                               attempts=loaded.attempts, cores=machine.get("cores"), load=load,
+                               link=options.get("link"))
 
 
 def build(run_dir: str | Path) -> summaries.Summary:
@@ -166,7 +168,8 @@ def write_plots(histories: dict[str, list[dict[str, Any]]], summary: summaries.S
 
     diverging = {row.label for row in summary.rows if row.diverging}
     first = "; first attempt" if any(row.attempts > 1 for row in summary.rows) else ""
-    figure, axes = _figure(f"{name.split(' (')[0].capitalize()} against wall time (start-up included{first})",
+    modelled = f"; dotted: {summaries.modelled_label(summary.link)}" if summary.link else ""
+    figure, axes = _figure(f"{name.split(' (')[0].capitalize()} against wall time (start-up included{first}{modelled})",
                            "wall time (s, log scale)", name)
     for label, records in histories.items():
         points = [(r["wall_s"], r[metric] * scale) for r in records if r.get(metric) is not None]
@@ -175,6 +178,14 @@ def write_plots(histories: dict[str, list[dict[str, Any]]], summary: summaries.S
                       label=_marked(label, diverging), linestyle="--" if label in diverging else "-")
             if label in diverging:
                 axes.plot(*points[-1], marker="X", markersize=10, color=colours[label])
+    if summary.link:  # the same curves re-timed on the modelled link, dotted
+        for label, records in histories.items():
+            row = next((r for r in summary.rows if r.label == label), None)
+            walls = linkmodel.predict(records, (row.workers if row else None) or 1, linkmodel.parse(summary.link))
+            points = [(w, r[metric] * scale) for w, r in zip(walls or [], records) if r.get(metric) is not None]
+            if points:
+                axes.plot(*zip(*points), marker=".", markersize=3, color=colours[label], linestyle=":",
+                          label=f"{label}, {summaries.modelled_label(summary.link)}")
     if all(r["wall_s"] > 0 for records in histories.values() for r in records):
         _log_time_axis(axes)  # a fast run's rounds stay readable beside a slow run's
     if summary.target is not None:
@@ -337,13 +348,13 @@ def _settings_list(settings: dict[str, Any]) -> list[tuple[str, str]]:
 def html_report(loaded: Loaded, summary: summaries.Summary, plots: dict[str, Path]) -> str:
     """One HTML file with everything inline: settings, table, verdict, plots (base64 PNG)."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in summaries.headers(summary))
-    winner, _ = verdicts.lead(summary.rows)
+    winner, _ = verdicts.lead(verdicts.on_link(summary.rows) if summary.link else summary.rows)
 
     def row_class(row: summaries.Row) -> str:
-        name = "winner" if winner is row else "diverging" if row.diverging else ""
+        name = "winner" if winner is not None and winner.label == row.label else "diverging" if row.diverging else ""
         return f' class="{name}"' if name else ""
     rows = "".join(f"<tr{row_class(row)}>" + "".join(f"<td>{html.escape(c)}</td>"
-                                                     for c in summaries.cells(row, summary.metric))
+                                                     for c in summaries.cells(row, summary.metric, summary.link))
                    + "</tr>" for row in summary.rows)
     settings = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>"
                        for k, v in _settings_list(loaded.settings))
@@ -376,6 +387,8 @@ each worker sent (ring all-reduce accounting).
 With several attempts a time is the median with its spread ({verdicts.SPREAD_RULE}) and a final value the mean over
 seeds ± the half-width of its 95% Student t interval; the winner's row is highlighted only when its lead
 holds across repeats, and a diverging run (validation loss well above its best) is marked.</p>
+{f"<p>{html.escape(summaries.link_note(summary.link))} The highlighted winner is the one on that link.</p>"
+ if summary.link else ""}
 <h2>Plots</h2>
 {images}
 </body></html>

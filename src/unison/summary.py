@@ -9,6 +9,10 @@ of the reference's best loss. Speedup = the reference's time to target / the run
 A run measured several times (repeats, seeds) has one row: its time to target is the median
 over its attempts with the spread (verdict.median_spread) beside it, its final metric the mean over seeds with
 a 95% Student t interval. The verdict and its statistics are in unison.verdict.
+
+With a ``link`` (unison.linkmodel), each row also has modelled figures: its time to target and
+per epoch on that link, from its measured compute and its counted collectives; the table labels
+every time "measured" or "modelled (link ...)", and the winner on the link is named from them.
 """
 
 from __future__ import annotations
@@ -19,10 +23,12 @@ import statistics
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+from . import linkmodel
 from . import verdict as verdicts
-from .verdict import final_text, higher_is_better, metric_text, verdict
+from .verdict import final_text, higher_is_better, metric_text, on_link, verdict
 
-__all__ = ["Row", "Summary", "summarise", "markdown", "csv_text", "verdict", "metric_text", "higher_is_better"]
+__all__ = ["Row", "Summary", "summarise", "markdown", "csv_text", "verdict", "metric_text", "higher_is_better",
+           "on_link"]
 
 Records = Sequence[Mapping[str, Any]]
 
@@ -51,6 +57,11 @@ class Row:
     final_interval: float | None = None  # half-width of the 95% t interval of final over seeds
     diverging: bool = False      # some attempt's validation loss rose well above its best
     implausible: bool = False    # its speedup exceeds what its workers on these cores can give
+    epoch_s: float | None = None  # measured training time per epoch (median over attempts)
+    link_time_to_target_s: float | None = None  # modelled on the summary's link (median, spread)
+    link_time_min_s: float | None = None
+    link_time_max_s: float | None = None
+    link_epoch_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +73,7 @@ class Summary:
     reference: str | None        # the label speedups are measured against
     cores: int | None = None     # the machine's cores (each run's compute budget)
     load: tuple[float, float] | None = None  # its 1-minute load average before and after
+    link: str | None = None      # the modelled link's spec (unison.linkmodel), if any
 
 
 def _median(values: Sequence[float]) -> float:
@@ -127,11 +139,14 @@ Attempts = Mapping[str, Sequence[tuple[int, Records]]]
 def summarise(histories: Mapping[str, Records], *, workers: Mapping[str, int] | None = None,
               target: float | None = None, reference: str | None = None,
               fraction: float = TARGET_FRACTION, attempts: Attempts | None = None,
-              cores: int | None = None, load: Sequence[float] | None = None) -> Summary:
+              cores: int | None = None, load: Sequence[float] | None = None,
+              link: str | linkmodel.Link | None = None) -> Summary:
     """The comparison table. ``reference``: the label speedups are measured against and whose
     best metric sets the default target (default: "single" if present, else the first run).
     ``attempts``: per label, every measurement as (seed, records) (default: the one history);
-    ``cores`` and ``load`` (before, after) let the verdict judge speedups and the machine."""
+    ``cores`` and ``load`` (before, after) let the verdict judge speedups and the machine;
+    ``link`` adds each run's modelled times on that link (unison.linkmodel)."""
+    link = None if link is None else linkmodel.parse(link)
     attempts = attempts or {label: [(0, records)] for label, records in histories.items()}
     metric = metric_of(histories)
     if reference is None or reference not in histories:
@@ -158,6 +173,8 @@ def summarise(histories: Mapping[str, Records], *, workers: Mapping[str, int] | 
         median, low, high = spreads[label]
         count = (workers or {}).get(label)
         up = speedup(spreads.get(reference, (None,))[0], median)
+        epochs = [e for _, run in runs if (e := linkmodel.epoch_seconds(run)) is not None]
+        modelled = _on_link(runs, count or 1, link, target, metric)
         rows.append(Row(label=label, workers=count, rounds=len(records), final=final,
                         best=statistics.fmean(bests) if bests else None, time_to_target_s=median, speedup=up,
                         samples_per_s=_median([throughput(run) for _, run in runs]),
@@ -166,9 +183,24 @@ def summarise(histories: Mapping[str, Records], *, workers: Mapping[str, int] | 
                         wall_s=_median([float(run[-1].get("wall_s", 0.0)) for _, run in runs if run]),
                         attempts=len(runs), seeds=len({seed for seed, _ in runs}), time_min_s=low, time_max_s=high,
                         final_interval=interval, diverging=any(verdicts.diverging(run) for _, run in runs),
-                        implausible=label != reference and verdicts.implausible(up, count, cores)))
+                        implausible=label != reference and verdicts.implausible(up, count, cores),
+                        epoch_s=statistics.median(epochs) if epochs else None, **modelled))
     return Summary(rows=rows, metric=metric, target=target, target_note=note, reference=reference, cores=cores,
-                   load=tuple(load) if load else None)
+                   load=tuple(load) if load else None, link=None if link is None else link.spec())
+
+
+def _on_link(runs, world: int, link: linkmodel.Link | None, target: float | None, metric: str) -> dict[str, Any]:
+    """A row's modelled fields: time to target (median, spread) and per epoch on ``link``."""
+    if link is None:
+        return {}
+    retimed = [r for _, run in runs if (r := linkmodel.retimed(run, world, link)) is not None]
+    if not retimed:
+        return {}
+    median, low, high = verdicts.median_spread([None if target is None else time_to_target(r, target, metric)
+                                                for r in retimed])
+    epochs = [e for r in retimed if (e := linkmodel.epoch_seconds(r)) is not None]
+    return {"link_time_to_target_s": median, "link_time_min_s": low, "link_time_max_s": high,
+            "link_epoch_s": statistics.median(epochs) if epochs else None}
 
 
 def _seconds(value: float | None) -> str:
@@ -183,42 +215,69 @@ def time_text(row: Row) -> str:
     return text
 
 
+def modelled_label(link: str) -> str:
+    return f"modelled (link {link})"
+
+
 def headers(summary: Summary) -> list[str]:
     name = "val acc" if higher_is_better(summary.metric) else "val loss"
-    goal = "time to target (s)" if summary.target is None else \
-        f"time to {metric_text(summary.target, summary.metric)} (s)"
-    return ["strategy", "workers", "rounds", f"final {name}", f"best {name}", goal,
+    goal = "time to target" if summary.target is None else f"time to {metric_text(summary.target, summary.metric)}"
+    measured = ", measured" if summary.link else ""
+    head = ["strategy", "workers", "rounds", f"final {name}", f"best {name}", f"{goal} (s{measured})",
             f"speedup vs {summary.reference}", "samples/s", "comm MB/worker", "start-up (s)", "wall (s)"]
+    if summary.link:
+        head += ["epoch (s, measured)", f"{goal} (s, modelled: link {summary.link})",
+                 f"epoch (s, modelled: link {summary.link})"]
+    return head
 
 
-def cells(row: Row, metric: str) -> list[str]:
-    """One row as the table shows it."""
+def cells(row: Row, metric: str, link: str | None = None) -> list[str]:
+    """One row as the table shows it (with ``link``, its measured and modelled epoch times and
+    modelled time to target at the end)."""
     speed = "—" if row.speedup is None else f"{row.speedup:.2f}×" + (" (implausible)" if row.implausible else "")
     return [row.label + (" (diverging)" if row.diverging else ""), "—" if row.workers is None else str(row.workers),
             str(row.rounds), final_text(row, metric), metric_text(row.best, metric), time_text(row), speed,
             f"{row.samples_per_s:,.0f}",
-            f"{row.comm_bytes / 1e6:.2f}", f"{row.startup_s:.2f}", f"{row.wall_s:.2f}"]
+            f"{row.comm_bytes / 1e6:.2f}", f"{row.startup_s:.2f}", f"{row.wall_s:.2f}"] + ([] if not link else [
+                "—" if row.epoch_s is None else f"{row.epoch_s:.3f}", _modelled_time(row),
+                "—" if row.link_epoch_s is None else f"{row.link_epoch_s:.3f}"])
+
+
+def _modelled_time(row: Row) -> str:
+    text = _seconds(row.link_time_to_target_s)
+    if row.attempts > 1 and row.link_time_min_s is not None:
+        text += f" ({row.link_time_min_s:.2f}–{_seconds(row.link_time_max_s)})"
+    return text
 
 
 def markdown(summary: Summary) -> str:
     """The table as GitHub Markdown, with the target and the verdict under it."""
     head = headers(summary)
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
-    lines += ["| " + " | ".join(cells(row, summary.metric)) + " |" for row in summary.rows]
+    lines += ["| " + " | ".join(cells(row, summary.metric, summary.link)) + " |" for row in summary.rows]
     lines += ["", f"Target: {metric_text(summary.target, summary.metric)} validation "
                   f"{'accuracy' if higher_is_better(summary.metric) else 'loss'} ({summary.target_note}). "
                   "Times are wall-clock seconds from the start of each run, start-up included; "
                   "the merged model is measured at round ends only, so a run with more rounds is "
                   "measured more often."
                   + (f" With several attempts, times are medians (spread: {verdicts.SPREAD_RULE}) and finals "
-                     "means ± a 95% Student t interval over seeds." if any(r.attempts > 1 for r in summary.rows) else ""),
+                     "means ± a 95% Student t interval over seeds." if any(r.attempts > 1 for r in summary.rows) else "")
+                  + (f" {link_note(summary.link)}" if summary.link else ""),
               "", verdict(summary)]
     return "\n".join(lines) + "\n"
 
 
+def link_note(link: str) -> str:
+    return (f"Measured: times on this machine as run. {modelled_label(link).capitalize()}: each round's measured "
+            "compute (wall time less the time inside collectives; a stacked process's divided among its replicas) "
+            f"plus its counted collectives timed on a {link} link (ring all-reduce and all-gather, binomial-tree "
+            "broadcast; unison.linkmodel); start-up as measured.")
+
+
 CSV_COLUMNS = ("strategy", "workers", "rounds", "final", "best", "metric", "target", "time_to_target_s",
                "speedup", "samples_per_s", "comm_bytes", "startup_s", "wall_s", "attempts", "seeds",
-               "time_min_s", "time_max_s", "final_interval", "diverging", "implausible")
+               "time_min_s", "time_max_s", "final_interval", "diverging", "implausible", "epoch_s", "link",
+               "link_time_to_target_s", "link_time_min_s", "link_time_max_s", "link_epoch_s")
 
 
 def csv_text(summary: Summary) -> str:
@@ -231,5 +290,6 @@ def csv_text(summary: Summary) -> str:
             row.label, row.workers, row.rounds, row.final, row.best, summary.metric, summary.target,
             row.time_to_target_s, row.speedup, row.samples_per_s, row.comm_bytes, row.startup_s, row.wall_s,
             row.attempts, row.seeds, row.time_min_s, row.time_max_s, row.final_interval, row.diverging,
-            row.implausible)])
+            row.implausible, row.epoch_s, summary.link, row.link_time_to_target_s, row.link_time_min_s,
+            row.link_time_max_s, row.link_epoch_s)])
     return out.getvalue()

@@ -12,6 +12,7 @@ Nothing here imports the rest of unison: summary.py builds the table and calls v
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from typing import Any, Mapping, Sequence
@@ -124,6 +125,27 @@ def lead(rows: Sequence[Any]) -> tuple[Any | None, list[Any]]:
     return (reached[0] if len(leaders) == 1 else None), leaders
 
 
+def on_link(rows: Sequence[Any]) -> list[Any]:
+    """The rows with their modelled times on the link in place of the measured ones, for the
+    winner on the link; speedups are left out."""
+    return [dataclasses.replace(row, time_to_target_s=row.link_time_to_target_s, time_min_s=row.link_time_min_s,
+                                time_max_s=row.link_time_max_s, speedup=None, implausible=False) for row in rows]
+
+
+def link_verdict(summary: Any) -> str:
+    """Who would reach the target first on the summary's link, from modelled times."""
+    rows = on_link(summary.rows)
+    winner, leaders = lead(rows)
+    where = f"On a {summary.link} link (modelled from measured compute and counted collectives)"
+    if not leaders:
+        return f"{where}, no strategy would reach the target."
+    if winner is None:
+        return f"{where}, no clear winner: " + ", ".join(f"**{r.label}** {_time(r)}" for r in leaders) + \
+            " overlap across repeats."
+    return f"{where}, **{winner.label}** would reach the target first, after {_time(winner)}; " \
+        "the winner on the link is named from these modelled times."
+
+
 def _time(row: Any) -> str:
     text = f"{row.time_to_target_s:.2f} s"
     if row.attempts > 1 and row.time_min_s is not None:
@@ -155,7 +177,8 @@ def verdict(summary: Any) -> str:
         sentences.append("No clear winner: the times to target of " + ", ".join(
             f"**{r.label}** {_time(r)}" for r in leaders) + " overlap across repeats.")
     else:
-        text = f"**{winner.label}** reached the target first, after {_time(winner)}"
+        text = ("Measured: " if getattr(summary, "link", None) else "") + \
+            f"**{winner.label}** reached the target first, after {_time(winner)}"
         if reference is not None and winner is not reference:
             if reference.time_to_target_s is None:
                 text += f"; {reference.label} did not reach it"
@@ -169,6 +192,8 @@ def verdict(summary: Any) -> str:
         if len(reached) > 1 and winner.attempts < 2:
             sentences.append("Each run was measured once, so this lead is not checked against timing "
                              "noise (use --repeat 3).")
+    if getattr(summary, "link", None):
+        sentences.append(link_verdict(summary))
     loaded = noisy(summary.load, summary.cores)
     for row in rows:
         if row.implausible:

@@ -11,11 +11,18 @@ strategies/compressed.py). Per worker and collective: all-reduce 2(N-1)/N·B (th
 algorithm's figure, which gloo's and NCCL's ring all-reduce send; on threads, what a ring would
 send over a network), all-gather (N-1)·B, broadcast B on the source, send B on the sender. Stacked rows of one
 process send nothing; unison's own bookkeeping is not counted (``uncounted``).
+
+``traffic`` (a record's ``collectives``, ``bookkeeping`` and ``comm_s``, for the link model in
+unison.linkmodel) counts the collectives themselves: per kind, the calls and their payload B
+(the tensor handed in, per worker), the strategy's apart from unison's bookkeeping, and the
+seconds this rank spent inside collectives (waiting for a slower peer included; on CUDA, NCCL
+returns once the work is queued, so there it is the launch time only). No extra collective.
 """
 
 from __future__ import annotations
 
 import copy
+import time
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from typing import TypeVar
@@ -38,6 +45,36 @@ class PeerFailed(WorkerError):
         self.missing = tuple(missing)
 
 
+class Traffic:
+    """The collectives one rank made since the last ``take()``: per kind [calls, payload bytes],
+    the strategy's and (inside ``uncounted``) unison's bookkeeping, and seconds spent inside."""
+
+    KINDS = ("all_reduce", "all_gather", "broadcast", "barrier", "send")  # what unison.linkmodel models
+
+    def __init__(self) -> None:
+        self.strategy: dict[str, list[int]] = {}
+        self.bookkeeping: dict[str, list[int]] = {}
+        self.seconds = 0.0
+        self.uncounted = 0  # depth of nested ``uncounted`` blocks
+
+    def count(self, kind: str, nbytes: int) -> None:
+        entry = (self.bookkeeping if self.uncounted else self.strategy).setdefault(kind, [0, 0])
+        entry[0] += 1
+        entry[1] += int(nbytes)
+
+    def timed(self, started: float) -> None:
+        """Add the time since ``started`` (a time.perf_counter() reading)."""
+        self.seconds += time.perf_counter() - started
+
+    def take(self) -> dict:
+        """What was counted, as a record's fields; the counts start again from zero."""
+        taken = {"comm_s": self.seconds, "collectives": self.strategy}
+        if self.bookkeeping:
+            taken["bookkeeping"] = self.bookkeeping
+        self.strategy, self.bookkeeping, self.seconds = {}, {}, 0.0
+        return taken
+
+
 class Communicator(ABC):
     """Collectives among ``world_size`` workers; every rank must make the same calls in order."""
 
@@ -45,6 +82,7 @@ class Communicator(ABC):
         self.rank = rank
         self.world_size = world_size
         self.bytes_sent = 0
+        self.traffic = Traffic()
 
     @abstractmethod
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -119,6 +157,7 @@ class Communicator(ABC):
         return tensor
 
     def _count(self, kind: str, nbytes: int, src: int = 0) -> None:
+        self.traffic.count(kind, nbytes)
         n = self.world_size
         if kind == "all_reduce":
             self.bytes_sent += 2 * (n - 1) * nbytes // n
@@ -179,7 +218,9 @@ def uncounted(comm: Communicator):
     """Collectives made inside do not add to ``bytes_sent``: unison's own bookkeeping (the
     non-finite flag, checkpoint gathers) is not the strategy's traffic that comm_bytes reports."""
     before = comm.bytes_sent
+    comm.traffic.uncounted += 1  # counted apart, as bookkeeping, for the link model
     try:
         yield comm
     finally:
         comm.bytes_sent = before
+        comm.traffic.uncounted -= 1

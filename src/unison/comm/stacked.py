@@ -6,13 +6,19 @@ collective first reduces over that dimension in this process (no communication a
 when several processes each hold R replicas (``replicas_per_worker``), makes one call to the
 ``outer`` communicator that links the processes. Replica j of process p has rank p·R + j, so a
 hierarchical run's replicas line up with the ranks of a flat run of P·R workers.
+
+``traffic`` counts what a flat run of P·R separate workers would make: one collective per call
+with one row's payload (a weighted mean: the row and its weight), whatever crosses processes;
+``bytes_sent`` stays what does cross them. The link model (unison.linkmodel) reads the first.
 """
 
 from __future__ import annotations
 
+import time
+
 import torch
 
-from .base import Communicator, Solo
+from .base import Communicator, Solo, nbytes
 
 
 class StackedComm(Communicator):
@@ -32,10 +38,19 @@ class StackedComm(Communicator):
     def bytes_sent(self, value: int) -> None:
         self.outer.bytes_sent = value
 
+    def _row(self, kind: str, tensor: torch.Tensor) -> float:
+        """Count one flat-run collective of one row of ``tensor`` (alone: none, as Solo); the
+        time it starts."""
+        if self.world_size > 1:
+            self.traffic.count(kind, nbytes(tensor) // self.replicas)
+        return time.perf_counter()
+
     def all_reduce_sum(self, tensor):
+        started = self._row("all_reduce", tensor)
         total = tensor.sum(dim=0)
         self.outer.all_reduce_sum(total)
         tensor.copy_(total.expand_as(tensor))
+        self.traffic.timed(started)
         return tensor
 
     def all_reduce_mean(self, tensor, weight=1.0):
@@ -46,6 +61,8 @@ class StackedComm(Communicator):
         if self.world_size == 1:
             return tensor
         rows = tensor.reshape(self.replicas, -1)
+        self.traffic.count("all_reduce", (rows.shape[1] + 1) * rows.element_size())
+        started = time.perf_counter()
         weights = torch.as_tensor(weight, dtype=rows.dtype, device=rows.device).expand(self.replicas)
         buffer = torch.empty(rows.shape[1] + 1, dtype=rows.dtype, device=rows.device)
         torch.sum(rows * weights[:, None], dim=0, out=buffer[:-1])
@@ -53,21 +70,31 @@ class StackedComm(Communicator):
         self.outer.all_reduce_sum(buffer)
         total = buffer[-1].clamp_min(torch.finfo(buffer.dtype).tiny)
         tensor.copy_((buffer[:-1] / total).reshape(tensor.shape[1:]).expand_as(tensor))
+        self.traffic.timed(started)
         return tensor
 
     def all_gather(self, tensor):
         """Every replica's row, in rank order: the stacked tensor itself, split."""
-        return [row for part in self.outer.all_gather(tensor) for row in part.unbind(0)]
+        started = self._row("all_gather", tensor)
+        rows = [row for part in self.outer.all_gather(tensor) for row in part.unbind(0)]
+        self.traffic.timed(started)
+        return rows
 
     def broadcast(self, tensor, src=0):
+        started = self._row("broadcast", tensor)
         holder, row = divmod(src, self.replicas)
         source = tensor[row].clone()  # overwritten by the holder's on every other process
         self.outer.broadcast(source, src=holder)
         tensor.copy_(source.expand_as(tensor))
+        self.traffic.timed(started)
         return tensor
 
     def broadcast_object(self, obj, src=0):
         return self.outer.broadcast_object(obj, src=src // self.replicas)
 
     def barrier(self):
+        if self.world_size > 1:
+            self.traffic.count("barrier", 0)
+        started = time.perf_counter()
         self.outer.barrier()
+        self.traffic.timed(started)

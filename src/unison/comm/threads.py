@@ -102,21 +102,27 @@ class ThreadComm(Communicator):
             return out
 
         self._count("all_reduce", nbytes(tensor))
+        started = time.perf_counter()
         tensor.copy_(self._exchange(tensor, total))
         self._done()
+        self.traffic.timed(started)
         return tensor
 
     def all_gather(self, tensor):
         self._count("all_gather", nbytes(tensor))
+        started = time.perf_counter()
         parts = self._exchange(tensor, lambda parts: parts)
         parts = [p.clone() for p in parts]
         self._done()
+        self.traffic.timed(started)
         return parts
 
     def broadcast(self, tensor, src=0):
         self._count("broadcast", nbytes(tensor), src)
+        started = time.perf_counter()
         tensor.copy_(self._exchange(tensor, lambda parts: parts[src]))
         self._done()
+        self.traffic.timed(started)
         return tensor
 
     def broadcast_object(self, obj, src=0):
@@ -125,8 +131,11 @@ class ThreadComm(Communicator):
         return result
 
     def barrier(self):
+        self._count("barrier", 0)
+        started = time.perf_counter()
         self._enter()
         self._wait()
+        self.traffic.timed(started)
 
     def send(self, tensors, dst):
         """Deposit copies in ``dst``'s inbox; never waits (gloo's send of a small message
@@ -138,6 +147,12 @@ class ThreadComm(Communicator):
             self.group.mail.notify_all()
 
     def recv(self, tensors, src=None):
+        started = time.perf_counter()
+        sender = self._receive(tensors, src)
+        self.traffic.timed(started)
+        return sender
+
+    def _receive(self, tensors, src):
         group, deadline = self.group, time.monotonic() + self.group.timeout
         with group.mail:
             while True:

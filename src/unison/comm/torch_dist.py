@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from datetime import timedelta
 
 import torch
@@ -62,8 +63,11 @@ class TorchDistComm(Communicator):
 
     def _collective(self, name: str, call, *args, **kwargs):
         """Run a torch.distributed call; its failure means a peer is gone or late: PeerFailed."""
+        started = time.perf_counter()
         try:
-            return call(*args, **kwargs)
+            result = call(*args, **kwargs)
+            self.traffic.timed(started)
+            return result
         except RuntimeError as exc:  # DistBackendError and gloo's errors are RuntimeErrors
             if "timed out" not in str(exc).lower() and "timeout" not in str(exc).lower():
                 peer = _PEER.search(str(exc))
@@ -115,6 +119,7 @@ class TorchDistComm(Communicator):
         return box[0]
 
     def barrier(self):
+        self._count("barrier", 0)
         self._collective("barrier", dist.barrier)
 
     def send(self, tensors, dst):

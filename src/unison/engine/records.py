@@ -11,6 +11,11 @@ Summing is a collective, and a collective costs about as much as a small merge o
 16 steps that alone was ~10% of the time. So the rounds of an epoch are summed together, in
 one collective, at the epoch's end; with checkpoints (which save the history) or a shared model
 (whose workers must wait while it is evaluated) every round is summed at once.
+
+A record also carries rank 0's collectives of its round, for unison.linkmodel: ``comm_s`` (the
+seconds inside them), ``collectives`` (the strategy's, kind → [calls, payload bytes]) and
+``bookkeeping`` (unison's own: the sums of records, checkpoint gathers); summing the records of
+an epoch takes one all-reduce, which is counted in the next round's ``bookkeeping``.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ if TYPE_CHECKING:
 LOSS, SAMPLES, DISTANCE, DISCARDED, VAL_LOSS, VAL_CORRECT, WAIT, DROPPED, DROPPED_MASK, FAILED, FAILED_MASK = range(11)
 COLUMNS = 11
 MASK_RANKS = 52  # a float64 holds the bit mask 2^rank exactly for this many ranks
+# rank 0's collectives of the round (comm.base.Traffic): seconds inside, the strategy's, unison's own
+TRAFFIC = ("comm_s", "collectives", "bookkeeping")
 
 
 @torch.no_grad()
@@ -78,6 +85,7 @@ class RoundLog:
         self.simulated = simulated  # declared speeds: records carry simulated_wait_s
         self.partial = partial      # rounds may close without stragglers: records name them
         self.shares: list[int] | None = None  # balance="speed": the epoch's shares, in each record
+        comm.traffic.take()  # start-up's collectives (the start broadcast) are start-up's, as measured
         self.validation = validation
         if validation is not None:  # this process's slice; a process holds len(ranks) replicas
             x, y, self.task = validation
@@ -109,7 +117,8 @@ class RoundLog:
                              out, mask, dead, dead_mask], dim=-1)
         local = {"epoch": round(replica.step / self.steps_per_epoch, 4), "step": replica.step,
                  "wall_s": time.time() - self.started + self.wall_offset, "comm_bytes": self.comm.bytes_sent,
-                 "lr": replica.optimizer.param_groups[0]["lr"], "rollbacks": rollbacks, "shares": self.shares}
+                 "lr": replica.optimizer.param_groups[0]["lr"], "rollbacks": rollbacks, "shares": self.shares,
+                 **self.comm.traffic.take()}
         self._pending.append((local, stats))
         if self.every_round:
             self.flush()
@@ -126,7 +135,9 @@ class RoundLog:
             record = {"epoch": local["epoch"], "step": local["step"], "wall_s": local["wall_s"],
                       "samples": self.samples_seen, "train_loss": row[LOSS] / max(row[SAMPLES], 1.0),
                       "divergence": row[DISTANCE] / self.comm.world_size, "comm_bytes": local["comm_bytes"],
-                      "lr": local["lr"]}
+                      "lr": local["lr"], **{k: local[k] for k in TRAFFIC if k in local}}
+            if len(self.replica.ranks) > 1:  # stacked: the link model divides compute among the rows
+                record["stacked_rows"] = len(self.replica.ranks)
             if local["shares"] is not None:  # balance="speed": each worker's samples this epoch
                 record["shares"] = list(local["shares"])
             if self.partial:  # the replicas left out of this round's merge
