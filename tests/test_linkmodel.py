@@ -7,6 +7,7 @@ import math
 import pytest
 
 import unison
+from unison.engine import records
 from unison import linkmodel
 from unison.errors import ConfigError
 from unison.linkmodel import FRAMING, Link
@@ -82,14 +83,17 @@ def fit(blobs, small_model, strategy, backend="threads", **kwargs):
                       batch_size=4, lr=0.05, progress=False, **kwargs)
 
 
+ROW = records.COLUMNS * 8  # one round's sums, float64
+
+
 def flushes(history):
-    """Where each epoch's records are summed (one all-reduce of [rounds, 6] float64), counted
+    """Where each epoch's records are summed (one all-reduce of [rounds, COLUMNS] float64), counted
     in the next round: record index -> its payload."""
     out, pending = {}, 0
     for i, record in enumerate(history):
         pending += 1
         if record["epoch"] == int(record["epoch"]) and i + 1 < len(history):
-            out[i + 1], pending = 48 * pending, 0
+            out[i + 1], pending = ROW * pending, 0
     return out
 
 
@@ -116,7 +120,7 @@ def test_periodic_counts_one_all_reduce_a_round(blobs, small_model):
     steps = [r["step"] for r in history]
     assert steps == list(range(3, steps[-1] + 1, 3)) and len(steps) >= 4  # rounds of 3 steps
     books = flushes(history)
-    assert list(books.values()) == [48 * 3]  # the first epoch's three rounds, summed in one all-reduce
+    assert list(books.values()) == [ROW * 3]  # the first epoch's three rounds, summed in one all-reduce
     for i, record in enumerate(history):
         assert record["collectives"] == {"all_reduce": [1, (PARAMS + 1) * 4]}
         assert record.get("bookkeeping") == ({"all_reduce": [1, books[i]]} if i in books else None)
