@@ -167,19 +167,32 @@ def kill_host(host: Host) -> None:
             os.kill(int(pid), signal.SIGKILL)
 
 
+def host_cores(hosts: int) -> list[list[int]] | None:
+    """This process's cores dealt out evenly among ``hosts`` (None: fewer cores than hosts)."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    share = len(cores) // hosts
+    return [cores[i * share:(i + 1) * share] for i in range(hosts)] if share else None
+
+
 def torchrun_hosts(hosts: tuple[Host, Host], run_file: Path, out: Path, *, nproc_per_node: int = 1,
                    extra: tuple[str, ...] = (), output=None) -> list[subprocess.Popen]:
     """Start `torchrun ... -m unison train RUN_FILE --out OUT` in each host's namespace; the
     first host holds the c10d rendezvous. Gloo is told to use the veth device. Each host's
-    output goes to a pipe (read it with communicate()), or to ``output[i]``, an open file."""
+    output goes to a pipe (read it with communicate()), or to ``output[i]``, an open file.
+
+    Each host gets its own half of this machine's cores (``taskset``), as two machines would
+    have their own: unison sizes its threads from the cores a process may use, and two hosts
+    each taking every core oversubscribed them, which stalled compute for seconds at a time."""
     processes = []
     port = PORT + int(hosts[0].namespace.rsplit("-", 1)[1]) % 1000  # a rendezvous of this pair's own
     inherited = {k: v for k, v in os.environ.items()  # no torchrun variables of a caller's group
                  if not k.startswith(("TORCHELASTIC_", "MASTER_", "GROUP_", "ROLE_")) and k not in
                  ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    cores = host_cores(len(hosts))
     for rank, host in enumerate(hosts):
         environment = inherited | {"GLOO_SOCKET_IFNAME": host.device, "OMP_NUM_THREADS": "1"}
-        command = ["ip", "netns", "exec", host.namespace, sys.executable, "-m", "torch.distributed.run",
+        pin = ["taskset", "-c", ",".join(map(str, cores[rank]))] if cores and shutil.which("taskset") else []
+        command = ["ip", "netns", "exec", host.namespace, *pin, sys.executable, "-m", "torch.distributed.run",
                    "--nnodes", "2", "--nproc-per-node", str(nproc_per_node), "--node-rank", str(rank),
                    "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{hosts[0].address}:{port}",
                    "--rdzv-id", hosts[0].namespace, "--local-addr", host.address,
