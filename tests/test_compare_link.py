@@ -93,3 +93,27 @@ def test_stacked_workers_beyond_the_cores_are_modelled_as_separate_workers(tmp_p
     # each step: a ring of 8 workers, 14 latency terms of 10 ms; compute an eighth of the stacked process's
     assert row.link_epoch_s >= steps * 14 * 0.010
     assert row.link_epoch_s <= row.epoch_s / workers + steps * 14 * 0.010 + 1.0
+
+
+def test_runs_that_cannot_be_modelled_say_so_and_never_win_on_the_link(tmp_path):
+    """Declared speeds= (a fast worker's wait for the slow one sits inside its collectives) and
+    fedbuff (no counts in its server's records) are shown "not modelled" (found in review:
+    speeds made sync look faster on the link than without them)."""
+    import torch
+
+    from toy_models import blobs_data
+    from unison.models import mlp
+
+    torch.manual_seed(0)
+    result = unison.compare(mlp(8, [16], 3), blobs_data(), 0.25, progress=False, out=tmp_path / "cmp", repeat=1,
+                            strategies={"sync": "sync", "fedbuff": "fedbuff(every=3)",
+                                        "slow sync": {"strategy": "sync", "speeds": [1, 0.5]}},
+                            workers=2, backend="threads", epochs=2, batch_size=8, lr=0.1, link=LINK)
+    rows = {r.label: r for r in result.summary.rows}
+    assert rows["sync"].link_modelled
+    assert not rows["fedbuff"].link_modelled and not rows["slow sync"].link_modelled
+    table = result.table()
+    lines = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert "not modelled" in lines["fedbuff"] and "not modelled" in lines["slow sync"]
+    assert "not modelled" not in lines["sync"]
+    assert result.winner in (None, "sync")

@@ -296,3 +296,14 @@ def test_declared_speeds_slow_a_fedbuff_worker_without_changing_what_the_replay_
     assert order[-3:] == [1, 1, 1]  # 20 times slower: worker 0 was done long before
     replayed = unison.fit(small_model, blobs, **(kwargs | {"strategy": f"fedbuff(every=2, buffer=1, replay={order})"}))
     assert max_abs_diff(slow.model, replayed.model) <= 1e-6
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"balance": "speed", "speeds": [1, 0.5]}, "balance='speed' is not supported with the asynchronous"),
+    ({"on_failure": "continue"}, "on_failure='continue' is not supported with the asynchronous"),
+    ({"speeds": [1, 1, 0.5]}, r"speeds=\[1.0, 1.0, 0.5\].*one number per training worker: 2"),
+])
+def test_uneven_worker_options_fedbuff_cannot_honour_are_refused_by_name(blobs, small_model, settings, message):
+    with pytest.raises(ConfigError, match=message):
+        unison.fit(small_model, blobs, strategy="fedbuff(every=2)", workers=2, backend="threads", progress=False,
+                   **settings)

@@ -1,7 +1,9 @@
 """Uneven workers: declared speeds (a simulation), shares balanced by speed, rounds that close
 without the stragglers. Each checked against a sequential computation (tests/reference.py)."""
 
+import math
 import threading
+import time
 
 import pytest
 import torch
@@ -381,3 +383,45 @@ def test_partial_rounds_checkpoint_and_resume(blobs, small_model, tmp_path):
     more = fit(small_model, blobs, epochs=3, resume=True, **kwargs)
     assert [r["step"] for r in more.history[:len(first.history)]] == [r["step"] for r in first.history]
     assert more.history[-1]["step"] == 18 and all("stragglers" in r for r in more.history)
+
+
+class SlowLastStep(torch.nn.Module):
+    """Linear 8 → 3 whose first replica to reach its ``at``-th training forward pass sleeps 1 s
+    there: the other finishes its round meanwhile, and this one finishes it late."""
+
+    lock, reached = threading.Lock(), []
+
+    def __init__(self, at):
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = torch.nn.Linear(8, 3)
+        self.at, self.calls = at, 0
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+            if self.calls == self.at:
+                with SlowLastStep.lock:
+                    SlowLastStep.reached.append(self)
+                    late = len(SlowLastStep.reached) == 1
+                if late:
+                    time.sleep(1.0)
+        return self.linear(x)
+
+
+def test_a_replica_that_finished_its_round_late_is_not_a_straggler(blobs):
+    """periodic(every="epoch", min_fraction=0.5): the late replica did every step of the round;
+    it takes part in the merge (found in review: it was left out after its last step)."""
+    SlowLastStep.reached = []
+    x, _ = blobs
+    steps = math.ceil(len(x) / 2 / 8)
+    result = fit(lambda: SlowLastStep(at=steps), blobs, workers=2, epochs=1,
+                 strategy="periodic(every='epoch', min_fraction=0.5)")
+    assert len(SlowLastStep.reached) == 2  # both got to their last step, one of them late
+    assert result.history[-1]["stragglers"] == [] and result.history[-1]["samples"] == len(x)
+
+
+def test_on_failure_continue_needs_the_mean(blobs, small_model):
+    for strategy in ("sync(merge=median)", "periodic(merge='trimmed_mean(0.2)')"):
+        with pytest.raises(ConfigError, match=r"on_failure='continue' needs merge='mean'"):
+            fit(small_model, blobs, workers=3, strategy=strategy, on_failure="continue")

@@ -133,8 +133,11 @@ def round_seconds(record: Mapping[str, Any], world: int, link: Link) -> float:
 
 
 def modelled(records: Sequence[Mapping[str, Any]]) -> bool:
-    """Whether the records carry what the model needs (histories before it did not)."""
-    return bool(records) and all("comm_s" in r and "collectives" in r for r in records)
+    """Whether the records carry what the model needs: counts (histories before them, and
+    fedbuff's server records, have none), and no declared ``speeds=`` (a fast worker's wait for
+    a slow one is inside its collectives, and compute = wall − comm_s would erase it)."""
+    return bool(records) and all("comm_s" in r and "collectives" in r and "simulated_wait_s" not in r
+                                 for r in records)
 
 
 def compute_seconds(records: Sequence[Mapping[str, Any]]) -> list[float]:

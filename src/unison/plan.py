@@ -231,6 +231,12 @@ def _check_stacking(config: TrainConfig, stacked: bool) -> None:
         if config.strategy.world_size(per_worker) == 1:
             raise ConfigError(f"strategy {config.strategy.spec()!r} trains one replica; replicas_per_worker="
                               f"{per_worker} needs a strategy with several (sync, periodic, ...)")
+    merge = getattr(config.strategy, "merge", None)
+    if config.on_failure == "continue" and merge is not None and merge.name != "mean":
+        raise ConfigError(f"on_failure='continue' needs merge='mean' ({config.strategy.spec()!r} has "
+                          f"merge={merge.spec()!r}): a dropped worker weighs 0 in a mean, but under a robust rule it "
+                          "would still vote, with a zero gradient or a stale model; use merge='mean' or "
+                          "on_failure='stop'")
     if stacked and config.on_failure == "continue":
         raise ConfigError("on_failure='continue' drops the one worker whose step failed, and stacked replicas "
                           "(backend='stacked' or replicas_per_worker > 1) step as one computation; use "
@@ -262,6 +268,15 @@ def _check_asynchronous(config: TrainConfig, size: int) -> None:
     if config.nan != "stop":
         raise ConfigError(f"nan={config.nan!r} is not supported with the asynchronous strategy {strategy.name!r} "
                           "(its workers never step together); use nan='stop'")
+    if config.balance != "none" or config.on_failure != "stop":
+        field, value = ("balance", config.balance) if config.balance != "none" else ("on_failure", config.on_failure)
+        raise ConfigError(f"{field}={value!r} is not supported with the asynchronous strategy {strategy.name!r} "
+                          f"yet (its workers neither share epochs nor rounds); use "
+                          f"{'balance=' + repr('none') if field == 'balance' else 'on_failure=' + repr('stop')}")
+    if config.speeds is not None and len(config.speeds) != size - strategy.servers:
+        raise ConfigError(expected("speeds", list(config.speeds), f"one number per training worker: "
+                                   f"{size - strategy.servers} (strategy {strategy.spec()!r} runs "
+                                   f"{strategy.servers} server rank(s) besides them)"))
     if config.checkpoint_every is not None or config.checkpoint_dir is not None:
         raise ConfigError(f"checkpoint_every/checkpoint_dir are not supported with the asynchronous strategy "
                           f"{strategy.name!r} yet (its workers have no common round end to save at); "

@@ -58,6 +58,7 @@ class Row:
     diverging: bool = False      # some attempt's validation loss rose well above its best
     implausible: bool = False    # its speedup exceeds what its workers on these cores can give
     epoch_s: float | None = None  # measured training time per epoch (median over attempts)
+    link_modelled: bool = False  # whether its records could be modelled on the summary's link
     link_time_to_target_s: float | None = None  # modelled on the summary's link (median, spread)
     link_time_min_s: float | None = None
     link_time_max_s: float | None = None
@@ -199,7 +200,7 @@ def _on_link(runs, world: int, link: linkmodel.Link | None, target: float | None
     median, low, high = verdicts.median_spread([None if target is None else time_to_target(r, target, metric)
                                                 for r in retimed])
     epochs = [e for r in retimed if (e := linkmodel.epoch_seconds(r)) is not None]
-    return {"link_time_to_target_s": median, "link_time_min_s": low, "link_time_max_s": high,
+    return {"link_modelled": True, "link_time_to_target_s": median, "link_time_min_s": low, "link_time_max_s": high,
             "link_epoch_s": statistics.median(epochs) if epochs else None}
 
 
@@ -239,7 +240,8 @@ def cells(row: Row, metric: str, link: str | None = None) -> list[str]:
             str(row.rounds), final_text(row, metric), metric_text(row.best, metric), time_text(row), speed,
             f"{row.samples_per_s:,.0f}",
             f"{row.comm_bytes / 1e6:.2f}", f"{row.startup_s:.2f}", f"{row.wall_s:.2f}"] + ([] if not link else [
-                "—" if row.epoch_s is None else f"{row.epoch_s:.3f}", _modelled_time(row),
+                "—" if row.epoch_s is None else f"{row.epoch_s:.3f}",
+                _modelled_time(row) if row.link_modelled else "not modelled",
                 "—" if row.link_epoch_s is None else f"{row.link_epoch_s:.3f}"])
 
 
@@ -271,7 +273,9 @@ def link_note(link: str) -> str:
     return (f"Measured: times on this machine as run. {modelled_label(link).capitalize()}: each round's measured "
             "compute (wall time less the time inside collectives; a stacked process's divided among its replicas) "
             f"plus its counted collectives timed on a {link} link (ring all-reduce and all-gather, binomial-tree "
-            "broadcast; unison.linkmodel); start-up as measured.")
+            "broadcast; unison.linkmodel); start-up as measured. Not modelled (and so never the winner on the "
+            "link): fedbuff, whose server records carry no counts yet, and runs with declared speeds=, whose "
+            "waiting for a slow worker would count as communication.")
 
 
 CSV_COLUMNS = ("strategy", "workers", "rounds", "final", "best", "metric", "target", "time_to_target_s",

@@ -26,6 +26,8 @@ TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 _PEER = re.compile(r"\[([0-9A-Fa-f.:]+)\]:\d+")  # gloo names the peer of a broken pair: [address]:port
 
 
+# What a peer that never joined the group looks like (the store's or a connection's timeout).
+_JOIN_FAILURE = re.compile(r"DistStoreError|DistNetworkError|timed? ?out|Connection (refused|reset)", re.IGNORECASE)
 _MISSING = re.compile(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier")
 # At most this long to find who is missing, after a timeout: the ranks still running reach the
 # roll call within moments of each other (they timed out on the same collective), so a short one
@@ -212,6 +214,8 @@ def join_from_environment(timeout: float) -> tuple[TorchDistComm, torch.device, 
             dist.init_process_group(backend, timeout=timedelta(seconds=timeout), **_attempt_store(timeout))
         return TorchDistComm(timeout), device, created
     except RuntimeError as exc:  # DistStoreError and gloo's connection errors: a peer never joined
+        if not _JOIN_FAILURE.search(f"{type(exc).__name__}: {exc}"):
+            raise  # a genuine NCCL/CUDA or configuration error, as raised
         rank, size = os.environ.get("RANK", "?"), os.environ.get("WORLD_SIZE", "?")
         raise PeerFailed(f"rank {rank} could not form the group of {size} processes within {timeout:g} s "
                          f"(timeout): a host or process did not join, or left while it formed; "

@@ -156,8 +156,9 @@ class _Training:
                     self.train_step([order[i * b:(i + 1) * b] for order, b in zip(orders, batches)])
                 if strategy.round_ends(replica.step, epoch_end=False):
                     self.end_round(epoch_end=False)
-                elif self.partial and not self.straggling:
-                    self.straggling = self.round_closed()
+                elif self.partial and not self.straggling and not (
+                        i == self.steps_per_epoch - 1 and self.round_ends_with_epoch(epoch)):
+                    self.straggling = self.round_closed()  # (a replica done with its round is no straggler)
             last_epoch_unmerged = epoch == job.epochs - 1 and self.last_round_step != replica.step
             if strategy.round_ends(replica.step, epoch_end=True) or last_epoch_unmerged:
                 self.end_round(epoch_end=True)
@@ -245,6 +246,10 @@ class _Training:
             replica.samples_since_merge += count
         elif verdict == ROLLED_BACK:
             self.loss_sum.zero_()
+
+    def round_ends_with_epoch(self, epoch: int) -> bool:
+        """Whether the round under way ends at this epoch's end (every="epoch", or the last one)."""
+        return self.strategy.round_ends(self.replica.step, epoch_end=True) or epoch == self.job.epochs - 1
 
     def closes_early(self, step: int) -> bool:
         """Whether the round of global step ``step`` may close before every replica finished it."""
