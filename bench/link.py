@@ -252,6 +252,23 @@ def compression_paid(runs: list[dict]) -> str:
     return ("yes" if paid else "no") + (f"; s/epoch at most {worst[0]:+.0%} (`{worst[1]}`)" if worst else "")
 
 
+def retabled(saved: dict, targets: dict[str, str]) -> str:
+    """The per-rate tables and the headline of saved runs, times to target read again from
+    their rounds (at ``targets[model]`` where given)."""
+    runs = []
+    for run in saved["runs"]:
+        target = float(targets.get(run["model"], run["target"]))
+        runs.append(run | measures(run["records"], target) | {"target": target, "capped": run["capped"]})
+    out = [f"# bench/link.py tables from saved runs ({saved['machine']})\n"]
+    for model in dict.fromkeys(r["model"] for r in runs):
+        for rate in dict.fromkeys(r["rate"] for r in runs):
+            mine = [r for r in runs if r["model"] == model and r["rate"] == rate]
+            if mine:
+                out.append(f"## {model} on {rate} ({mine[0]['measured_mbit']:,.0f} Mbit/s measured), target "
+                           f"{mine[0]['target']:.0%}\n\n{rate_table(mine)}\n")
+    return "\n".join(out) + "\n## headline\n\n" + headline(runs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rates", default=",".join(RATES),
@@ -265,7 +282,14 @@ def main() -> None:
                         help="seconds a run may take (default: the model's, 60 for mlp, 40 for wide)")
     parser.add_argument("--json", type=Path, default=None, help="also write every run, rounds included, here")
     parser.add_argument("--quick", action="store_true", help="tiny data, 1 epoch, 3 configs: a smoke run")
+    parser.add_argument("--from", dest="saved", type=Path, default=None, metavar="JSON",
+                        help="no runs: print the tables again from an earlier --json file")
+    parser.add_argument("--target", action="append", default=[], metavar="MODEL=ACC",
+                        help="with --from: time to this accuracy instead (e.g. wide=0.65), from the saved rounds")
     args = parser.parse_args()
+    if args.saved is not None:
+        print(retabled(json.loads(args.saved.read_text()), dict(t.split("=") for t in args.target)))
+        return
     why = netlab.available()
     if why:
         raise SystemExit(f"link: {why}")
