@@ -52,14 +52,14 @@ class TorchDistComm(Communicator):
 
     def arrive(self, key):
         """One atomic add in the group's store (TCPStore): no collective, nobody waits."""
-        try:
-            return int(self._counters().add(key, 1))
-        except RuntimeError as exc:
-            raise PeerFailed(f"the group's store is gone: {exc}", rank=self.rank) from exc
+        return self._add(key, 1)
 
     def arrivals(self, key):
+        return self._add(key, 0)
+
+    def _add(self, key: str, amount: int) -> int:
         try:
-            return int(self._counters().add(key, 0))
+            return int(self._counters().add(key, amount))
         except RuntimeError as exc:
             raise PeerFailed(f"the group's store is gone: {exc}", rank=self.rank) from exc
 
@@ -125,9 +125,10 @@ class TorchDistComm(Communicator):
         self._collective("barrier", dist.barrier)
 
     def send(self, tensors, dst):
-        """One message: each tensor in turn, its position as the tag, so that parts never mix."""
+        """One message: each tensor in turn, its position as the tag, so that parts never mix
+        (counted as one message, as on threads: the link model times one per send)."""
+        self._count("send", sum(nbytes(tensor) for tensor in tensors))
         for tag, tensor in enumerate(tensors):
-            self._count("send", nbytes(tensor))
             self._collective("send", dist.send, tensor.contiguous(), dst=dst, tag=tag)
 
     def recv(self, tensors, src=None):
