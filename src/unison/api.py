@@ -77,7 +77,9 @@ def fit(model: nn.Module | Callable[[], nn.Module], data: Any, val: Any = None, 
     ``balance="speed"`` (with partition="shard") sizes each worker's share and batch by its
     throughput, measured each epoch (the declared ``speeds`` when given; unison.balance).
     ``on_failure="continue"``: a worker whose training step raises is dropped with a
-    WorkerDropped warning (its share unused, its weight 0) and the run goes on with the others.
+    WorkerDropped warning (its share unused, its weight 0) and the run goes on with the others;
+    on backend="processes" also one that dies or stalls past ``timeout``: the run is launched
+    again without it, from the newest checkpoint (else from the start).
     """
     started = time.time()
     config = TrainConfig(
@@ -97,10 +99,20 @@ def run(config: TrainConfig, model: nn.Module | Callable[[], nn.Module], data: A
         optimizer: Callable | None = None, loss: Callable | None = None, progress: bool = True,
         log_dir: str | Path | None = None, resume: bool = False, started: float | None = None,
         label: str | None = None) -> Result:
-    """fit() for a TrainConfig: ``optimizer``/``loss`` are the callables it calls "custom"."""
-    plan = plans.resolve(config, model, data, val, optimizer=optimizer, loss=loss, log_dir=log_dir,
-                         resume=resume, progress=progress, started=started, label=label)
-    return plan.finish(plan.launch())
+    """fit() for a TrainConfig: ``optimizer``/``loss`` are the callables it calls "custom".
+    With on_failure="continue", a worker process that dies or stalls is dropped and the run
+    launched again without it (unison.plan.Plan.relaunch)."""
+    again: dict[str, Any] = {"resume": resume, "started": started}
+    while True:
+        plan = plans.resolve(config, model, data, val, optimizer=optimizer, loss=loss, log_dir=log_dir,
+                             progress=progress, label=label, **again)
+        try:
+            return plan.finish(plan.launch())
+        except WorkerError as exc:
+            relaunch = plan.relaunch(exc)
+            if relaunch is None:
+                raise
+            again = relaunch
 
 
 def train(run_config: RunConfig, *, out: str | Path | None = None, resume: bool = False,

@@ -160,7 +160,7 @@ class TrainConfig:
     # Uneven workers, declared: worker r takes max(speeds)/speeds[r] times its step time (unison.engine.pace).
     speeds: tuple[float, ...] | None = None
     balance: str = "none"          # "speed": shares and batches ∝ each worker's throughput (unison.balance)
-    on_failure: str = "stop"       # "continue": a worker whose training step raises is dropped, the run goes on
+    on_failure: str = "stop"       # "continue": a worker whose step raises (or process dies) is dropped, the run goes on
 
     def __post_init__(self) -> None:
         check_int("workers", self.workers, minimum=1)

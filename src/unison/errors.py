@@ -21,14 +21,17 @@ class WorkerError(UnisonError, RuntimeError):
     """A worker failed or died while training; names the rank and the cause.
 
     ``checkpoint`` is the newest valid checkpoint of the run (set by fit()), to resume from.
+    ``lost``: the worker died (a signal, an exit without a report) or stalled (its peers timed
+    out waiting for it) rather than raising: what on_failure="continue" recovers from by a relaunch.
     """
 
     def __init__(self, message: str, *, rank: int | None = None, cause: str | None = None,
-                 checkpoint: str | None = None):
+                 checkpoint: str | None = None, lost: bool = False):
         super().__init__(message)
         self.rank = rank
         self.cause = cause
         self.checkpoint = checkpoint
+        self.lost = lost
 
 
 class NonFiniteError(WorkerError):
@@ -50,8 +53,8 @@ class CheckpointError(UnisonError, OSError):
 
 
 class WorkerDropped(UserWarning):
-    """on_failure="continue": a worker's training step raised; it was left out of the rest of the
-    run (its share unused, its weight 0) and the others went on."""
+    """on_failure="continue": a worker's training step raised, or its process died or stalled;
+    it was left out of the rest of the run (its share unused, its weight 0) and the others went on."""
 
 
 def expected(field: str, got: object, accepted: str | Iterable[str]) -> str:

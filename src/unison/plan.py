@@ -28,7 +28,7 @@ from .engine.checkpointer import data_fingerprint
 from .engine.job import CheckpointSettings, Job, OptimizerSettings, Outcome
 from .engine.replica import resolve_loss
 from .engine.stacked import check_vmappable
-from .errors import CheckpointError, ConfigError, DataError, UnisonError, WorkerError, expected
+from .errors import CheckpointError, ConfigError, DataError, UnisonError, WorkerDropped, WorkerError, expected
 from .history import with_throughput, write_jsonl
 from .launch.base import Backend
 from .balance import balanced_sizes
@@ -59,11 +59,34 @@ class Plan:
         try:
             return self.backend.launch(self.job)
         except WorkerError as exc:
-            _name_checkpoint(exc, self.job.checkpoint.directory if self.job.checkpoint else None)
+            if not self.relaunches(exc):
+                _name_checkpoint(exc, self.job.checkpoint.directory if self.job.checkpoint else None)
             raise
         finally:
             if self.locked is not None:
                 checkpoints.unlock(self.locked)
+
+    def relaunches(self, error: WorkerError) -> bool:
+        """Whether on_failure="continue" goes on without the worker this error names: it died or
+        stalled (not raised), others are left, and the backend can start its workers anew."""
+        job = self.job
+        return (job.on_failure == "continue" and self.backend.recovers_lost and error.lost
+                and error.rank is not None and error.rank not in job.lost and len(job.lost) + 1 < job.workers)
+
+    def relaunch(self, error: WorkerError) -> dict[str, Any] | None:
+        """What resolve() needs to run again without the worker that died or stalled (``lost``,
+        and ``resume`` from the newest checkpoint, else from the start), after a WorkerDropped
+        warning; None where ``relaunches`` says no."""
+        job = self.job
+        if not self.relaunches(error):
+            return None
+        newest = checkpoints.latest_valid_path(job.checkpoint.directory if job.checkpoint else None)
+        start = (f"from its checkpoint {str(newest)!r}" if newest is not None else
+                 "from the start (no checkpoint yet)" if job.checkpoint else
+                 "from the start (set checkpoint_every to lose less)")
+        warnings.warn(f"{error}; on_failure='continue': worker {error.rank} is dropped and the run goes on "
+                      f"without it {start}", WorkerDropped, stacklevel=4)
+        return {"lost": (*job.lost, error.rank), "resume": newest is not None, "started": job.started}
 
     def finish(self, outcome: Outcome) -> Result:
         merged = copy.deepcopy(self.job.model)
@@ -95,10 +118,11 @@ def start_early(config: TrainConfig) -> None:
 def resolve(config: TrainConfig, model: nn.Module | Callable[[], nn.Module], data: Any, val: Any = None, *,
             optimizer: Callable | None = None, loss: Callable | None = None, log_dir: str | Path | None = None,
             resume: bool = False, progress: bool = True, started: float | None = None,
-            label: str | None = None) -> Plan:
+            label: str | None = None, lost: tuple[int, ...] = ()) -> Plan:
     """The Plan of one run; raises unison.errors exceptions for anything that cannot work,
     before any worker starts. ``optimizer``/``loss``: the callables a config calls "custom";
-    ``label``: a CSV file's label column (unison.data.prepare)."""
+    ``label``: a CSV file's label column (unison.data.prepare); ``lost``: the ranks a relaunch
+    leaves out (``relaunch``)."""
     started = time.time() if started is None else started
     if not isinstance(resume, bool):
         raise ConfigError(expected("resume", resume, "True or False"))
@@ -124,7 +148,7 @@ def resolve(config: TrainConfig, model: nn.Module | Callable[[], nn.Module], dat
     # Only one process writes the log; an earlier run's files there are never overwritten.
     writer = backend.is_writer()
     log_path = Path(log_dir) if log_dir is not None and writer else None
-    if log_path is not None and not resume and any((log_path / name).exists() for name in (HISTORY_FILE, MODEL_FILE)):
+    if log_path is not None and not resume and not lost and any((log_path / name).exists() for name in (HISTORY_FILE, MODEL_FILE)):
         raise ConfigError(f"log_dir={str(log_path)!r} already holds a run ({HISTORY_FILE} or {MODEL_FILE}); "
                           "choose another directory")
     optimizer_settings = OptimizerSettings(config.optimizer, config.lr, config.momentum, config.nesterov,
@@ -162,7 +186,7 @@ def resolve(config: TrainConfig, model: nn.Module | Callable[[], nn.Module], dat
               model=start_model, penalty=config.penalty, constraint=config.constraint,
               schedule=config.schedule, nan=config.nan, device=config.device, checkpoint=settings,
               started=started, progress=progress, speeds=_speeds(config, replicas), balance=config.balance,
-              on_failure=config.on_failure,
+              on_failure=config.on_failure, lost=tuple(lost),
               history_path=str(log_path / HISTORY_FILE) if log_path is not None else None)
     backend.check(job)
     if stacked:  # can the model be vmapped? (a custom optimizer factory is tried there too)

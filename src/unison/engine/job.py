@@ -97,6 +97,7 @@ class Job:
     speeds: tuple[float, ...] | None = None   # declared speeds over the fastest, one per replica (a simulation)
     balance: str = "none"             # "speed": shares sized by throughput each epoch (unison.balance)
     on_failure: str = "stop"          # "continue": a worker whose step raises is dropped (loop.py)
+    lost: tuple[int, ...] = ()        # ranks that died or stalled in an earlier launch: they train on nothing
 
     @property
     def replicas(self) -> int:

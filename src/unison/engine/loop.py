@@ -10,7 +10,8 @@ Uneven workers (issue 15): declared ``speeds`` wait out a simulated slowdown aft
 gradients (unison.engine.pace); ``balance="speed"`` deals each epoch's shares and batches by
 speed (unison.balance); a round whose strategy allows it closes once enough replicas finished it
 (``min_fraction``, ``deadline``), the others skipping to its end step with weight 0; with
-``on_failure="continue"`` a replica whose step raised trains on nothing but keeps every collective.
+``on_failure="continue"`` a replica whose step raised trains on nothing but keeps every collective
+(as does, after a relaunch, one whose process died or stalled: ``job.lost``; unison.plan).
 
 The loop never assumes one replica per call: with ``job.stacked`` the replica object holds R
 replicas (unison.engine.stacked) whose losses, sample counts and distances are [R] tensors,
@@ -113,7 +114,8 @@ class _Training:
         # a straggler then skips to the round's end and takes part in the merge with weight 0.
         self.partial = self.strategy.partial_rounds and comm.world_size > 1
         self.straggling = False
-        self.failed = False  # on_failure="continue" dropped this worker after its step raised
+        # on_failure="continue" dropped this worker: its step raised, or it was lost in an earlier launch
+        self.failed = comm.rank in job.lost
         self.first_arrival_seen: float | None = None  # (monotonic) when this round's first arrival was seen
         self.last_round_step = 0
         # Reliability: continue from a checkpoint, write them at round ends, and agree on every
@@ -128,6 +130,9 @@ class _Training:
         if resumed is not None:
             self.last_round_step, samples_seen, wall_offset = resumed.step, resumed.samples_seen, resumed.wall_s
             self.history.records = list(resumed.history)
+            # a worker dropped before the checkpoint stays dropped (its last record names it)
+            if resumed.history and comm.rank in resumed.history[-1].get("failed_workers", ()):
+                self.failed = True
             if resumed.epoch_end:
                 self.start_epoch = resumed.step // self.steps_per_epoch
             else:

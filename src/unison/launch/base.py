@@ -58,6 +58,7 @@ class Backend(ABC):
     stacks_per_worker: ClassVar[bool] = False  # replicas_per_worker > 1 allowed
     devices: ClassVar[tuple[str, ...]] = ("cpu",)     # device types device= may name
     in_process: ClassVar[bool] = True        # launched from fit() itself (torchrun: started outside)
+    recovers_lost: ClassVar[bool] = False    # can end every worker and start them anew (on_failure="continue")
 
     def workers(self, requested: int | None) -> int:
         """How many workers the run gets when the user asked for ``requested`` (None: default)."""

@@ -88,6 +88,7 @@ class Processes(Backend):
     name = "processes"
     offers = frozenset({SHARED_MEMORY, POINT_TO_POINT})
     stacks_per_worker = True
+    recovers_lost = True  # its workers are its children: a lost one is ended with the rest and left out anew
 
     def prestart(self, workers: int) -> None:
         """Start the forkserver while the caller prepares its data; not for one worker, which
@@ -201,7 +202,7 @@ def _supervise(workers, pipes) -> Outcome:
                 code = workers[rank].exitcode
                 # A worker that said goodbye has finished its work; how its exit went no longer matters.
                 if code != 0 and rank not in finished and not any(f.rank == rank for f in failures):
-                    failures.append(Failure(rank, _describe_exit(code), signalled=code < 0))
+                    failures.append(Failure(rank, _describe_exit(code), signalled=code < 0, died=True))
                 running.discard(rank)
         if failures:
             symptoms_since = symptoms_since or time.monotonic()

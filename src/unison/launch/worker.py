@@ -48,6 +48,7 @@ class Failure:
     exception: BaseException | None = None  # the exception itself, where it could be had
     symptom: bool = False                   # a collective failed because a peer did (PeerFailed)
     signalled: bool = False                 # killed by a signal: a cause, never a symptom
+    died: bool = False                      # it exited (code or signal) without reporting an error
 
     @property
     def summary(self) -> str:
@@ -68,14 +69,14 @@ def blame(failures: list[Failure], silent: list[int], waited_enough: bool) -> Ba
     named = next((f for f in failures if getattr(f.exception, "missing", ())), None)
     if named is not None:
         rank = named.exception.missing[0]
-        return WorkerError(f"worker {rank} failed: {named.exception}", rank=rank, cause=named.cause)
+        return WorkerError(f"worker {rank} failed: {named.exception}", rank=rank, cause=named.cause, lost=True)
     if not waited_enough or not failures:
         return None
     if silent:
         first = failures[0]
         symptom = first.exception or first.summary
         return WorkerError(f"worker {silent[0]} failed: it reported nothing while its peers' collectives "
-                           f"failed ({symptom})", rank=silent[0], cause=first.cause)
+                           f"failed ({symptom})", rank=silent[0], cause=first.cause, lost=True)
     return _error(failures[0])
 
 
@@ -83,4 +84,6 @@ def _error(failure: Failure) -> BaseException:
     exception = failure.exception
     if isinstance(exception, UnisonError) and not isinstance(exception, PeerFailed):
         return exception
-    return WorkerError(f"worker {failure.rank} failed: {failure.summary}", rank=failure.rank, cause=failure.cause)
+    # An exit without a report (an exit code or a signal): the worker is lost, not wrong.
+    return WorkerError(f"worker {failure.rank} failed: {failure.summary}", rank=failure.rank, cause=failure.cause,
+                       lost=failure.died)
