@@ -70,6 +70,8 @@ def test_a_killed_worker_is_dropped_and_the_run_resumes_from_its_checkpoint(blob
     assert (tmp_path / "lost").exists()
     assert ["failed_workers" in r for r in result.history] == [False, True]
     assert [r["samples"] for r in result.history] == [96, 96 + 2 * 4 * 8]  # worker 1's share is left out
+    walls = [r["wall_s"] for r in result.history]  # counted once from fit()'s start, across the relaunch
+    assert walls == sorted(walls) and walls[-1] <= result.wall_s
     expected = simulation(model, blobs, dropped=[[], [1]])  # the first round kept all three
     assert max_abs_diff(result.model, expected) <= 1e-5
     # the dropped worker stays dropped on a later resume from the last checkpoint

@@ -86,7 +86,13 @@ class Plan:
                  "from the start (set checkpoint_every to lose less)")
         warnings.warn(f"{error}; on_failure='continue': worker {error.rank} is dropped and the run goes on "
                       f"without it {start}", WorkerDropped, stacklevel=4)
-        return {"lost": (*job.lost, error.rank), "resume": newest is not None, "started": job.started}
+        # Records count wall time from fit()'s start: a relaunch keeps the offset its first launch had.
+        offset = job.wall_offset
+        if offset is None:
+            history = job.resume.state["history"] if job.resume is not None else []
+            offset = float(history[-1]["wall_s"]) if history else 0.0
+        return {"lost": (*job.lost, error.rank), "resume": newest is not None, "started": job.started,
+                "wall_offset": offset}
 
     def finish(self, outcome: Outcome) -> Result:
         merged = copy.deepcopy(self.job.model)
@@ -118,11 +124,11 @@ def start_early(config: TrainConfig) -> None:
 def resolve(config: TrainConfig, model: nn.Module | Callable[[], nn.Module], data: Any, val: Any = None, *,
             optimizer: Callable | None = None, loss: Callable | None = None, log_dir: str | Path | None = None,
             resume: bool = False, progress: bool = True, started: float | None = None,
-            label: str | None = None, lost: tuple[int, ...] = ()) -> Plan:
+            label: str | None = None, lost: tuple[int, ...] = (), wall_offset: float | None = None) -> Plan:
     """The Plan of one run; raises unison.errors exceptions for anything that cannot work,
     before any worker starts. ``optimizer``/``loss``: the callables a config calls "custom";
-    ``label``: a CSV file's label column (unison.data.prepare); ``lost``: the ranks a relaunch
-    leaves out (``relaunch``)."""
+    ``label``: a CSV file's label column (unison.data.prepare); ``lost``, ``wall_offset``: what a
+    relaunch carries (``Plan.relaunch``)."""
     started = time.time() if started is None else started
     if not isinstance(resume, bool):
         raise ConfigError(expected("resume", resume, "True or False"))
@@ -186,7 +192,7 @@ def resolve(config: TrainConfig, model: nn.Module | Callable[[], nn.Module], dat
               model=start_model, penalty=config.penalty, constraint=config.constraint,
               schedule=config.schedule, nan=config.nan, device=config.device, checkpoint=settings,
               started=started, progress=progress, speeds=_speeds(config, replicas), balance=config.balance,
-              on_failure=config.on_failure, lost=tuple(lost),
+              on_failure=config.on_failure, lost=tuple(lost), wall_offset=wall_offset,
               history_path=str(log_path / HISTORY_FILE) if log_path is not None else None)
     backend.check(job)
     if stacked:  # can the model be vmapped? (a custom optimizer factory is tried there too)

@@ -98,6 +98,7 @@ class Job:
     balance: str = "none"             # "speed": shares sized by throughput each epoch (unison.balance)
     on_failure: str = "stop"          # "continue": a worker whose step raises is dropped (loop.py)
     lost: tuple[int, ...] = ()        # ranks that died or stalled in an earlier launch: they train on nothing
+    wall_offset: float | None = None  # a relaunch: the wall seconds its first launch resumed at (else the checkpoint's)
 
     @property
     def replicas(self) -> int:

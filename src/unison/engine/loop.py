@@ -129,6 +129,8 @@ class _Training:
         samples_seen, wall_offset = 0, 0.0
         if resumed is not None:
             self.last_round_step, samples_seen, wall_offset = resumed.step, resumed.samples_seen, resumed.wall_s
+            if job.wall_offset is not None:  # relaunched: the time since fit() began counts already
+                wall_offset = job.wall_offset
             self.history.records = list(resumed.history)
             # a worker dropped before the checkpoint stays dropped (its last record names it)
             if resumed.history and comm.rank in resumed.history[-1].get("failed_workers", ()):
