@@ -94,7 +94,8 @@ def test_comm_bytes_count_the_compressed_payload(blobs, small_model):
     p_len, q_len = 16 + 3 + 16 + 3, 8 + 16
     expected = {
         "none": steps * ring((P + 1) * 4),
-        "fp16": steps * (ring(4) + ring(P * 2)),
+        # the weights alone at the first step; then they ride in the payload as one more value
+        "fp16": ring(4) + ring(P * 2) + (steps - 1) * ring((P + 1) * 2),
         "int8": steps * (2 - 1) * (4 + 4 + 256),              # one scale, the weight, 256 codes
         "topk(0.1)": steps * (2 - 1) * (4 * k + 4 + 4 * k),  # values, the weight, int32 indices
         "powersgd(1)": steps * (ring((p_len + 1) * 4) + ring((q_len + 1) * 4)),
@@ -238,3 +239,29 @@ def test_a_skipped_non_finite_step_leaves_no_nan_in_the_residuals(blobs, name):
     skipped = fit(start(how="nan", rank=0, at=5), blobs, strategy=f"sync(compress={name})", nan="skip", epochs=3)
     assert skipped.history[-1]["discarded_steps"] == 2  # both replicas dropped the shared step 5, no other
     assert all(torch.isfinite(p).all() for p in skipped.model.parameters())
+
+
+@pytest.mark.parametrize("name", ["fp16", "bf16"])
+def test_half_precision_mean_stays_the_weighted_mean_as_the_weights_change(name):
+    # the weight rides in the payload, pre-scaled by the last exchange's total: steps whose
+    # totals differ (a short last batch, a worker with nothing left) must still give the mean
+    from types import SimpleNamespace
+
+    from test_comm import run_ranks
+    from unison.strategies.compressed import compressed_mean
+    compression = cx.parse(name)
+    g = torch.Generator().manual_seed(0)
+    vectors = torch.randn(5, 3, 40, generator=g)              # [step, rank, P]
+    weights = [[8, 8, 8], [8, 8, 8], [8, 5, 0], [2, 8, 8], [8, 8, 8]]
+    eps = torch.finfo(compression.dtype).eps
+
+    def body(comm):
+        replica = SimpleNamespace(strategy_state={})
+        for step, w in enumerate(weights):
+            out = compressed_mean(replica, comm, vectors[step, comm.rank].clone(), float(w[comm.rank]), compression)
+            expected = (vectors[step] * torch.tensor(w, dtype=torch.float32)[:, None]).sum(0) / sum(w)
+            assert torch.allclose(out, expected, atol=4 * eps * vectors[step].abs().max()), (step, w)
+        return replica.strategy_state
+    results, errors = run_ranks(3, body)
+    assert errors == [None, None, None]
+    assert all(float(r["compress.total"].squeeze()) == 24.0 for r in results)  # the last total

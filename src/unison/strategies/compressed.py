@@ -3,9 +3,13 @@
 The math is unison.compression's; this module only decides what is sent through the
 communicator, so ``comm_bytes`` counts the compressed payload itself:
 
-- fp16 / bf16: one all-reduce of the vector in half precision (2 bytes a value), after a
-  4-byte all-reduce of the weights (each replica pre-scales by its share, as DDP's
-  fp16_compress_hook divides by the world size before it sums).
+- fp16 / bf16: one all-reduce of the vector in half precision (2 bytes a value), each replica
+  pre-scaled by its share of the total weight (as DDP's fp16_compress_hook divides by the world
+  size before it sums). The total is the last exchange's (the same on every rank): the replica's
+  weight rides along as one more half-precision value, and the sum is rescaled by the last total
+  over this one, so a change of weights (a short last batch) is exact too. The weights are sample
+  counts, whose sum half precision holds exactly up to 2048 (fp16) or 256 (bf16); above that, and
+  at the first exchange, the weights take a 4-byte all-reduce of their own first.
 - int8, topk: one all-gather of each replica's bytes (int8: codes + float32 scales; topk:
   float32 values + int32 indices; both + its float32 weight); every rank decodes and averages
   in rank order. They cannot be summed on the wire, so it is an all-gather, (N-1)·B.
@@ -32,6 +36,8 @@ if TYPE_CHECKING:
     from ..engine.view import ReplicaView
 
 RESIDUAL, Q_MEMORY, EXCHANGES = "compress.residual", "compress.q", "compress.exchanges"
+HALF_TOTAL = "compress.total"  # the total weight of the last half-precision exchange
+EXACT_SUM = {torch.float16: 2048, torch.bfloat16: 256}  # integers up to these add exactly
 
 
 def parameter_shapes(replica: "ReplicaView") -> list[tuple[int, ...]]:
@@ -70,14 +76,27 @@ def compressed_mean(replica: "ReplicaView", comm: "Communicator", vector: torch.
     if isinstance(compression, cx.NoCompression) or comm.world_size == 1:
         return comm.all_reduce_mean(vector.clone(), weight)  # alone, nothing leaves the worker
     if isinstance(compression, cx.Half):
-        w = _weights(weight, vector)
-        total = comm.all_reduce_sum(w.clone())
-        fraction = w / total.clamp_min(torch.finfo(torch.float32).tiny)
-        half = cx.to_half(vector, compression.dtype, fraction, comm.world_size)
-        return comm.all_reduce_sum(half).to(vector.dtype)
+        return _half_mean(replica, comm, vector, _weights(weight, vector), compression.dtype)
     if isinstance(compression, cx.PowerSGD):
         return _powersgd(replica, comm, vector, weight, compression)
     return _gathered(replica, comm, vector, weight, compression)
+
+
+def _half_mean(replica, comm, vector: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp16/bf16: one all-reduce of the pre-scaled vector and the weight (module docstring)."""
+    tiny = torch.finfo(torch.float32).tiny
+    last = replica.strategy_state.get(HALF_TOTAL)
+    if last is None or float(last.max()) > EXACT_SUM[dtype]:  # the same decision on every rank
+        total = comm.all_reduce_sum(w.clone())
+        half = cx.to_half(vector, dtype, w / total.clamp_min(tiny), comm.world_size)
+        replica.strategy_state[HALF_TOTAL] = total
+        return comm.all_reduce_sum(half).to(vector.dtype)
+    half = cx.to_half(vector, dtype, w / last.clamp_min(tiny), comm.world_size)
+    summed = comm.all_reduce_sum(torch.cat([half, w.to(dtype)], dim=-1))
+    total = summed[..., -1:].to(torch.float32)
+    replica.strategy_state[HALF_TOTAL] = total
+    mean = summed[..., :-1].to(vector.dtype)
+    return mean if torch.equal(total, last) else mean * (last / total.clamp_min(tiny)).to(vector.dtype)
 
 
 def _gathered(replica, comm, vector, weight, compression) -> torch.Tensor:
