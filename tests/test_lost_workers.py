@@ -28,8 +28,9 @@ class LostOnce(torch.nn.Module):
     first time only (``marker`` records it, so the relaunched run trains normally): "kill"
     sends itself SIGKILL, "exit" leaves with code 3, "hang" sleeps ``seconds``."""
 
-    def __init__(self, marker, how="kill", rank=1, at=5, seconds=60.0):
+    def __init__(self, marker, how="kill", rank=1, at=5, seconds=60.0, after=None):
         super().__init__()
+        self.after = None if after is None else str(after)  # first wait (≤ 20 s) for this path to exist
         torch.manual_seed(0)
         self.linear = torch.nn.Linear(8, 3)
         self.marker, self.how, self.rank, self.at, self.seconds = str(marker), how, rank, at, seconds
@@ -40,6 +41,10 @@ class LostOnce(torch.nn.Module):
                               or threading.current_thread().name.startswith("unison-worker-")):
             self.calls += 1
             if current_rank() == self.rank and self.calls == self.at and not os.path.exists(self.marker):
+                for _ in range(200):  # rank 0 writes the checkpoint while this rank trains on
+                    if self.after is None or os.path.exists(self.after):
+                        break
+                    time.sleep(0.1)
                 Path(self.marker).write_text(str(os.getpid()))
                 if self.how == "kill":
                     os.kill(os.getpid(), signal.SIGKILL)
@@ -63,7 +68,9 @@ def simulation(model, blobs, dropped):
 
 
 def test_a_killed_worker_is_dropped_and_the_run_resumes_from_its_checkpoint(blobs, tmp_path):
-    model = LostOnce(tmp_path / "lost", how="kill", rank=1, at=5)  # step 5: the second round
+    # step 5: the second round, once the first round's checkpoint is complete (killed while rank 0
+    # still wrote it, the run would go on from the start: right, but not what this test checks)
+    model = LostOnce(tmp_path / "lost", how="kill", rank=1, at=5, after=tmp_path / "ckpt" / "ckpt-000000004")
     with pytest.warns(WorkerDropped, match=r"worker 1 failed: killed by signal SIGKILL; on_failure='continue': "
                                            r"worker 1 is dropped .* from its checkpoint .*ckpt-000000004"):
         result = fit(model, blobs, checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=1)

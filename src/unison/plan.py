@@ -70,8 +70,10 @@ class Plan:
         """Whether on_failure="continue" goes on without the worker this error names: it died or
         stalled (not raised), others are left, and the backend can start its workers anew."""
         job = self.job
+        history = job.resume.state["history"] if job.resume is not None else []
+        dropped = set(job.lost) | set(history[-1].get("failed_workers", ()) if history else ())
         return (job.on_failure == "continue" and self.backend.recovers_lost and error.lost
-                and error.rank is not None and error.rank not in job.lost and len(job.lost) + 1 < job.workers)
+                and error.rank is not None and error.rank not in dropped and len(dropped) + 1 < job.workers)
 
     def relaunch(self, error: WorkerError) -> dict[str, Any] | None:
         """What resolve() needs to run again without the worker that died or stalled (``lost``,

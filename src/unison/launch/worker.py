@@ -59,15 +59,15 @@ def blame(failures: list[Failure], silent: list[int], waited_enough: bool) -> Ba
     """The error to raise for these failures, or None while the cause may still arrive.
 
     Peers of a failed worker fail too ("connection closed", a timeout): those are symptoms. A
-    cause wins (a signal first); then a timeout that names the ranks that did not arrive; once
-    ``waited_enough`` with symptoms only, a worker still running that reported nothing
+    cause wins (a signal first); once ``waited_enough`` with symptoms only, a timeout that names
+    the ranks that did not arrive, then a worker still running that reported nothing
     (``silent``), else the first symptom.
     """
     causes = sorted((f for f in failures if not f.symptom), key=lambda f: not f.signalled)
     if causes:
         return _error(causes[0])
     named = next((f for f in failures if getattr(f.exception, "missing", ())), None)
-    if named is not None:
+    if named is not None and waited_enough:  # (a cause from the missing rank may still arrive)
         rank = named.exception.missing[0]
         return WorkerError(f"worker {rank} failed: {named.exception}", rank=rank, cause=named.cause, lost=True)
     if not waited_enough or not failures:
