@@ -47,7 +47,7 @@ from ..engine.job import Job, Outcome
 from ..errors import ConfigError, WorkerError
 from ..strategies.base import POINT_TO_POINT, SHARED_MEMORY
 from .base import Backend
-from .worker import Failure, blame, in_this_process, own_process
+from .worker import NAMED_GRACE_S, SYMPTOM_GRACE_S, Failure, blame, in_this_process, own_process
 
 GRACE_S = 3.0  # how long a worker may take to stop when asked before it is killed
 HOST = "127.0.0.1"  # the workers are processes of this machine: the group talks over loopback
@@ -120,9 +120,6 @@ def _nothing() -> None:
     pass
 
 
-BLAME_GRACE_S = 2.0  # with only symptoms reported, how long to wait for the cause
-
-
 def launch(job: Job) -> Outcome:
     if job.workers == 1:  # one worker needs no process of its own, nor its start-up time
         return in_this_process(job)
@@ -177,7 +174,7 @@ def _supervise(workers, pipes) -> Outcome:
     failures: list[Failure] = []
     symptoms_since = None
     while running:
-        patience = None if symptoms_since is None else max(0.0, symptoms_since + BLAME_GRACE_S - time.monotonic())
+        patience = None if symptoms_since is None else _patience(time.monotonic() - symptoms_since)
         ready = wait([pipes[r] for r in running - closed] + [workers[r].sentinel for r in running], patience)
         for rank in sorted(running):
             exited = workers[rank].sentinel in ready
@@ -206,19 +203,23 @@ def _supervise(workers, pipes) -> Outcome:
                 running.discard(rank)
         if failures:
             symptoms_since = symptoms_since or time.monotonic()
-            _raise_blame(workers, failures, running,
-                         waited_enough=time.monotonic() - symptoms_since >= BLAME_GRACE_S)
+            _raise_blame(workers, failures, running, waited_s=time.monotonic() - symptoms_since)
     if failures:
-        _raise_blame(workers, failures, running, waited_enough=True)
+        _raise_blame(workers, failures, running, waited_s=float("inf"))
     if outcome is None:
         raise WorkerError("worker 0 exited without sending the trained model", rank=0)
     return Outcome(state=load_tensors(outcome["state"]), history=outcome["history"],
                    startup_s=outcome["startup_s"])
 
 
-def _raise_blame(workers, failures: list[Failure], running: set[int], waited_enough: bool) -> None:
+def _patience(waited_s: float) -> float:
+    """Seconds until blame's next grace ends (it may then name a cause it could not before)."""
+    return max(0.0, min((g for g in (NAMED_GRACE_S, SYMPTOM_GRACE_S) if g > waited_s), default=0.0) - waited_s)
+
+
+def _raise_blame(workers, failures: list[Failure], running: set[int], waited_s: float) -> None:
     """Once the cause is known (unison.launch.worker.blame), end every worker and raise it."""
-    error = blame(failures, sorted(running - {f.rank for f in failures}), waited_enough)
+    error = blame(failures, sorted(running - {f.rank for f in failures}), waited_s)
     if error is not None:
         _stop(workers)
         raise error

@@ -71,5 +71,5 @@ def _launch_threads(job: Job) -> Outcome:
         for worker in workers:
             worker.join(max(0.0, deadline - time.monotonic()))
         silent = [rank for rank, worker in enumerate(workers) if worker.is_alive()]
-        raise blame(list(failures), silent, waited_enough=True)
+        raise blame(list(failures), silent, waited_s=float("inf"))
     return outcomes[0]

@@ -55,22 +55,27 @@ class Failure:
         return (self.cause.strip().splitlines() or ["failed"])[-1]
 
 
-def blame(failures: list[Failure], silent: list[int], waited_enough: bool) -> BaseException | None:
+NAMED_GRACE_S = 0.5  # after a timeout that names a missing rank: its own report, already sent, may lag
+SYMPTOM_GRACE_S = 2.0  # after symptoms that name nobody: how long the cause may take to arrive
+
+
+def blame(failures: list[Failure], silent: list[int], waited_s: float) -> BaseException | None:
     """The error to raise for these failures, or None while the cause may still arrive.
 
     Peers of a failed worker fail too ("connection closed", a timeout): those are symptoms. A
-    cause wins (a signal first); once ``waited_enough`` with symptoms only, a timeout that names
-    the ranks that did not arrive, then a worker still running that reported nothing
-    (``silent``), else the first symptom.
+    cause wins (a signal first). With symptoms only, ``waited_s`` after the first: a timeout that
+    names the ranks that did not arrive once NAMED_GRACE_S has passed (a missing rank that raised
+    did so before its peers' timeout, so its report is on its way), then, after SYMPTOM_GRACE_S,
+    a worker still running that reported nothing (``silent``), else the first symptom.
     """
     causes = sorted((f for f in failures if not f.symptom), key=lambda f: not f.signalled)
     if causes:
         return _error(causes[0])
     named = next((f for f in failures if getattr(f.exception, "missing", ())), None)
-    if named is not None and waited_enough:  # (a cause from the missing rank may still arrive)
+    if named is not None and waited_s >= NAMED_GRACE_S:
         rank = named.exception.missing[0]
         return WorkerError(f"worker {rank} failed: {named.exception}", rank=rank, cause=named.cause, lost=True)
-    if not waited_enough or not failures:
+    if waited_s < SYMPTOM_GRACE_S or not failures:
         return None
     if silent:
         first = failures[0]
