@@ -1,4 +1,4 @@
-"""`unison train|compare|report|demo`: a thin layer that maps TOML run files and flags onto
+"""`unison train|compare|report|reproduce|demo`: a thin layer that maps TOML run files and flags onto
 fit() and compare().
 
 Every unison error, and any filesystem error, becomes one line on stderr and exit status 2,
@@ -122,6 +122,23 @@ def _parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="rebuild a comparison's summary, plots and report.html")
     report.add_argument("run_dir", help="a directory written by `unison compare`")
 
+    reproduce = commands.add_parser(
+        "reproduce", help="check a published finding about parallel training on this machine, with a verdict",
+        description="Runs one experiment (or all) over several seeds and judges its findings: reproduced when "
+                    "the published direction holds in at least 4 of 5 seeds, not reproduced when the opposite "
+                    "does, else inconclusive. Writes OUT/NAME (the comparisons, each with its report) and "
+                    "rewrites the document of every experiment in OUT.")
+    reproduce.add_argument("name", nargs="?", help="an experiment (see --list), or 'all'")
+    reproduce.add_argument("--list", action="store_true", help="name each experiment with its paper and exit")
+    reproduce.add_argument("--quick", action="store_true", help="3 seeds and smaller runs (minutes, not tens)")
+    reproduce.add_argument("--seeds", type=_integer, metavar="K", help="seeds per run (default 5, --quick 3; "
+                           "at least 3)")
+    reproduce.add_argument("--out", help="results folder (default runs/evidence); OUT/NAME is replaced "
+                           "only with --overwrite")
+    reproduce.add_argument("--doc", metavar="FILE", help="where to write the document (default OUT/evidence.md)")
+    reproduce.add_argument("--overwrite", action="store_true", help="replace an experiment's earlier results")
+    reproduce.add_argument("--quiet", action="store_true", help="no progress output")
+
     demo = commands.add_parser("demo", help="the seed's sample run")
     demo.add_argument("name", choices=["xor"], help="which demo")
     demo.add_argument("--backend", default="threads", choices=("threads", "processes"))
@@ -139,7 +156,8 @@ def _integer(text: str) -> int | str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    command = {"train": _train, "compare": _compare, "report": _report, "demo": _demo}[args.command]
+    command = {"train": _train, "compare": _compare, "report": _report, "reproduce": _reproduce,
+               "demo": _demo}[args.command]
     # Warnings wait for the command's end: printed if it succeeds, dropped if it fails (its
     # error is then the one line on stderr).
     with warnings.catch_warnings(record=True) as caught:
@@ -245,6 +263,30 @@ def _report(args: argparse.Namespace) -> int:
     summary = report.build(args.run_dir)
     print(markdown(summary), end="")
     print(f"report: {Path(args.run_dir) / report.REPORT_HTML}")
+    return 0
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    from . import evidence
+
+    if args.list:
+        if args.name is not None:
+            raise ConfigError("reproduce --list takes no experiment name")
+        for spec in evidence.experiments():
+            print(f"{spec.name:<12} {spec.paper}")
+        return 0
+    if args.name is None:
+        raise ConfigError(f"reproduce needs an experiment: one of {', '.join(evidence.NAMES)}, or all "
+                          "(--list names each with its paper)")
+    names = evidence.NAMES if args.name == "all" else (args.name,)
+    evidence.check(names, quick=args.quick, seeds=args.seeds, out=args.out, overwrite=args.overwrite)
+    for name in names:
+        found = evidence.reproduce(name, quick=args.quick, seeds=args.seeds, out=args.out, doc=args.doc,
+                                   overwrite=args.overwrite, progress=not args.quiet)
+        for verdict, finding in zip(found.verdicts, found.findings):
+            print(f"{name}: {verdict.text()}: {finding.claim}")
+    doc = Path(args.doc) if args.doc else Path(args.out or evidence.DEFAULT_OUT) / evidence.document.DOCUMENT
+    print(f"evidence: {doc}")
     return 0
 
 

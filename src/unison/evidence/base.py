@@ -1,0 +1,116 @@
+"""What an experiment is: a published claim, how unison tests it, and the findings it measures.
+
+An experiment is a module with one ``EXPERIMENT = Experiment(...)``; its ``measure`` trains
+through ``Context.compare`` (unison.compare with the experiment's seeds, so each part is a
+comparison directory with its own report) and returns Findings: per seed, the metric of each arm
+and the signed effect that says whether the published direction held (unison.evidence.judge).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from .. import report
+from ..comparison import compare
+from ..summary import Records, best, reaches, values
+
+DEFAULT_SEEDS, QUICK_SEEDS = 5, 3
+
+
+@dataclass
+class Finding:
+    """One measured claim: the arms' per-seed metric and the effect that decides it."""
+
+    claim: str                      # the published direction, as tested here
+    metric: str                     # what ``arms`` hold, with its unit: "rounds to 85% val acc"
+    arms: dict[str, list[float]]    # arm label → the metric per seed (nan: not reached)
+    effect: str                     # what ``effects`` are: "FedSGD rounds / FedAvg rounds"
+    effects: list[float]            # per seed; above ``threshold`` = the published direction
+    threshold: float = 0.0
+    percent: bool = False           # show arms and effects as percentages
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A published finding and how unison checks its direction."""
+
+    name: str
+    paper: str                      # authors, year, title
+    claim: str                      # the paper's claim, in a sentence or two
+    paper_figure: str               # the paper's own figure for it, quoted
+    setup: str                      # what unison trains, for people
+    caveat: str                     # why small data may differ from the paper
+    measure: Callable[["Context"], list[Finding]]
+    quick_note: str = ""            # what --quick makes smaller
+
+
+@dataclass
+class Context:
+    """What an experiment's ``measure`` gets: its seeds, how big to run, where to write."""
+
+    seeds: list[int]
+    quick: bool
+    out: Path
+    progress: bool = True
+    parts: list[str] = field(default_factory=list)   # the comparison directories written, in order
+
+    def compare(self, part: str, strategies: Mapping[str, Any], **settings: Any) -> report.Loaded:
+        """unison.compare of ``strategies`` (label → run options) with every seed, measured
+        once each (the verdicts rest on accuracy and steps, not on time), into ``out/part``."""
+        if self.progress:
+            print(f"  {self.out.name}/{part}: {len(strategies)} runs × {len(self.seeds)} seeds", file=sys.stderr,
+                  flush=True)
+        settings = {"repeat": 1, "backend": "stacked", "data": "digits", "model": None} | settings
+        model, data = settings.pop("model"), settings.pop("data")
+        compare(model, data, strategies=dict(strategies), seeds=len(self.seeds), seed=self.seeds[0],
+                out=self.out / part, overwrite=True, progress=False, **settings)
+        self.parts.append(part)
+        return report.load(self.out / part)
+
+
+def per_seed(loaded: report.Loaded, label: str, of: Callable[[Records], float]) -> list[float]:
+    """``of`` applied to each seed's records of run ``label`` (one value per seed, seed order)."""
+    by_seed: dict[int, Records] = {}
+    for seed, records in loaded.attempts.get(label, []):
+        by_seed.setdefault(seed, records)
+    return [of(by_seed[seed]) for seed in sorted(by_seed)]
+
+
+def final(metric: str = "val_acc") -> Callable[[Records], float]:
+    """The metric after the last round."""
+    return lambda records: float(values(records, metric)[-1]) if values(records, metric) else math.nan
+
+
+def best_of(metric: str = "val_acc") -> Callable[[Records], float]:
+    return lambda records: float(best(records, metric) if best(records, metric) is not None else math.nan)
+
+
+def first_reaching(target: float, metric: str = "val_acc", at: str = "step") -> Callable[[Records], float]:
+    """The record field ``at`` (step, epoch, samples, wall_s) of the first round whose metric
+    reached ``target``; nan if none did."""
+    def of(records: Records) -> float:
+        for record in records:
+            if record.get(metric) is not None and reaches(record[metric], target, metric):
+                return float(record[at])
+        return math.nan
+    return of
+
+
+def ratio(numerators: Sequence[float], denominators: Sequence[float], missed: float = math.nan) -> list[float]:
+    """Per-seed numerator / denominator; ``missed`` where either is nan (not reached)."""
+    return [missed if math.isnan(a) or math.isnan(b) or b == 0 else a / b for a, b in zip(numerators, denominators)]
+
+
+def differences(a: Sequence[float], b: Sequence[float]) -> list[float]:
+    """Per-seed a − b (nan where either is)."""
+    return [x - y for x, y in zip(a, b)]
+
+
+def median(numbers: Sequence[float]) -> float:
+    finite = [n for n in numbers if not math.isnan(n)]
+    return statistics.median(finite) if finite else math.nan
