@@ -89,3 +89,70 @@ def test_list_names_every_experiment_with_its_paper(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == list(evidence.NAMES)
     assert all(" et al. " in line or "20" in line for line in lines)
+
+
+def _Fake(make):
+    """Context.compare's stand-in: each run's records per seed from ``make(label, seed)``."""
+    from unison.report import Loaded
+
+    def compare(context, part, strategies, **settings):
+        attempts = {label: [(seed, make(label, seed)) for seed in context.seeds] for label in strategies}
+        return Loaded(histories={label: runs[0][1] for label, runs in attempts.items()}, attempts=attempts)
+    return compare
+
+
+def test_drift_effects_are_the_per_seed_accuracy_differences(tmp_path, monkeypatch):
+    from unison.evidence import drift
+
+    accuracy = {"periodic α=100": 0.95, "periodic α=1": 0.9, "periodic α=0.1": 0.8, "fedprox α=0.1": 0.7,
+                "scaffold α=0.1": 0.85}
+    monkeypatch.setattr(Context, "compare", _Fake(lambda label, seed: [{"step": 1, "val_acc": 0.1},
+                                                                       {"step": 2, "val_acc": accuracy[label] + seed / 100}]))
+    found = drift.measure(Context(seeds=[0, 1, 2], quick=True, out=tmp_path, progress=False))
+    assert [f.effects for f in found] == [pytest.approx([0.15] * 3), pytest.approx([-0.1] * 3),
+                                          pytest.approx([0.05] * 3)]
+    assert found[0].arms["periodic α=1"] == pytest.approx([0.9, 0.91, 0.92])
+
+
+def test_compression_judges_the_least_favourable_compressor_on_each_link(tmp_path, monkeypatch):
+    from unison import linkmodel
+    from unison.evidence import compression
+
+    def records(label, seed):  # one epoch of compute, then the target; collectives shrink with compression
+        payload = {"none": 4000, "fp16": 2000, "int8": 1000, "powersgd(4)": 400}[label] * 1000
+        return [{"step": 10, "epoch": 1.0, "wall_s": 0.1, "comm_s": 0.0, "val_acc": 0.5,
+                 "collectives": {"all_reduce": [10, payload]}},
+                {"step": 20, "epoch": 2.0, "wall_s": 0.2, "comm_s": 0.0, "val_acc": 0.95,
+                 "collectives": {"all_reduce": [10, payload]}}]
+
+    monkeypatch.setattr(Context, "compare", _Fake(records))
+    slow, fast = compression.measure(Context(seeds=[0, 1, 2], quick=True, out=tmp_path, progress=False))
+    expected = {}
+    for name in ("slow", "fast"):
+        link = linkmodel.parse(compression.LINKS[name])
+        expected[name] = {label: linkmodel.retimed(records(label, 0), compression.WORKERS, link)[1]["wall_s"]
+                          for label in ("none", "fp16", "int8", "powersgd(4)")}
+    t = expected["slow"]
+    assert slow.effects == pytest.approx([t["none"] / t["fp16"] - 1] * 3)  # fp16 saves least
+    t = expected["fast"]
+    assert fast.effects == pytest.approx([t["powersgd(4)"] / t["none"] - 1] * 3)  # the fastest decides
+    assert fast.effects[0] < 0  # same compute, fewer bytes: a compressor wins when nothing else costs
+
+
+@pytest.mark.slow
+def test_reproduce_drift_quick_end_to_end(tmp_path, capsys):
+    """The command as CI runs it: its verdicts follow from the comparison it wrote."""
+    from unison.report import load
+
+    assert cli.main(["reproduce", "drift", "--quick", "--quiet", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    saved = json.loads((tmp_path / "drift" / evidence.RESULT_FILE).read_text())
+    loaded = load(tmp_path / "drift" / "skew")  # the comparison, with its report
+    assert (tmp_path / "drift" / "skew" / "report.html").is_file()
+    finals = {label: [records[-1]["val_acc"] for seed, records in sorted(runs)] for label, runs in loaded.attempts.items()}
+    assert saved["findings"][0]["effects"] == pytest.approx(
+        [a - b for a, b in zip(finals["periodic α=100"], finals["periodic α=0.1"])])
+    for finding, verdict in zip(saved["findings"], saved["verdicts"]):
+        assert verdict == json.loads(json.dumps(judge(finding["effects"]).__dict__))
+        assert f"drift: {verdict['verdict']} (the direction held in {verdict['holds']} of 3 seeds)" in out
+    assert "## drift" in (tmp_path / "evidence.md").read_text()

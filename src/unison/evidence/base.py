@@ -60,8 +60,9 @@ class Context:
     parts: list[str] = field(default_factory=list)   # the comparison directories written, in order
 
     def compare(self, part: str, strategies: Mapping[str, Any], **settings: Any) -> report.Loaded:
-        """unison.compare of ``strategies`` (label → run options) with every seed, measured
-        once each (the verdicts rest on accuracy and steps, not on time), into ``out/part``."""
+        """unison.compare of ``strategies`` (label → run options) with every seed into
+        ``out/part``; each measured once unless ``repeat=`` is given (a verdict that rests on
+        time should take the median of repeats: per_seed does)."""
         if self.progress:
             print(f"  {self.out.name}/{part}: {len(strategies)} runs × {len(self.seeds)} seeds", file=sys.stderr,
                   flush=True)
@@ -74,11 +75,12 @@ class Context:
 
 
 def per_seed(loaded: report.Loaded, label: str, of: Callable[[Records], float]) -> list[float]:
-    """``of`` applied to each seed's records of run ``label`` (one value per seed, seed order)."""
-    by_seed: dict[int, Records] = {}
+    """``of`` applied to each seed's records of run ``label``: one value per seed, in seed order;
+    a seed measured several times (``repeat``) gives the median of its attempts' values."""
+    by_seed: dict[int, list[float]] = {}
     for seed, records in loaded.attempts.get(label, []):
-        by_seed.setdefault(seed, records)
-    return [of(by_seed[seed]) for seed in sorted(by_seed)]
+        by_seed.setdefault(seed, []).append(of(records))
+    return [median(by_seed[seed]) for seed in sorted(by_seed)]
 
 
 def final(metric: str = "val_acc") -> Callable[[Records], float]:
