@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install --quiet --constraint constraints.txt
 
-.PHONY: run test bench install install-dev clean
+.PHONY: run test bench evidence install install-dev clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ bench: install
 	$(PY) bench/memory.py
 	$(PY) bench/startup.py
 	$(PY) bench/stacked.py
+
+# Every published finding of `unison reproduce --list`, 5 seeds each; rewrites docs/evidence.md
+# (EVIDENCE_FLAGS=--quick for the 3-seed versions).
+evidence: install
+	$(PY) -m unison reproduce all --out docs/evidence --doc docs/evidence.md --overwrite $(EVIDENCE_FLAGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .import_linter_cache
