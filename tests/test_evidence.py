@@ -22,12 +22,14 @@ def test_the_direction_must_hold_in_four_of_five_seeds_or_three_of_three():
     assert judge([0.1, 0.2, -0.1]).verdict == INCONCLUSIVE  # 2 of 3 is not enough
 
 
-def test_a_seed_that_missed_counts_against_the_direction_and_out_of_the_mean():
+def test_a_seed_without_an_effect_counts_neither_way_and_stays_out_of_the_mean():
     verdict = judge([2.0, math.nan, 3.0, 4.0, 5.0], threshold=1.0)
-    assert verdict.holds == 4 and verdict.verdict == REPRODUCED
+    assert (verdict.holds, verdict.missed, verdict.verdict) == (4, 1, REPRODUCED)
     assert verdict.mean == pytest.approx(mean_interval([2.0, 3.0, 4.0, 5.0])[0])
+    assert "4 of 5 seeds, 1 without an effect; 4 needed" in verdict.text()
     assert judge([math.nan, math.nan, 2.0], threshold=1.0).verdict == INCONCLUSIVE
-    assert judge([1.0, 0.5, 2.0], threshold=1.0).verdict == INCONCLUSIVE  # at the threshold: not above
+    assert judge([1.0, 0.5, 0.0], threshold=1.0).verdict == NOT_REPRODUCED  # a tie fails the direction
+    assert judge([math.inf, 2.0, 3.0], threshold=1.0).mean == pytest.approx(2.5)  # inf holds, out of the mean
 
 
 def test_ratios_and_first_reaching_read_records():
@@ -35,6 +37,23 @@ def test_ratios_and_first_reaching_read_records():
     assert first_reaching(0.8)(records) == 20
     assert math.isnan(first_reaching(0.95)(records))
     assert ratio([20.0, math.nan], [10.0, 5.0]) == [2.0, pytest.approx(math.nan, nan_ok=True)]
+    with pytest.raises(ValueError, match="mispaired"):
+        ratio([1.0, 2.0], [1.0])
+
+
+def test_per_seed_pairs_by_seed_and_a_repeat_that_missed_counts_as_the_worst():
+    from unison.evidence.base import median_of, per_seed
+    from unison.report import Loaded
+
+    at = first_reaching(0.8)
+    run = lambda step: [{"step": step, "val_acc": 0.9}]  # noqa: E731
+    missed = [{"step": 5, "val_acc": 0.1}]
+    loaded = Loaded(histories={}, attempts={"a": [(0, run(10)), (1, run(20)), (2, run(30))],
+                                            "b": [(1, run(7)), (2, run(8)), (2, missed), (2, missed)]})
+    assert per_seed(loaded, "a", at) == [10, 20, 30]
+    b = per_seed(loaded, "b", at)  # seed 0 lacks b: nan, not b's seed 1 shifted into its place
+    assert math.isnan(b[0]) and b[1] == 7 and math.isnan(b[2])  # 2 of 3 repeats missed: the median did
+    assert median_of([3.0, math.nan, 1.0]) == 3.0 and median_of([1.0, 2.0, 4.0, math.nan]) == 3.0
 
 
 def _toy(effects):
@@ -49,11 +68,13 @@ def _toy(effects):
 def test_reproduce_writes_the_verdict_and_the_document(tmp_path, monkeypatch):
     monkeypatch.setattr(evidence, "experiment", lambda name: _toy([1.0, 1.0, -1.0, 1.0, 1.0]))
     found = evidence.reproduce("drift", out=tmp_path, progress=False)
-    assert found.verdict == REPRODUCED and found.verdicts[0].holds == 4
+    assert found.verdicts[0].verdict == REPRODUCED and found.verdicts[0].holds == 4
     saved = json.loads((tmp_path / "drift" / evidence.RESULT_FILE).read_text())
     assert saved["seeds"] == [0, 1, 2, 3, 4] and saved["verdicts"][0]["verdict"] == REPRODUCED
+    assert saved["text"]["caveat"] == "small"  # the section describes what was run, not today's code
     text = (tmp_path / "evidence.md").read_text()
-    assert "## drift" in text and "held in 4 of 5 seeds" in text and "](drift/findings.png)" in text
+    assert "## drift" in text and "held in 4 of 5 seeds (4 needed)" in text and "](drift/findings.png)" in text
+    assert "`unison reproduce drift`" in text
     assert (tmp_path / "drift" / "findings.png").stat().st_size > 1000
     with pytest.raises(ConfigError, match="already exists"):  # an earlier result is kept
         evidence.reproduce("drift", out=tmp_path, progress=False)
@@ -91,7 +112,30 @@ def test_list_names_every_experiment_with_its_paper(capsys):
     assert all(" et al. " in line or "20" in line for line in lines)
 
 
-def _Fake(make):
+def test_the_document_path_is_checked_before_anything_trains(tmp_path, monkeypatch):
+    trained = []
+    monkeypatch.setattr(evidence, "experiment", lambda name: _toy(trained.append(1) or [1.0] * 5))
+    notes = tmp_path / "notes.md"
+    notes.write_text("# my notes\n")
+    for doc, message in ((tmp_path, "is a directory"), (notes, "was not written by unison reproduce")):
+        with pytest.raises(ConfigError, match=message):
+            evidence.reproduce("drift", out=tmp_path / "out", doc=doc, progress=False)
+    assert notes.read_text() == "# my notes\n" and not (tmp_path / "out").exists()
+
+
+def test_a_result_of_another_format_is_left_out_of_the_document(tmp_path, monkeypatch):
+    monkeypatch.setattr(evidence, "experiment", lambda name: _toy([1.0] * 3))
+    evidence.reproduce("drift", out=tmp_path, seeds=3, progress=False)
+    (tmp_path / "compression").mkdir()
+    (tmp_path / "compression" / evidence.RESULT_FILE).write_text('{"name": "compression"}')
+    with pytest.warns(UserWarning, match="another version"):
+        evidence.write_document(tmp_path, tmp_path / "evidence.md")
+    text = (tmp_path / "evidence.md").read_text()
+    assert "## drift" in text and "## compression" not in text
+    assert "`unison reproduce drift --seeds 3`" in text  # 3 is not the default of a full run
+
+
+def fake_compare(make):
     """Context.compare's stand-in: each run's records per seed from ``make(label, seed)``."""
     from unison.report import Loaded
 
@@ -104,39 +148,42 @@ def _Fake(make):
 def test_drift_effects_are_the_per_seed_accuracy_differences(tmp_path, monkeypatch):
     from unison.evidence import drift
 
-    accuracy = {"periodic α=100": 0.95, "periodic α=1": 0.9, "periodic α=0.1": 0.8, "fedprox α=0.1": 0.7,
-                "scaffold α=0.1": 0.85}
-    monkeypatch.setattr(Context, "compare", _Fake(lambda label, seed: [{"step": 1, "val_acc": 0.1},
+    accuracy = {"periodic α=100": 0.95, "periodic α=1": 0.9, "periodic α=0.1": 0.8, "fedprox μ=0.01 α=0.1": 0.7,
+                "fedprox μ=0.1 α=0.1": 0.75, "scaffold α=0.1": 0.85}
+    monkeypatch.setattr(Context, "compare", fake_compare(lambda label, seed: [{"step": 1, "val_acc": 0.1},
                                                                        {"step": 2, "val_acc": accuracy[label] + seed / 100}]))
     found = drift.measure(Context(seeds=[0, 1, 2], quick=True, out=tmp_path, progress=False))
     assert [f.effects for f in found] == [pytest.approx([0.15] * 3), pytest.approx([-0.1] * 3),
-                                          pytest.approx([0.05] * 3)]
+                                          pytest.approx([-0.05] * 3), pytest.approx([0.05] * 3)]
     assert found[0].arms["periodic α=1"] == pytest.approx([0.9, 0.91, 0.92])
 
 
-def test_compression_judges_the_least_favourable_compressor_on_each_link(tmp_path, monkeypatch):
+def test_compression_times_each_compressor_on_each_link_and_a_miss_cannot_pay(tmp_path, monkeypatch):
     from unison import linkmodel
     from unison.evidence import compression
 
     def records(label, seed):  # one epoch of compute, then the target; collectives shrink with compression
         payload = {"none": 4000, "fp16": 2000, "int8": 1000, "powersgd(4)": 400}[label] * 1000
+        last = 0.5 if (label, seed) == ("int8", 2) else 0.95  # int8 misses the target in seed 2
         return [{"step": 10, "epoch": 1.0, "wall_s": 0.1, "comm_s": 0.0, "val_acc": 0.5,
                  "collectives": {"all_reduce": [10, payload]}},
-                {"step": 20, "epoch": 2.0, "wall_s": 0.2, "comm_s": 0.0, "val_acc": 0.95,
+                {"step": 20, "epoch": 2.0, "wall_s": 0.2, "comm_s": 0.0, "val_acc": last,
                  "collectives": {"all_reduce": [10, payload]}}]
 
-    monkeypatch.setattr(Context, "compare", _Fake(records))
-    slow, fast = compression.measure(Context(seeds=[0, 1, 2], quick=True, out=tmp_path, progress=False))
-    expected = {}
-    for name in ("slow", "fast"):
-        link = linkmodel.parse(compression.LINKS[name])
-        expected[name] = {label: linkmodel.retimed(records(label, 0), compression.WORKERS, link)[1]["wall_s"]
-                          for label in ("none", "fp16", "int8", "powersgd(4)")}
-    t = expected["slow"]
-    assert slow.effects == pytest.approx([t["none"] / t["fp16"] - 1] * 3)  # fp16 saves least
-    t = expected["fast"]
-    assert fast.effects == pytest.approx([t["powersgd(4)"] / t["none"] - 1] * 3)  # the fastest decides
-    assert fast.effects[0] < 0  # same compute, fewer bytes: a compressor wins when nothing else costs
+    monkeypatch.setattr(Context, "compare", fake_compare(records))
+    found = compression.measure(Context(seeds=[0, 1, 2], quick=True, out=tmp_path, progress=False))
+    assert len(found) == 6
+    for finding in found:
+        link = linkmodel.parse(compression.LINKS["slow" if "slow" in finding.claim else "fast"])
+        label = next(c for c in compression.COMPRESSORS if f" {c} " in finding.claim)
+        none, compressed = (linkmodel.retimed(records(arm, 0), compression.WORKERS, link)[1]["wall_s"]
+                            for arm in ("none", label))
+        expected = none / compressed - 1 if "slow" in finding.claim else compressed / none - 1
+        assert finding.effects[0] == pytest.approx(expected)
+        if label == "int8":  # never reached: no speed-up on the slow link, never sooner on the fast one
+            assert finding.effects[2] == (-1.0 if "slow" in finding.claim else math.inf)
+    fast_fp16 = next(f for f in found if "fast" in f.claim and " fp16 " in f.claim)
+    assert fast_fp16.effects[0] < 0  # same compute, fewer bytes: fp16 pays when nothing else costs
 
 
 @pytest.mark.slow
@@ -154,5 +201,5 @@ def test_reproduce_drift_quick_end_to_end(tmp_path, capsys):
         [a - b for a, b in zip(finals["periodic α=100"], finals["periodic α=0.1"])])
     for finding, verdict in zip(saved["findings"], saved["verdicts"]):
         assert verdict == json.loads(json.dumps(judge(finding["effects"]).__dict__))
-        assert f"drift: {verdict['verdict']} (the direction held in {verdict['holds']} of 3 seeds)" in out
+        assert f"{finding['claim']}: {verdict['verdict']} (the direction held in {verdict['holds']} of 3 seeds" in out
     assert "## drift" in (tmp_path / "evidence.md").read_text()

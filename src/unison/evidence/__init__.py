@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
+import os
 import platform
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .. import rundir
+from .. import __version__, rundir
 from ..errors import ConfigError, expected
 from ..launch import cpu_cores
 from ..validators import check_int
@@ -27,7 +30,9 @@ from .judge import Verdict, judge
 NAMES = ("fedavg", "postlocal", "localsgd", "diloco", "soups", "hogwild", "drift", "compression")
 DEFAULT_OUT = Path("runs") / "evidence"
 RESULT_FILE = "finding.json"
+RESULT_FORMAT = 1  # finding.json's layout; a document skips results of another
 MIN_SEEDS = 3
+TEXT_FIELDS = ("paper", "claim", "paper_figure", "setup", "caveat", "quick_note")
 
 
 def experiment(name: str) -> Experiment:
@@ -49,11 +54,6 @@ class Evidence:
     verdicts: list[Verdict]
     out: Path
 
-    @property
-    def verdict(self) -> str:
-        """The experiment's verdict: its first (headline) finding's."""
-        return self.verdicts[0].verdict
-
 
 def reproduce(name: str, *, quick: bool = False, seeds: int | None = None, seed: int = 0,
               out: str | Path | None = None, overwrite: bool = False, progress: bool = True,
@@ -62,9 +62,8 @@ def reproduce(name: str, *, quick: bool = False, seeds: int | None = None, seed:
     ``out/name`` (default runs/evidence), judge each finding and rewrite the document
     (``doc``, default ``out/evidence.md``) from every experiment found in ``out``."""
     spec = experiment(name)
-    seeds, out = check([name], quick=quick, seeds=seeds, seed=seed, out=out, overwrite=overwrite)
+    seeds, out, doc = check([name], quick=quick, seeds=seeds, seed=seed, out=out, overwrite=overwrite, doc=doc)
     target = out / name
-    doc = Path(doc) if doc is not None else out / document.DOCUMENT
     scratch = rundir.scratch_for(target)
     started = time.monotonic()
     if progress:
@@ -75,12 +74,13 @@ def reproduce(name: str, *, quick: bool = False, seeds: int | None = None, seed:
         context = Context(seeds=list(range(seed, seed + seeds)), quick=quick, out=scratch, progress=progress)
         findings = spec.measure(context)
         verdicts = [judge(f.effects, f.threshold) for f in findings]
-        result = {"name": name, "quick": quick, "seeds": context.seeds, "parts": context.parts,
-                  "elapsed_s": round(time.monotonic() - started, 1), "cores": cpu_cores(),
+        result = {"format": RESULT_FORMAT, "unison": __version__, "name": name, "quick": quick,
+                  "seeds": context.seeds, "default_seeds": QUICK_SEEDS if quick else DEFAULT_SEEDS,
+                  "parts": context.parts, "elapsed_s": round(time.monotonic() - started, 1), "cores": cpu_cores(),
                   "machine": f"{platform.machine()}, {platform.python_implementation()} {platform.python_version()}",
-                  "date": time.strftime("%Y-%m-%d"),
+                  "date": time.strftime("%Y-%m-%d"), "text": {k: getattr(spec, k) for k in TEXT_FIELDS},
                   "findings": [asdict(f) for f in findings], "verdicts": [asdict(v) for v in verdicts]}
-        (scratch / RESULT_FILE).write_text(json.dumps(result, indent=1, allow_nan=True))
+        (scratch / RESULT_FILE).write_text(json.dumps(_finite(result), indent=1, allow_nan=False))
         document.plot(findings, verdicts, scratch / document.PLOT)
         rundir.replace_dir(scratch, target)
     finally:
@@ -90,9 +90,11 @@ def reproduce(name: str, *, quick: bool = False, seeds: int | None = None, seed:
 
 
 def check(names: list[str] | tuple[str, ...], *, quick: bool = False, seeds: int | None = None, seed: int = 0,
-          out: str | Path | None = None, overwrite: bool = False) -> tuple[int, Path]:
-    """ConfigError, before anything trains, for an unknown experiment, too few seeds or an
-    experiment folder in ``out`` that exists (without ``overwrite``); the seeds and out to use."""
+          out: str | Path | None = None, overwrite: bool = False,
+          doc: str | Path | None = None) -> tuple[int, Path, Path]:
+    """ConfigError, before anything trains, for an unknown experiment, too few seeds, an
+    experiment folder in ``out`` that exists (without ``overwrite``) or a document path that
+    cannot be written or holds something else; the seeds, out and document to use."""
     for name in names:
         experiment(name)
     seeds = (QUICK_SEEDS if quick else DEFAULT_SEEDS) if seeds is None else seeds
@@ -101,13 +103,56 @@ def check(names: list[str] | tuple[str, ...], *, quick: bool = False, seeds: int
     out = Path(out) if out is not None else DEFAULT_OUT
     for name in names:
         rundir.check_free(out / name, overwrite)
-    return seeds, out
+    doc = Path(doc) if doc is not None else out / document.DOCUMENT
+    _check_document(doc)
+    return seeds, out, doc
+
+
+def _check_document(doc: Path) -> None:
+    if doc.is_dir():
+        raise ConfigError(f"doc {str(doc)!r} is a directory; expected a Markdown file to write")
+    if doc.is_file() and not doc.read_text(errors="replace").startswith(document.HEADING):
+        raise ConfigError(f"doc {str(doc)!r} exists and was not written by unison reproduce; choose another "
+                          "--doc (it is never replaced)")
+    parent = doc.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ConfigError(f"doc {str(doc)!r} cannot be written: {str(parent)!r} is not a writable folder")
+
+
+def _finite(value):
+    """JSON without NaN or Infinity: non-finite numbers become null (the verdicts were judged
+    before, and keep their counts)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def write_document(out: Path, doc: Path) -> Path:
-    """The document of every experiment with results in ``out``, in NAMES order."""
-    results = [(experiment(name), json.loads((out / name / RESULT_FILE).read_text()))
-               for name in NAMES if (out / name / RESULT_FILE).is_file()]
+    """The document of every experiment with results in ``out``, in NAMES order; a result that
+    cannot be read, or of another format, is left out with a warning. Written atomically."""
+    results = []
+    for name in NAMES:
+        path = out / name / RESULT_FILE
+        if not path.is_file():
+            continue
+        try:
+            result = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            warnings.warn(f"{path} left out of the document: it cannot be read ({exc})", stacklevel=2)
+            continue
+        if not isinstance(result, dict) or result.get("format") != RESULT_FORMAT:
+            warnings.warn(f"{path} left out of the document: written by another version of unison reproduce; "
+                          f"rerun `unison reproduce {name} --overwrite`", stacklevel=2)
+            continue
+        results.append(result)
     doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(document.markdown(results, out, doc.parent))
+    partial = doc.parent / f".{doc.name}.partial-{os.getpid()}"
+    partial.write_text(document.markdown(results, out, doc.parent))
+    os.replace(partial, doc)
     return doc

@@ -32,7 +32,8 @@ class Finding:
     effect: str                     # what ``effects`` are: "FedSGD rounds / FedAvg rounds"
     effects: list[float]            # per seed; above ``threshold`` = the published direction
     threshold: float = 0.0
-    percent: bool = False           # show arms and effects as percentages
+    percent: bool = False           # show the arms as percentages (accuracies)
+    effect_unit: str = ""           # how to show effects: "" as numbers, "pp" points, "%" a fraction as %
 
 
 @dataclass(frozen=True)
@@ -63,9 +64,11 @@ class Context:
         """unison.compare of ``strategies`` (label → run options) with every seed into
         ``out/part``; each measured once unless ``repeat=`` is given (a verdict that rests on
         time should take the median of repeats: per_seed does)."""
+        if part in self.parts:
+            raise ValueError(f"comparison {part!r} is written twice by this experiment")
         if self.progress:
-            print(f"  {self.out.name}/{part}: {len(strategies)} runs × {len(self.seeds)} seeds", file=sys.stderr,
-                  flush=True)
+            name = self.out.name.split(".partial-")[0].lstrip(".")  # out is the experiment's scratch folder
+            print(f"  {name}/{part}: {len(strategies)} runs × {len(self.seeds)} seeds", file=sys.stderr, flush=True)
         settings = {"repeat": 1, "backend": "stacked", "data": "digits", "model": None} | settings
         model, data = settings.pop("model"), settings.pop("data")
         compare(model, data, strategies=dict(strategies), seeds=len(self.seeds), seed=self.seeds[0],
@@ -75,12 +78,14 @@ class Context:
 
 
 def per_seed(loaded: report.Loaded, label: str, of: Callable[[Records], float]) -> list[float]:
-    """``of`` applied to each seed's records of run ``label``: one value per seed, in seed order;
-    a seed measured several times (``repeat``) gives the median of its attempts' values."""
+    """``of`` applied to each seed's records of run ``label``: one value per seed the comparison
+    ran (any run's), in seed order, nan for a seed this run lacks (it was skipped or failed); a
+    seed measured several times (``repeat``) gives the median of its attempts (median_of)."""
+    seeds = sorted({seed for runs in loaded.attempts.values() for seed, _ in runs})
     by_seed: dict[int, list[float]] = {}
     for seed, records in loaded.attempts.get(label, []):
         by_seed.setdefault(seed, []).append(of(records))
-    return [median(by_seed[seed]) for seed in sorted(by_seed)]
+    return [median_of(by_seed.get(seed, [])) for seed in seeds]
 
 
 def final(metric: str = "val_acc") -> Callable[[Records], float]:
@@ -89,6 +94,7 @@ def final(metric: str = "val_acc") -> Callable[[Records], float]:
 
 
 def best_of(metric: str = "val_acc") -> Callable[[Records], float]:
+    """The best value of the metric over the rounds."""
     return lambda records: float(best(records, metric) if best(records, metric) is not None else math.nan)
 
 
@@ -103,16 +109,36 @@ def first_reaching(target: float, metric: str = "val_acc", at: str = "step") -> 
     return of
 
 
+def _paired(a: Sequence[float], b: Sequence[float]) -> None:
+    if len(a) != len(b):
+        raise ValueError(f"per-seed values of unequal length ({len(a)} and {len(b)}): seeds would be mispaired")
+
+
 def ratio(numerators: Sequence[float], denominators: Sequence[float], missed: float = math.nan) -> list[float]:
     """Per-seed numerator / denominator; ``missed`` where either is nan (not reached)."""
+    _paired(numerators, denominators)
     return [missed if math.isnan(a) or math.isnan(b) or b == 0 else a / b for a, b in zip(numerators, denominators)]
 
 
 def differences(a: Sequence[float], b: Sequence[float]) -> list[float]:
     """Per-seed a − b (nan where either is)."""
+    _paired(a, b)
     return [x - y for x, y in zip(a, b)]
 
 
+def median_of(attempts: Sequence[float]) -> float:
+    """The median of one seed's attempts; one that missed (nan) counts as the worst, as in
+    unison.verdict.median_spread (nan when the median falls on one, or there are none)."""
+    if not attempts:
+        return math.nan
+    if len(attempts) == 1:
+        return attempts[0]
+    ranked = sorted(attempts, key=lambda v: (math.isnan(v), v))
+    middle = ranked[(len(ranked) - 1) // 2: len(ranked) // 2 + 1]
+    return math.nan if any(math.isnan(v) for v in middle) else statistics.fmean(middle)
+
+
 def median(numbers: Sequence[float]) -> float:
+    """The median of the values that are not nan (nan if none are)."""
     finite = [n for n in numbers if not math.isnan(n)]
     return statistics.median(finite) if finite else math.nan

@@ -2,9 +2,12 @@
 
 Each seed gives an effect, signed so that a value above the finding's threshold is the published
 direction. The finding is **reproduced** when that direction holds in at least HOLDS_FRACTION of
-the seeds (4 of 5, 3 of 3), **not reproduced** when the opposite holds as often (the direction in
-at most 1 of 5), else **inconclusive**. The effect size is the mean with its 95% Student t
-interval (unison.verdict.mean_interval). Nothing here imports the rest of unison but verdict.
+the seeds (4 of 5, 3 of 3), **not reproduced** when it fails (the effect at or below the threshold,
+ties included) in as many, else **inconclusive**; a seed with no effect (nan: an arm missed or did
+not run) counts neither way. This is a check of the sign's consistency, not a significance test
+(3 of 3 has a one-sided sign-test p of 0.125; 4 of 5, 0.19). The effect size is the mean of the
+finite effects with its 95% Student t interval (unison.verdict.mean_interval). Nothing here
+imports the rest of unison but verdict.
 """
 
 from __future__ import annotations
@@ -26,9 +29,13 @@ class Verdict:
     seeds: int
     mean: float | None           # the effect's mean over the seeds (finite ones)
     interval: float | None       # half-width of its 95% t interval (None from one seed)
+    missed: int = 0              # seeds with no effect (nan), counted neither way
 
     def text(self) -> str:
-        return f"{self.verdict} (the direction held in {self.holds} of {self.seeds} seeds)"
+        """E.g. "reproduced (the direction held in 4 of 5 seeds; 4 needed)"."""
+        missed = f", {self.missed} without an effect" if self.missed else ""
+        return (f"{self.verdict} (the direction held in {self.holds} of {self.seeds} seeds{missed}; "
+                f"{needed(self.seeds)} needed)")
 
 
 def needed(seeds: int) -> int:
@@ -51,5 +58,5 @@ def judge(effects: Sequence[float], threshold: float = 0.0) -> Verdict:
         verdict = NOT_REPRODUCED
     else:
         verdict = INCONCLUSIVE
-    return Verdict(verdict, holds, len(effects), mean, half)
+    return Verdict(verdict, holds, len(effects), mean, half, missed=len(effects) - holds - against)
 
