@@ -31,9 +31,11 @@ def test_the_effects_are_speed_ups_over_one_worker(monkeypatch):
     rates = {"sparse": {"hogwild ×1": [100.0] * 3, "hogwild ×2": [180.0] * 3, "hogwild ×4": [190.0] * 3},
              "dense": {"hogwild ×1": [100.0] * 3, "hogwild ×2": [120.0] * 3, "hogwild ×4": [110.0] * 3,
                        "sync ×2": [60.0] * 3}}
-    monkeypatch.setattr(hogwild, "speedups", lambda context, part, *args, **kw: rates[part])
+    accuracy = {label: [0.8] * 3 for label in rates["sparse"]} | {"hogwild ×2": [0.78, 0.8, 0.795]}
+    monkeypatch.setattr(hogwild, "speedups", lambda context, part, *args, **kw: (rates[part], accuracy))
     found = hogwild.measure(Context(seeds=[0, 1, 2], quick=True, out=None, progress=False))
     assert found[0].effects == pytest.approx([1.8] * 3) and found[0].threshold == hogwild.SPEEDUP
     assert found[1].effects == pytest.approx([0.6] * 3)
     assert found[2].effects == pytest.approx([2.0] * 3) and found[2].threshold == 1.0
+    assert found[3].effects == pytest.approx([-0.02, 0.0, -0.005]) and found[3].threshold == -hogwild.ACCURACY_COST
     assert hogwild.throughput([{"samples_per_s": 5.0}, {"samples_per_s": 7.0}]) == 7.0
