@@ -119,18 +119,20 @@ def measure(context: Context) -> list[Finding]:
         Finding(claim="from one pre-trained start, the greedy soup beats the best single model of the sweep "
                       "(picked on the selection split; both scored on the test split)",
                 metric="test acc", arms={"best single": best, "greedy soup": greedy},
-                effect="greedy soup − best single, test accuracy", effects=differences(greedy, best), percent=True),
+                effect="greedy soup − best single, test accuracy", effects=differences(greedy, best),
+                percent=True, effect_unit="pp"),
         Finding(claim="from one pre-trained start, the greedy soup beats the uniform soup of the whole sweep",
                 metric="test acc", arms={"uniform soup": uniform, "greedy soup": greedy},
                 effect="greedy soup − uniform soup, test accuracy", effects=differences(greedy, uniform),
-                percent=True),
+                percent=True, effect_unit="pp"),
         Finding(claim=f"from different random starts, the uniform soup falls more than {COLLAPSE_POINTS:.0%} "
                       "below its ingredients' mean accuracy",
                 metric="test acc", arms={"ingredients' mean (different starts)": mean_apart,
                                          "uniform soup (different starts)": uniform_apart,
                                          "uniform soup (one start)": uniform},
                 effect="ingredients' mean − uniform soup, test accuracy, different starts",
-                effects=differences(mean_apart, uniform_apart), threshold=COLLAPSE_POINTS, percent=True),
+                effects=differences(mean_apart, uniform_apart), threshold=COLLAPSE_POINTS, percent=True,
+                effect_unit="pp"),
     ]
 
 
