@@ -36,13 +36,13 @@ class FakeContext(Context):
 def test_effects_are_computed_from_the_arms_as_documented(tmp_path, quick):
     near_linear, merges, degrade = localsgd.measure(FakeContext(seeds=[0, 1, 2], quick=quick, out=tmp_path))
     workers, everies = localsgd.grid(quick)
-    top, large = max(workers), [n for n in workers if n >= 8]
+    top = max(workers)
     for seed in range(3):
         fractions = [values[seed] / int(name.split()[0][2:]) for name, values in near_linear.arms.items()]
         assert near_linear.effects[seed] == pytest.approx(min(fractions) - localsgd.HALF_LINEAR)
         assert degrade.effects[seed] == pytest.approx(degrade.arms[localsgd.label(top, 1)][seed]
                                                       - degrade.arms[localsgd.label(top, localsgd.LARGE_H)][seed])
-    assert set(near_linear.arms) == {localsgd.label(n, h) for n in large for h in everies if h in localsgd.SMALL_H}
+    assert set(near_linear.arms) == {localsgd.label(n, h) for n in workers for h in everies if h in localsgd.SMALL_H}
     steps = BASELINE_STEPS // top
     assert merges.arms[localsgd.label(top, 1)] == [steps] * 3          # one record (merge) per step
     assert merges.arms[localsgd.label(top, 64)] == [math.ceil(steps / 64)] * 3
