@@ -118,7 +118,7 @@ EXPERIMENT = Experiment(
     caveat="Digits gives 16 workers only 90 samples each (23 steps an epoch), so the 16-worker runs are 368 "
            "steps long and reach the target around step 200: at H=64 the averaged model exists only every 64 "
            "steps, and part of a measured loss of speed-up at H=64 is that coarse resolution. The theory is "
-           "about decreasing step sizes and the asymptotic rate; unison uses a constant lr scaled with N, "
+           "about convex problems and rates as T grows; unison uses a constant lr scaled with N, "
            "which gives synchronous SGD its speed-up on a convex problem this small and is where local SGD's "
            "drift shows. In a trial with a smaller lr (0.01·N, seed 0, 10 epochs) H=64 lost nothing to H=1: "
            "the drift, and so finding 3, depends on the step size.",
