@@ -25,6 +25,7 @@ def test_the_best_lr_and_the_fastest_arm_go_by_median_rounds_and_misses_lose():
     assert fedavg.best_lr({0.1: [2.0, 2.0], 0.3: [2.0, 2.0]}) == 0.1
     arms = {fedavg.FEDSGD: [1.0, 1.0], "a": [3.0, 4.0], "b": [2.0, 4.0], "c": [1.0, NAN]}
     assert fedavg.fastest(arms) == "b"  # FedSGD is never the FedAvg arm, a miss loses to any reach
+    assert fedavg.fastest({"a": [1.0, 2.0, 2.0, 1.0, 1.0], "b": [1.0, 2.0, 1.0, 1.0, 1.0]}) == "b"  # equal medians
 
 
 def test_speedups_and_the_drop_follow_the_documented_bounds():
