@@ -73,15 +73,15 @@ def measure(context: Context) -> list[Finding]:
     return [
         Finding(claim="post-local SGD reaches a higher final validation accuracy than large-batch sync",
                 metric="final val acc", arms=val, effect="post-local − large-batch sync accuracy",
-                effects=differences(val[POST], val[LARGE]), percent=True),
+                effects=differences(val[POST], val[LARGE]), percent=True, effect_unit="pp"),
         Finding(claim="post-local SGD's train − validation accuracy gap is narrower than large-batch sync's",
                 metric="train acc − val acc of the final model", arms=gap,
                 effect="large-batch sync's gap − post-local's gap", effects=differences(gap[LARGE], gap[POST]),
-                percent=True),
+                percent=True, effect_unit="pp"),
         Finding(claim="the premise: large-batch sync generalises worse than small-batch single at the same epochs",
                 metric="final val acc", arms={SMALL: val[SMALL], LARGE: val[LARGE]},
                 effect="small-batch single − large-batch sync accuracy",
-                effects=differences(val[SMALL], val[LARGE]), percent=True),
+                effects=differences(val[SMALL], val[LARGE]), percent=True, effect_unit="pp"),
     ]
 
 
