@@ -97,7 +97,7 @@ def measure(context: Context) -> list[Finding]:
                 metric="samples/s", arms={"dense hogwild": dense[two], "dense sync": dense[f"sync ×{SCALED_AT}"]},
                 effect=f"hogwild / sync throughput at {SCALED_AT} workers",
                 effects=ratio(dense[two], dense[f"sync ×{SCALED_AT}"]), threshold=1.0),
-        Finding(claim=f"lock-free updates of the sparse model cost at most {ACCURACY_COST:.0%} of validation "
+        Finding(claim=f"lock-free updates of the sparse model cost at most {ACCURACY_COST * 100:g} point of validation "
                       f"accuracy at {SCALED_AT} workers (the paper: nearly serial SGD's convergence)",
                 metric="final val acc", arms={f"sparse {label}": acc for label, acc in sparse_acc.items()},
                 effect=f"accuracy at {SCALED_AT} workers − at 1", threshold=-ACCURACY_COST, percent=True, effect_unit="pp",

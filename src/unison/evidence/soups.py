@@ -125,7 +125,7 @@ def measure(context: Context) -> list[Finding]:
                 metric="test acc", arms={"uniform soup": uniform, "greedy soup": greedy},
                 effect="greedy soup − uniform soup, test accuracy", effects=differences(greedy, uniform),
                 percent=True, effect_unit="pp"),
-        Finding(claim=f"from different random starts, the uniform soup falls more than {COLLAPSE_POINTS:.0%} "
+        Finding(claim=f"from different random starts, the uniform soup falls more than {COLLAPSE_POINTS * 100:g} points "
                       "below its ingredients' mean accuracy",
                 metric="test acc", arms={"ingredients' mean (different starts)": mean_apart,
                                          "uniform soup (different starts)": uniform_apart,
