@@ -203,3 +203,13 @@ def test_reproduce_drift_quick_end_to_end(tmp_path, capsys):
         assert verdict == json.loads(json.dumps(judge(finding["effects"]).__dict__))
         assert f"{finding['claim']}: {verdict['verdict']} (the direction held in {verdict['holds']} of 3 seeds" in out
     assert "## drift" in (tmp_path / "evidence.md").read_text()
+
+
+def test_doc_only_rewrites_the_document_from_saved_results(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(evidence, "experiment", lambda name: _toy([1.0] * 3))
+    assert cli.main(["reproduce", "--doc-only", "--out", str(tmp_path)]) == 2  # nothing saved yet
+    assert "no results of unison reproduce" in capsys.readouterr().err
+    evidence.reproduce("drift", out=tmp_path, seeds=3, progress=False)
+    (tmp_path / "evidence.md").unlink()
+    assert cli.main(["reproduce", "--doc-only", "--out", str(tmp_path)]) == 0
+    assert "## drift" in (tmp_path / "evidence.md").read_text()

@@ -136,6 +136,8 @@ def _parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--out", help="results folder (default runs/evidence); OUT/NAME is replaced "
                            "only with --overwrite")
     reproduce.add_argument("--doc", metavar="FILE", help="where to write the document (default OUT/evidence.md)")
+    reproduce.add_argument("--doc-only", action="store_true", help="only rewrite the document from the results "
+                           "already in OUT (no training)")
     reproduce.add_argument("--overwrite", action="store_true", help="replace an experiment's earlier results")
     reproduce.add_argument("--quiet", action="store_true", help="no progress output")
 
@@ -274,6 +276,11 @@ def _reproduce(args: argparse.Namespace) -> int:
             raise ConfigError("reproduce --list takes no experiment name, --quick or --seeds")
         for spec in evidence.experiments():
             print(f"{spec.name:<12} {spec.paper}")
+        return 0
+    if args.doc_only:
+        if args.name is not None or args.quick or args.seeds is not None:
+            raise ConfigError("reproduce --doc-only takes no experiment name, --quick or --seeds")
+        print(f"evidence: {evidence.rewrite_document(out=args.out, doc=args.doc)}")
         return 0
     if args.name is None:
         raise ConfigError(f"reproduce needs an experiment: one of {', '.join(evidence.NAMES)}, or all "

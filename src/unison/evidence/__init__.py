@@ -133,6 +133,17 @@ def _finite(value):
     return value
 
 
+def rewrite_document(out: str | Path | None = None, doc: str | Path | None = None) -> Path:
+    """The document rewritten from the results already in ``out`` (default runs/evidence), no
+    training; ConfigError if there are none or ``doc`` holds something else."""
+    out = Path(out) if out is not None else DEFAULT_OUT
+    doc = Path(doc) if doc is not None else out / document.DOCUMENT
+    if not any((out / name / RESULT_FILE).is_file() for name in NAMES):
+        raise ConfigError(f"no results of unison reproduce in {str(out)!r} (expected {str(out)}/NAME/{RESULT_FILE})")
+    _check_document(doc)
+    return write_document(out, doc)
+
+
 def write_document(out: Path, doc: Path) -> Path:
     """The document of every experiment with results in ``out``, in NAMES order; a result that
     cannot be read, or of another format, is left out with a warning. Written atomically."""

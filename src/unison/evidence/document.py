@@ -107,7 +107,8 @@ def markdown(results: Sequence[dict[str, Any]], out: Path, doc_dir: Path) -> str
         for finding, verdict in zip(result["findings"], result["verdicts"]):
             lines.append(f"| [{name}](#{name}) | {finding['claim']} | **{verdict['verdict']}** "
                          f"({verdict['holds']} of {verdict['seeds']}) | "
-                         f"{mean_text(finding['effects'], unit=finding.get('effect_unit', ''))} |")
+                         f"{mean_text(finding['effects'], unit=finding.get('effect_unit', ''))} "
+                         f"(claim: > {_number(finding['threshold'], unit=finding.get('effect_unit', ''))}) |")
     for result in results:
         lines += [""] + section(result, out, doc_dir)
     return "\n".join(lines) + "\n"
