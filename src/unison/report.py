@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import html
 import re
+import textwrap
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -219,8 +220,8 @@ def write_plots(histories: dict[str, list[dict[str, Any]]], summary: summaries.S
         axes.set_yscale("log")
         axes.legend(fontsize="small")
     if zero:
-        axes.text(0.01, 0.01, f"zero throughout (replicas identical): {', '.join(zero)}",
-                  transform=axes.transAxes, fontsize="small", color="grey")
+        note = textwrap.fill(f"zero throughout (replicas identical): {', '.join(zero)}", 90)  # many runs: lines
+        axes.text(0.01, 0.01, note, transform=axes.transAxes, fontsize="small", color="grey", clip_on=True)
     _save(figure, out / DIVERGENCE_PLOT)
 
     figure, axes = _figure("Training throughput (start-up excluded)", "samples per second", "")

@@ -60,18 +60,23 @@ class Context:
     progress: bool = True
     parts: list[str] = field(default_factory=list)   # the comparison directories written, in order
 
-    def compare(self, part: str, strategies: Mapping[str, Any], **settings: Any) -> report.Loaded:
-        """unison.compare of ``strategies`` (label → run options) with every seed into
+    def compare(self, part: str, strategies: Mapping[str, Any], seeds: Sequence[int] | None = None,
+                **settings: Any) -> report.Loaded:
+        """unison.compare of ``strategies`` (label → run options) with every seed (or the
+        consecutive ``seeds`` given, e.g. one seed whose start was made for it) into
         ``out/part``; each measured once unless ``repeat=`` is given (a verdict that rests on
         time should take the median of repeats: per_seed does)."""
+        seeds = list(self.seeds if seeds is None else seeds)
+        if not seeds or seeds != list(range(seeds[0], seeds[0] + len(seeds))):
+            raise ValueError(f"Context.compare runs consecutive seeds; got {seeds}")
         if part in self.parts:
             raise ValueError(f"comparison {part!r} is written twice by this experiment")
         if self.progress:
             name = self.out.name.split(".partial-")[0].lstrip(".")  # out is the experiment's scratch folder
-            print(f"  {name}/{part}: {len(strategies)} runs × {len(self.seeds)} seeds", file=sys.stderr, flush=True)
+            print(f"  {name}/{part}: {len(strategies)} runs × {len(seeds)} seeds", file=sys.stderr, flush=True)
         settings = {"repeat": 1, "backend": "stacked", "data": "digits", "model": None} | settings
         model, data = settings.pop("model"), settings.pop("data")
-        compare(model, data, strategies=dict(strategies), seeds=len(self.seeds), seed=self.seeds[0],
+        compare(model, data, strategies=dict(strategies), seeds=len(seeds), seed=seeds[0],
                 out=self.out / part, overwrite=True, progress=False, **settings)
         self.parts.append(part)
         return report.load(self.out / part)

@@ -2,9 +2,11 @@
 best single model and the uniform soup; from different random starts, a uniform soup collapses
 (Wortsman et al. 2022, "Model soups").
 
-Each ingredient is one `unison.fit(strategy="single", backend="stacked")` run with its own
-learning rate and weight decay: unison's multi-replica strategies give every replica the same
-settings, so a hyperparameter sweep is a set of runs. The soups are made with unison.merges'
+From one pre-trained start, each ingredient is a `single` run with its own learning rate and
+weight decay: unison's multi-replica strategies give every replica the same settings, so the
+sweep is a comparison of runs (one per seed, since each seed pre-trains its own start), and the
+ingredients are the models it saved. From different random starts, each ingredient is a
+`unison.fit` of its own: one comparison starts every run from the same weights. The soups are made with unison.merges'
 ``mean`` and ``greedy_soup``, the functions behind ``oneshot`` and ``oneshot(merge=greedy_soup)``.
 The greedy soup picks its ingredients on a selection split and every model is scored on a
 separate test split (scoring it on the split it was picked on would favour it by construction).
@@ -21,9 +23,12 @@ import torch
 from torch import nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
+from safetensors.torch import load_file
+
 from .. import merges, models
 from ..api import fit
 from ..data import prepare
+from ..plan import MODEL_FILE
 from .base import Context, Experiment, Finding, differences
 
 SWEEP = tuple((lr, decay) for lr in (0.01, 0.03, 0.1, 0.3) for decay in (0.0, 1e-3))  # (lr, weight decay)
@@ -61,11 +66,11 @@ def accuracy(template: nn.Module, state: torch.Tensor, data: tuple[torch.Tensor,
         return float((model(data[0]).argmax(dim=1) == data[1]).float().mean())
 
 
-def train(start: nn.Module | Callable[[], nn.Module], data: Splits, lr: float, decay: float, epochs: int, seed: int) -> torch.Tensor:
-    """One ingredient: ``start`` (a model, copied, or a factory seeded with ``seed``) trained
+def train(start: Callable[[], nn.Module], data: Splits, lr: float, decay: float, epochs: int,
+          seed: int) -> torch.Tensor:
+    """One ingredient from a random start: ``start`` (a factory, seeded with ``seed``) trained
     alone with SGD; its flat parameters."""
-    model = copy.deepcopy(start) if isinstance(start, nn.Module) else start
-    result = fit(model, data.train, data.select, strategy="single", backend="stacked", workers=1, epochs=epochs,
+    result = fit(start, data.train, data.select, strategy="single", backend="stacked", workers=1, epochs=epochs,
                  batch_size=BATCH, lr=lr, momentum=0.9, weight_decay=decay, seed=seed, progress=False)
     return parameters_to_vector(result.model.parameters()).detach()
 
@@ -93,7 +98,26 @@ def soups(template: nn.Module, states: list[torch.Tensor], data: Splits) -> Soup
                  greedy=accuracy(template, greedy, data.test), greedy_size=len(chosen))
 
 
-def one_seed(seed: int, epochs: int) -> tuple[Soups, Soups]:
+def sweep_label(lr: float, decay: float) -> str:
+    return f"lr={lr:g} wd={decay:g}"
+
+
+def fine_tuned(context: Context, pretrained: nn.Module, data: Splits, epochs: int, seed: int) -> list[torch.Tensor]:
+    """The sweep fine-tuned from ``pretrained`` as one comparison (its report beside the
+    results, validated on the selection split); the ingredients' flat parameters, in SWEEP order."""
+    runs = {sweep_label(lr, decay): {"strategy": "single", "lr": lr, "weight_decay": decay} for lr, decay in SWEEP}
+    part = f"sweep-seed{seed}"
+    loaded = context.compare(part, runs, seeds=[seed], model=pretrained, data=data.train, val=data.select,
+                             epochs=epochs, batch_size=BATCH, momentum=0.9)
+    states = []
+    for label in runs:
+        model = copy.deepcopy(pretrained)
+        model.load_state_dict(load_file(context.out / part / loaded.compare["runs"][label]["dir"] / MODEL_FILE))
+        states.append(parameters_to_vector(model.parameters()).detach())
+    return states
+
+
+def one_seed(context: Context, seed: int, epochs: int) -> tuple[Soups, Soups]:
     """The sweep fine-tuned from one pre-trained start, and the same sweep from different
     random starts (each trained PRETRAIN_EPOCHS + ``epochs``)."""
     data = splits(seed)
@@ -101,7 +125,7 @@ def one_seed(seed: int, epochs: int) -> tuple[Soups, Soups]:
     pretrained = fit(network, data.train, data.select, strategy="single", backend="stacked", workers=1,
                      epochs=PRETRAIN_EPOCHS, batch_size=BATCH, lr=0.05, momentum=0.9, seed=seed, progress=False).model
     base = 1000 * seed
-    shared = [train(pretrained, data, lr, decay, epochs, base + k) for k, (lr, decay) in enumerate(SWEEP)]
+    shared = fine_tuned(context, pretrained, data, epochs, seed)
     apart = [train(network, data, lr, decay, PRETRAIN_EPOCHS + epochs, base + 100 + k)
              for k, (lr, decay) in enumerate(SWEEP)]
     return soups(pretrained, shared, data), soups(pretrained, apart, data)
@@ -109,7 +133,7 @@ def one_seed(seed: int, epochs: int) -> tuple[Soups, Soups]:
 
 def measure(context: Context) -> list[Finding]:
     epochs = 3 if context.quick else 6
-    results = [one_seed(seed, epochs) for seed in context.seeds]
+    results = [one_seed(context, seed, epochs) for seed in context.seeds]
     shared, apart = [r[0] for r in results], [r[1] for r in results]
     best, greedy = [s.best_single for s in shared], [s.greedy for s in shared]
     uniform = [s.uniform for s in shared]
@@ -151,12 +175,14 @@ EXPERIMENT = Experiment(
           "split and a test split. An MLP with 64 hidden units pre-trained alone for "
           f"{PRETRAIN_EPOCHS} epochs (SGD lr 0.05, momentum 0.9, batch {BATCH}), then a sweep of {len(SWEEP)} "
           "fine-tuning runs from that start, lr in {0.01, 0.03, 0.1, 0.3} × weight decay in {0, 0.001}, "
-          "each with its own data order, 6 epochs each (unison.fit, strategy single, stacked backend). "
+          "6 epochs each, as one comparison per seed (strategy single, stacked backend; the seed's data "
+          "order is every run's, so the runs differ in lr and weight decay only). "
           "The best single model and the greedy soup are picked on the selection split; every accuracy is "
           "on the test split. For (c) the same sweep trains from scratch, each run from its own random "
           f"initialisation, for {PRETRAIN_EPOCHS} + 6 epochs; its uniform soup is compared with its "
           "ingredients. Soups are unison.merges.mean and unison.merges.greedy_soup, what oneshot's merges use; "
-          "the ingredients are separate runs because oneshot's replicas share one learning rate and one start.",
+          "the ingredients are runs of their own because oneshot's replicas share one learning rate and one "
+          "start (the different-start runs are unison.fit calls, with no comparison report).",
     quick_note="3 fine-tuning epochs instead of 6.",
     caveat="The 'pre-trained start' is two epochs on the same digits, not a large model pre-trained on other "
            "data, so fine-tuning moves less and the sweep's models are closer together than CLIP's; gains "
