@@ -151,7 +151,8 @@ def test_drift_effects_are_the_per_seed_accuracy_differences(tmp_path, monkeypat
     accuracy = {"periodic α=100": 0.95, "periodic α=1": 0.9, "periodic α=0.1": 0.8, "fedprox μ=0.01 α=0.1": 0.7,
                 "fedprox μ=0.1 α=0.1": 0.75, "scaffold α=0.1": 0.85}
     monkeypatch.setattr(Context, "compare", fake_compare(lambda label, seed: [{"step": 1, "val_acc": 0.1},
-                                                                       {"step": 2, "val_acc": accuracy[label] + seed / 100}]))
+                                                                       {"step": 2,
+                                                                        "val_acc": accuracy[label] + seed / 100}]))
     found = drift.measure(Context(seeds=[0, 1, 2], quick=True, out=tmp_path, progress=False))
     assert [f.effects for f in found] == [pytest.approx([0.15] * 3), pytest.approx([-0.1] * 3),
                                           pytest.approx([-0.05] * 3), pytest.approx([0.05] * 3)]
@@ -196,7 +197,8 @@ def test_reproduce_drift_quick_end_to_end(tmp_path, capsys):
     saved = json.loads((tmp_path / "drift" / evidence.RESULT_FILE).read_text())
     loaded = load(tmp_path / "drift" / "skew")  # the comparison, with its report
     assert (tmp_path / "drift" / "skew" / "report.html").is_file()
-    finals = {label: [records[-1]["val_acc"] for seed, records in sorted(runs)] for label, runs in loaded.attempts.items()}
+    finals = {label: [records[-1]["val_acc"] for seed, records in sorted(runs)]
+              for label, runs in loaded.attempts.items()}
     assert saved["findings"][0]["effects"] == pytest.approx(
         [a - b for a, b in zip(finals["periodic α=100"], finals["periodic α=0.1"])])
     for finding, verdict in zip(saved["findings"], saved["verdicts"]):

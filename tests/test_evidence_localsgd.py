@@ -11,7 +11,7 @@ from unison import report
 from unison.evidence import localsgd
 from unison.evidence.base import Context
 
-BASELINE_STEPS = 512
+BASELINE_STEPS = 4096  # 16 workers: 256 steps, four H=64 records
 
 
 def history(workers: int, every: int, seed: int) -> list[dict]:
@@ -40,8 +40,14 @@ def test_effects_are_computed_from_the_arms_as_documented(tmp_path, quick):
     for seed in range(3):
         fractions = [values[seed] / int(name.split()[0][2:]) for name, values in near_linear.arms.items()]
         assert near_linear.effects[seed] == pytest.approx(min(fractions) - localsgd.HALF_LINEAR)
-        assert degrade.effects[seed] == pytest.approx(degrade.arms[localsgd.label(top, 1)][seed]
-                                                      - degrade.arms[localsgd.label(top, localsgd.LARGE_H)][seed])
+        # H=1's reach read on H=64's record steps (a reference computation from the fake records)
+        target = localsgd.target_loss([history(1, 1, k) for k in range(3)])
+        reach = next(r["step"] for r in history(top, 1, seed) if r["val_loss"] <= target)
+        grid = [r["step"] for r in history(top, localsgd.LARGE_H, seed)]
+        one = next(r["step"] for r in history(1, 1, seed) if r["val_loss"] <= target)
+        synced = one / next(g for g in grid if g >= reach)
+        coarse = degrade.arms[localsgd.label(top, localsgd.LARGE_H)][seed]
+        assert degrade.effects[seed] == pytest.approx(synced - coarse)
     assert set(near_linear.arms) == {localsgd.label(n, h) for n in workers for h in everies if h in localsgd.SMALL_H}
     steps = BASELINE_STEPS // top
     assert merges.arms[localsgd.label(top, 1)] == [steps] * 3          # one record (merge) per step
@@ -56,3 +62,10 @@ def test_the_target_is_the_baselines_loss_halfway_and_a_miss_gets_a_bound():
     # reached at step 32, missed with 64 steps run: 256 / 32 and at most 256 / 64
     assert localsgd.speedups([256.0, 256.0], [32.0, math.nan], [64.0, 64.0]) == [8.0, 4.0]
     assert localsgd.merges([{"collectives": {"all_reduce": [2, 8], "broadcast": [1, 8]}}, {}]) == 3.0
+
+
+def test_a_reach_between_two_coarse_records_is_read_at_the_next_one():
+    assert localsgd.on_grid(65.0, [64.0, 128.0, 192.0]) == 128.0
+    assert localsgd.on_grid(64.0, [64.0, 128.0]) == 64.0
+    assert localsgd.on_grid(200.0, [64.0, 128.0, 192.0]) == 200.0   # past the last record: as it was
+    assert math.isnan(localsgd.on_grid(math.nan, [64.0]))

@@ -125,7 +125,7 @@ def _parser() -> argparse.ArgumentParser:
     reproduce = commands.add_parser(
         "reproduce", help="check a published finding about parallel training on this machine, with a verdict",
         description="Runs one experiment (or all) over several seeds and judges its findings: reproduced when "
-                    "the published direction holds in at least 80%% of the seeds (4 of 5, 3 of 3), not reproduced "
+                    "the published direction holds in at least 80% of the seeds (4 of 5, 3 of 3), not reproduced "
                     "when it fails in as many, else inconclusive. Writes OUT/NAME (the comparisons, each with its report) and "
                     "rewrites the document of every experiment in OUT.")
     reproduce.add_argument("name", nargs="?", help="an experiment (see --list), or 'all'")

@@ -73,7 +73,8 @@ class Context:
             raise ValueError(f"comparison {part!r} is written twice by this experiment")
         if self.progress:
             name = self.out.name.split(".partial-")[0].lstrip(".")  # out is the experiment's scratch folder
-            print(f"  {name}/{part}: {len(strategies)} runs × {len(seeds)} seed{'s' if len(seeds) > 1 else ''}", file=sys.stderr, flush=True)
+            plural = "s" if len(seeds) > 1 else ""
+            print(f"  {name}/{part}: {len(strategies)} runs × {len(seeds)} seed{plural}", file=sys.stderr, flush=True)
         settings = {"repeat": 1, "backend": "stacked", "data": "digits", "model": None} | settings
         model, data = settings.pop("model"), settings.pop("data")
         compare(model, data, strategies=dict(strategies), seeds=len(seeds), seed=seeds[0],

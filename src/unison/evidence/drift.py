@@ -8,7 +8,8 @@ from .base import Context, Experiment, Finding, differences, final, per_seed
 ALPHAS = (100.0, 1.0, 0.1)
 EVERY = 55  # five local epochs of a 179-sample share at batch 16: McMahan et al.'s E=5
 # FedProx at unison's default μ and at ten times it (the paper picks μ per data set; both are shown)
-CORRECTIONS = {"fedprox μ=0.01": f"fedprox(mu=0.01, every={EVERY})", "fedprox μ=0.1": f"fedprox(mu=0.1, every={EVERY})",
+CORRECTIONS = {"fedprox μ=0.01": f"fedprox(mu=0.01, every={EVERY})",
+               "fedprox μ=0.1": f"fedprox(mu=0.1, every={EVERY})",
                "scaffold": f"scaffold(every={EVERY})"}
 
 
@@ -58,6 +59,7 @@ EXPERIMENT = Experiment(
     quick_note="10 epochs instead of 20.",
     caveat="Digits is small and easy: eight replicas that each see two or three classes still learn features "
            "the others can use, so the drift costs less than on the papers' data, and the corrections have "
-           "less to recover. The papers also tune μ and the local work per round; unison uses one μ.",
+           "less to recover. The papers also tune μ and the local work per round; unison shows two μ and one "
+           "local work.",
     measure=measure,
 )

@@ -64,8 +64,12 @@ def best_lr(by_lr: dict[float, list[float]]) -> float:
 
 
 def fastest(arms_rounds: dict[str, list[float]]) -> str:
-    """The FedAvg arm (never FedSGD) whose rounds over the seeds are fewest (``fewest``)."""
+    """The FedAvg arm (never FedSGD) whose rounds over the seeds are fewest (``fewest``): shown,
+    not judged (picking it on the judged seeds would favour the claim)."""
     return min((label for label in arms_rounds if label != FEDSGD), key=lambda label: fewest(arms_rounds[label]))
+
+
+JUDGED = fedavg_label(5, 10)  # the paper's headline setting, fixed before any result: the arm judged
 
 
 def speedups(fedsgd: list[float], fedavg: list[float], fedsgd_budget: int, censor_fedsgd: bool) -> list[float]:
@@ -108,24 +112,23 @@ def measure(context: Context) -> list[Finding]:
             picked[name][label] = best_lr(by_lr)
             chosen[name][label] = by_lr[picked[name][label]]
     iid, skewed = chosen["IID"], chosen["non-IID"]
-    best_iid, best_skewed = fastest(iid), fastest(skewed)
-    iid_speedup = speedups(iid[FEDSGD], iid[best_iid], fedsgd_rounds, censor_fedsgd=True)
+    iid_speedup = speedups(iid[FEDSGD], iid[JUDGED], fedsgd_rounds, censor_fedsgd=True)
 
     def shown(name: str, label: str) -> str:
         return f"{label} {name} (lr {picked[name][label]:g})"
 
     return [
-        Finding(claim=f"on IID shares, local work cuts the rounds to {TARGET:.0%} val acc against FedSGD "
-                      f"(FedSGD rounds / best FedAvg rounds > 1)",
+        Finding(claim=f"on IID shares, local work ({JUDGED}) cuts the rounds to {TARGET:.0%} val acc against "
+                      f"FedSGD (FedSGD rounds / FedAvg rounds > 1; fastest arm here: {fastest(iid)})",
                 metric=f"rounds to {TARGET:.0%} val acc",
                 arms={shown("IID", label): iid[label] for label in runs},
-                effect=f"FedSGD rounds / {best_iid} rounds (IID)", effects=iid_speedup, threshold=1.0),
+                effect=f"FedSGD rounds / {JUDGED} rounds (IID)", effects=iid_speedup, threshold=1.0),
         Finding(claim="the cut is smaller on pathological non-IID shares (2 classes per worker)",
                 metric=f"rounds to {TARGET:.0%} val acc",
-                arms={shown("IID", FEDSGD): iid[FEDSGD], shown("IID", best_iid): iid[best_iid],
-                      shown("non-IID", FEDSGD): skewed[FEDSGD], shown("non-IID", best_skewed): skewed[best_skewed]},
-                effect=f"log(IID speedup) − log(non-IID speedup), each FedSGD / its fastest FedAvg arm",
-                effects=gain_drop(iid_speedup, skewed[FEDSGD], skewed[best_skewed], rounds)),
+                arms={shown("IID", FEDSGD): iid[FEDSGD], shown("IID", JUDGED): iid[JUDGED],
+                      shown("non-IID", FEDSGD): skewed[FEDSGD], shown("non-IID", JUDGED): skewed[JUDGED]},
+                effect=f"log(IID speedup) − log(non-IID speedup), each FedSGD / {JUDGED}",
+                effects=gain_drop(iid_speedup, skewed[FEDSGD], skewed[JUDGED], rounds)),
     ]
 
 
@@ -149,9 +152,10 @@ EXPERIMENT = Experiment(
           f"(McMahan et al.'s split: label-sorted shards, two per worker). Each arm's lr is the best of the "
           f"grid {', '.join(f'{lr:g}' for lr in LRS)} by median rounds over the seeds, then mean (the "
           f"paper optimised η per setting). Rounds = merges until the merged model first reaches "
-          f"{TARGET:.0%} validation accuracy (the record's step over the steps per round). The IID "
-          f"finding compares FedSGD with the fastest FedAvg arm; the non-IID one, the log of that speedup "
-          f"with the log of the same speedup on pathological shares (each partition's own fastest arm). "
+          f"{TARGET:.0%} validation accuracy (the record's step over the steps per round). Both findings "
+          f"judge {JUDGED}, the paper's headline setting, fixed in advance (the fastest arm, picked on the "
+          f"judged seeds, is only named): the IID one compares FedSGD with it; the non-IID one, the log of "
+          f"that speedup with the log of the same speedup on pathological shares. "
           f"Budget: {BUDGET[0]} FedAvg rounds, {BUDGET[1]} FedSGD rounds. A FedSGD miss counts as its "
           f"budget (the IID speedup is then a lower bound); a non-IID FedAvg miss counts as the FedAvg "
           f"budget (the drop is then a lower bound); other misses leave the seed not holding.",

@@ -100,7 +100,8 @@ def measure(context: Context) -> list[Finding]:
         Finding(claim=f"lock-free updates of the sparse model cost at most {ACCURACY_COST * 100:g} point of validation "
                       f"accuracy at {SCALED_AT} workers (the paper: nearly serial SGD's convergence)",
                 metric="final val acc", arms={f"sparse {label}": acc for label, acc in sparse_acc.items()},
-                effect=f"accuracy at {SCALED_AT} workers − at 1", threshold=-ACCURACY_COST, percent=True, effect_unit="pp",
+                effect=f"accuracy at {SCALED_AT} workers − at 1", threshold=-ACCURACY_COST, percent=True,
+                effect_unit="pp",
                 effects=differences(sparse_acc[two], sparse_acc[one])),
     ]
 

@@ -41,9 +41,17 @@ def target_loss(baseline: Sequence[Records]) -> float:
 
 def speedups(single_steps: Sequence[float], steps: Sequence[float], last_steps: Sequence[float]) -> list[float]:
     """Per seed, steps(1 worker) / steps(N workers) to the target. A run that missed it gets
-    the most it could have had, steps(1) / its last step: a bound that is conservative for
-    every finding (it is below half of linear, and above the true speed-up)."""
+    the most it could have had, steps(1) / its last step (above the true speed-up; finding 1
+    counts such a run as below half of linear whatever this bound says)."""
     return [one / (s if not math.isnan(s) else last) for one, s, last in zip(single_steps, steps, last_steps)]
+
+
+def on_grid(step: float, grid: Sequence[float]) -> float:
+    """``step`` moved to the first of ``grid`` (another run's record steps) at or after it: what
+    that run's coarser records could have shown (``step`` itself past the grid's end)."""
+    if math.isnan(step):
+        return step
+    return next((g for g in grid if g >= step), step)
 
 
 def measure(context: Context) -> list[Finding]:
@@ -65,7 +73,9 @@ def measure(context: Context) -> list[Finding]:
     resolution = ", ".join(f"H={h}: {median(steps[label(top, h)]):.0f}" for h in everies)
 
     def fraction(n: int, h: int) -> list[float]:
-        return [s / n for s in speedup[label(n, h)]]
+        """Speed-up over N; a run that missed the target is at most half of linear (it fails)."""
+        return [s / n if not math.isnan(reached) else min(s / n, HALF_LINEAR)
+                for s, reached in zip(speedup[label(n, h)], steps[label(n, h)])]
     near_linear = [label(n, h) for n in workers for h in small]
     findings = [Finding(
         claim=f"at H ≤ {max(small)} local SGD on {', '.join(map(str, workers))} workers keeps at least half of "
@@ -77,18 +87,24 @@ def measure(context: Context) -> list[Finding]:
     fall = [[m1 / mh / h for m1, mh in zip(merged[label(top, 1)], merged[label(top, h)])] for h in everies if h > 1]
     findings.append(Finding(
         claim=f"communication falls H×: {top} workers merging every H steps make 1/H of the merges of H=1 "
-              f"(counted from the collectives in the records, at least {FULL_FALL:g}·H× fewer)",
+              f"(true of periodic by construction; a check that the collectives counted in the records, "
+              f"what the link model times, fall at least {FULL_FALL:g}·H×)",
         metric="merges per run", arms=merged,
         effect="the smallest (merges at H=1 / merges at H) / H over H > 1", effects=[min(v) for v in zip(*fall)],
         threshold=FULL_FALL))
+    # H=1 is recorded every step, H=64 every 64: compare them on H=64's records, or a reach
+    # between two of them would count as a slowdown that H=64's records could not have shown
+    grids = [[float(r["step"]) for r in runs] for runs in records[label(top, LARGE_H)]]
+    synced = [on_grid(step, grid) for step, grid in zip(steps[label(top, 1)], grids)]
+    coarse_sync = speedups(one, synced, last[label(top, 1)])
     findings.append(Finding(
         claim=f"the speed-up degrades at the largest H: {top} workers at H={LARGE_H} reach the target later "
-              f"than at H=1 (steps to target, median, by H — {resolution}; records come at merges, so H={LARGE_H} "
-              f"is resolved to {LARGE_H} steps)",
+              f"than at H=1 (steps to target, median, by H — {resolution}; records come at merges, so H=1 is read "
+              f"on H={LARGE_H}'s {LARGE_H}-step grid)",
         metric="speed-up over one worker (steps to target)",
         arms={label(top, h): speedup[label(top, h)] for h in everies},
-        effect=f"speed-up at H=1 − at H={LARGE_H}",
-        effects=differences(speedup[label(top, 1)], speedup[label(top, LARGE_H)])))
+        effect=f"speed-up at H=1, read on H={LARGE_H}'s record steps, − at H={LARGE_H}",
+        effects=differences(coarse_sync, speedup[label(top, LARGE_H)])))
     return findings
 
 
@@ -111,8 +127,10 @@ EXPERIMENT = Experiment(
           "target is the validation loss one worker reaches halfway through its run (median over seeds); "
           "steps per worker to it are read from the records, which come at each merge (every step for H=1 and "
           "the baseline, every H steps otherwise). Speed-up = steps(1 worker) / steps(N workers); a run that "
-          "never reaches the target counts steps(1) / its last step (an upper bound, below N/2). Merges are "
-          "the all-reduce calls the records count.",
+          "never reaches the target counts steps(1) / its last step (an upper bound on its speed-up) and fails "
+          "the half-of-linear finding whatever that bound. The H=64 finding reads H=1's steps on H=64's "
+          "record grid (the first H=64 record at or after H=1's reach), so the coarser records do not count "
+          "as a slowdown. Merges are the all-reduce calls the records count.",
     quick_note="16 workers only (not 2, 4, 8, 16) and H ∈ {1, 16, 64} (not 1, 4, 16, 64).",
     caveat="Digits gives 16 workers only 90 samples each (23 steps an epoch), so the 16-worker runs are 368 "
            "steps long and reach the target around step 200: at H=64 the averaged model exists only every 64 "

@@ -149,7 +149,8 @@ def measure(context: Context) -> list[Finding]:
                 metric="test acc", arms={"uniform soup": uniform, "greedy soup": greedy},
                 effect="greedy soup − uniform soup, test accuracy", effects=differences(greedy, uniform),
                 percent=True, effect_unit="pp"),
-        Finding(claim=f"from different random starts, the uniform soup falls more than {COLLAPSE_POINTS * 100:g} points "
+        Finding(claim=f"from different random starts, the uniform soup falls more than "
+                      f"{COLLAPSE_POINTS * 100:g} points "
                       "below its ingredients' mean accuracy",
                 metric="test acc", arms={"ingredients' mean (different starts)": mean_apart,
                                          "uniform soup (different starts)": uniform_apart,
@@ -170,7 +171,8 @@ EXPERIMENT = Experiment(
           "trained from different random starts do not share a basin, and their average fails.",
     paper_figure="The abstract: soups of fine-tuned CLIP, ALIGN and ViT-G models give significant improvements "
                  "over the best model in a hyperparameter sweep on ImageNet; for ViT-G the greedy soup reaches "
-                 "90.94% top-1 against 90.78% for the best model of its hyperparameter search (the table on the paper's first page).",
+                 "90.94% top-1 against 90.78% for the best model of its hyperparameter search (the table on the "
+                 "paper's first page).",
     setup=f"Digits (1797 8×8 images): {1 - HELD_OUT:.0%} to train, the rest halved at random into a selection "
           "split and a test split. An MLP with 64 hidden units pre-trained alone for "
           f"{PRETRAIN_EPOCHS} epochs (SGD lr 0.05, momentum 0.9, batch {BATCH}), then a sweep of {len(SWEEP)} "

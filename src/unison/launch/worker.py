@@ -66,7 +66,10 @@ def blame(failures: list[Failure], silent: list[int], waited_s: float) -> BaseEx
     cause wins (a signal first). With symptoms only, ``waited_s`` after the first: a timeout that
     names the ranks that did not arrive once NAMED_GRACE_S has passed (a missing rank that raised
     did so before its peers' timeout, so its report is on its way), then, after SYMPTOM_GRACE_S,
-    a worker still running that reported nothing (``silent``), else the first symptom.
+    a worker still running that reported nothing (``silent``), else the first symptom. The
+    trade-off: a rank that was slow past the timeout and then failed (an out-of-memory kill
+    after swapping) is named rightly but as lost, with the timeout, when its own report comes
+    later than NAMED_GRACE_S. ``waited_s`` counts from the first failure of any kind.
     """
     causes = sorted((f for f in failures if not f.symptom), key=lambda f: not f.signalled)
     if causes:
