@@ -74,7 +74,7 @@ def test_reproduce_writes_the_verdict_and_the_document(tmp_path, monkeypatch):
     assert saved["text"]["caveat"] == "small"  # the section describes what was run, not today's code
     text = (tmp_path / "evidence.md").read_text()
     assert "## drift" in text and "held in 4 of 5 seeds (4 needed)" in text and "](drift/findings.png)" in text
-    assert "`unison reproduce drift`" in text
+    assert f"`unison reproduce drift --out {tmp_path}`" in text  # the command that rewrites these folders
     assert (tmp_path / "drift" / "findings.png").stat().st_size > 1000
     with pytest.raises(ConfigError, match="already exists"):  # an earlier result is kept
         evidence.reproduce("drift", out=tmp_path, progress=False)
@@ -112,6 +112,21 @@ def test_list_names_every_experiment_with_its_paper(capsys):
     assert all(" et al. " in line or "20" in line for line in lines)
 
 
+def test_a_timed_experiment_on_a_loaded_machine_says_its_verdicts_may_not_hold(tmp_path, monkeypatch):
+    import dataclasses
+
+    from unison import measure
+
+    timed = dataclasses.replace(_toy([1.0] * 3), timed=True)
+    monkeypatch.setattr(evidence, "experiment", lambda name: timed)
+    monkeypatch.setattr(measure, "machine_load", lambda: 99.0)
+    found = evidence.reproduce("drift", out=tmp_path, seeds=3, progress=False)
+    assert "load average reached 99" in found.summary() and "may not hold" in found.summary()
+    assert "**Warning:** the machine's load average reached 99" in (tmp_path / "evidence.md").read_text()
+    monkeypatch.setattr(evidence, "experiment", lambda name: _toy([1.0] * 3))  # not timed: no warning
+    assert evidence.reproduce("drift", out=tmp_path, seeds=3, overwrite=True, progress=False).loaded is None
+
+
 def test_the_document_path_is_checked_before_anything_trains(tmp_path, monkeypatch):
     trained = []
     monkeypatch.setattr(evidence, "experiment", lambda name: _toy(trained.append(1) or [1.0] * 5))
@@ -132,7 +147,7 @@ def test_a_result_of_another_format_is_left_out_of_the_document(tmp_path, monkey
         evidence.write_document(tmp_path, tmp_path / "evidence.md")
     text = (tmp_path / "evidence.md").read_text()
     assert "## drift" in text and "## compression" not in text
-    assert "`unison reproduce drift --seeds 3`" in text  # 3 is not the default of a full run
+    assert f"`unison reproduce drift --seeds 3 --out {tmp_path}`" in text  # 3 is not a full run's default
 
 
 def fake_compare(make):

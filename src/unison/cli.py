@@ -290,9 +290,7 @@ def _reproduce(args: argparse.Namespace) -> int:
     for name in names:
         found = evidence.reproduce(name, quick=args.quick, seeds=args.seeds, out=args.out, doc=args.doc,
                                    overwrite=args.overwrite, progress=not args.quiet)
-        for verdict, finding in zip(found.verdicts, found.findings):
-            effect = evidence.document.mean_text(finding.effects, unit=finding.effect_unit)
-            print(f"{name}: {finding.claim}: {verdict.text()}; {finding.effect}: {effect}")
+        print(found.summary())
     doc = Path(args.doc) if args.doc else Path(args.out or evidence.DEFAULT_OUT) / evidence.document.DOCUMENT
     print(f"evidence: {doc}")
     return 0

@@ -19,7 +19,7 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .. import __version__, rundir
+from .. import __version__, measure, rundir
 from ..errors import ConfigError, expected
 from ..launch import cpu_cores
 from ..validators import check_int
@@ -53,6 +53,15 @@ class Evidence:
     findings: list[Finding]
     verdicts: list[Verdict]
     out: Path
+    loaded: str | None = None   # why a timed experiment's verdicts may not hold (a loaded machine)
+
+    def summary(self) -> str:
+        """A line per finding: its claim, verdict and effect (what `unison reproduce` prints)."""
+        lines = []
+        for verdict, finding in zip(self.verdicts, self.findings):
+            effect = document.mean_text(finding.effects, unit=finding.effect_unit)
+            lines.append(f"{self.experiment.name}: {finding.claim}: {verdict.text()}; {finding.effect}: {effect}")
+        return "\n".join(lines + ([f"{self.experiment.name}: warning: {self.loaded}"] if self.loaded else []))
 
 
 def reproduce(name: str, *, quick: bool = False, seeds: int | None = None, seed: int = 0,
@@ -65,7 +74,7 @@ def reproduce(name: str, *, quick: bool = False, seeds: int | None = None, seed:
     seeds, out, doc = check([name], quick=quick, seeds=seeds, seed=seed, out=out, overwrite=overwrite, doc=doc)
     target = out / name
     scratch = rundir.scratch_for(target)
-    started = time.monotonic()
+    started, load_before = time.monotonic(), measure.machine_load()
     if progress:
         print(f"unison reproduce {name}{' --quick' if quick else ''}: {spec.paper}; {seeds} seeds", file=sys.stderr,
               flush=True)
@@ -74,11 +83,16 @@ def reproduce(name: str, *, quick: bool = False, seeds: int | None = None, seed:
         context = Context(seeds=list(range(seed, seed + seeds)), quick=quick, out=scratch, progress=progress)
         findings = spec.measure(context)
         verdicts = [judge(f.effects, f.threshold) for f in findings]
+        loads = [v for v in (load_before, measure.machine_load()) if v is not None]
+        loaded = (f"the machine's load average reached {max(loads):g} on {cpu_cores()} cores while it ran; these "
+                  "verdicts rest on measured time and may not hold on an idle machine"
+                  if spec.timed and loads and max(loads) > cpu_cores() else None)
         result = {"format": RESULT_FORMAT, "unison": __version__, "name": name, "quick": quick,
                   "seeds": context.seeds, "default_seeds": QUICK_SEEDS if quick else DEFAULT_SEEDS,
                   "parts": context.parts, "elapsed_s": round(time.monotonic() - started, 1), "cores": cpu_cores(),
                   "machine": f"{platform.machine()}, {platform.python_implementation()} {platform.python_version()}",
                   "date": time.strftime("%Y-%m-%d"), "text": {k: getattr(spec, k) for k in TEXT_FIELDS},
+                  "out": str(out), "loaded": loaded,
                   "findings": [asdict(f) for f in findings], "verdicts": [asdict(v) for v in verdicts]}
         (scratch / RESULT_FILE).write_text(json.dumps(_finite(result), indent=1, allow_nan=False))
         document.plot(findings, verdicts, scratch / document.PLOT)
@@ -86,7 +100,7 @@ def reproduce(name: str, *, quick: bool = False, seeds: int | None = None, seed:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     write_document(out, doc)
-    return Evidence(spec, findings, verdicts, target)
+    return Evidence(spec, findings, verdicts, target, loaded)
 
 
 def check(names: list[str] | tuple[str, ...], *, quick: bool = False, seeds: int | None = None, seed: int = 0,

@@ -48,6 +48,7 @@ class Experiment:
     caveat: str                     # why small data may differ from the paper
     measure: Callable[["Context"], list[Finding]]
     quick_note: str = ""            # what --quick makes smaller
+    timed: bool = False             # its verdicts rest on measured time: a loaded machine can flip them
 
 
 @dataclass
@@ -78,7 +79,7 @@ class Context:
         settings = {"repeat": 1, "backend": "stacked", "data": "digits", "model": None} | settings
         model, data = settings.pop("model"), settings.pop("data")
         compare(model, data, strategies=dict(strategies), seeds=len(seeds), seed=seeds[0],
-                out=self.out / part, overwrite=True, progress=False, **settings)
+                out=self.out / part, overwrite=True, progress=self.progress, **settings)
         self.parts.append(part)
         return report.load(self.out / part)
 

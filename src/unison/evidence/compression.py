@@ -57,6 +57,7 @@ def measure(context: Context) -> list[Finding]:
 
 EXPERIMENT = Experiment(
     name="compression",
+    timed=True,
     paper="Agarwal et al. 2022, On the Utility of Gradient Compression in Distributed Training Systems "
           "(and, against it, Vogels et al. 2019, PowerSGD)",
     claim="Compressing the exchanged gradients pays only where the link is the bottleneck: on a fast data-centre "

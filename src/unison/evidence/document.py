@@ -88,6 +88,8 @@ def command(result: dict[str, Any]) -> str:
     flags = " --quick" if result["quick"] else ""
     if len(seeds) != result.get("default_seeds", len(seeds)):
         flags += f" --seeds {len(seeds)}"
+    if result.get("out") and Path(result["out"]) != Path("runs") / "evidence":
+        flags += f" --out {result['out']}"
     return f"unison reproduce {result['name']}{flags}"
 
 
@@ -105,8 +107,9 @@ def markdown(results: Sequence[dict[str, Any]], out: Path, doc_dir: Path) -> str
     for result in results:
         name = result["name"]
         for finding, verdict in zip(result["findings"], result["verdicts"]):
+            quick = ", --quick" if result["quick"] else ""
             lines.append(f"| [{name}](#{name}) | {finding['claim']} | **{verdict['verdict']}** "
-                         f"({verdict['holds']} of {verdict['seeds']}) | "
+                         f"({verdict['holds']} of {verdict['seeds']}{quick}) | "
                          f"{mean_text(finding['effects'], unit=finding.get('effect_unit', ''))} "
                          f"(claim: > {_number(finding['threshold'], unit=finding.get('effect_unit', ''))}) |")
     for result in results:
@@ -136,11 +139,14 @@ def section(result: dict[str, Any], out: Path, doc_dir: Path) -> list[str]:
         lines += [f"   | {label} | {mean_text(values, finding['percent'])} |"
                   for label, values in finding["arms"].items()]
         lines.append("")
+    if result.get("loaded"):
+        lines += [f"**Warning:** {result['loaded']}.", ""]
     relative = Path(os.path.relpath(folder, doc_dir)).as_posix()
     lines += [f"![{name}: each arm's mean, its 95% interval and every seed]({relative}/{PLOT})", "",
               f"**Why it may differ.** {text['caveat']}", "",
               f"**Command.** `{command(result)}` — {result['elapsed_s'] / 60:.1f} min on {result['cores']} cores "
               f"({result['machine']}, unison {result.get('unison', '?')}, {result['date']}). The comparisons behind "
-              "it, each with its summary and report.html, are written beside the results (not kept in git): "
+              "it, each with its summary and report.html, are written beside the results (`make evidence` keeps "
+              "them out of git): "
               + ", ".join(f"`{relative}/{part}`" for part in result["parts"]) + "."]
     return lines

@@ -108,6 +108,7 @@ def measure(context: Context) -> list[Finding]:
 
 EXPERIMENT = Experiment(
     name="hogwild",
+    timed=True,
     paper="Niu et al. 2011, HOGWILD!: A Lock-Free Approach to Parallelizing Stochastic Gradient Descent (NeurIPS)",
     claim="Processors can update a shared model without locks, overwriting each other's work now and then; "
           "when the problem is sparse, so that each update touches a small part of the model, this converges "
