@@ -34,7 +34,7 @@ from ..comm.base import Communicator, PeerFailed, nbytes, uncounted
 from ..errors import NonFiniteError
 from ..history import History
 from .job import Job, Outcome
-from .pace import Pace
+from .pace import Pace, paced
 from .records import evaluate
 from .replica import Replica
 
@@ -94,11 +94,7 @@ def _work(job: Job, comm: Communicator, replica: Replica) -> Outcome:
         for i in range(steps_per_epoch):
             if comm.peer_failed():
                 raise PeerFailed("another worker failed", rank=comm.rank)
-            if pace is not None:
-                pace.start()
-            loss, count = replica.gradients(x, y, [order[i * b:(i + 1) * b]])
-            if pace is not None:
-                pace.stop(count)
+            loss, count = paced(pace, lambda: replica.gradients(x, y, [order[i * b:(i + 1) * b]]))
             replica.step += 1
             if not torch.isfinite(loss):
                 raise NonFiniteError(f"step {replica.step} is not finite (replica {me}: the loss is {loss.item()}); "

@@ -38,7 +38,7 @@ from . import asynchronous
 from .checkpointer import Checkpointer
 from .guard import GOOD, ROLLED_BACK, NonFiniteGuard
 from .job import Job, Outcome
-from .pace import Pace
+from .pace import Pace, paced
 from .records import RoundLog
 from .replica import Replica
 from .stacked import StackedReplica
@@ -232,16 +232,15 @@ class _Training:
         replica, pace = self.replica, self.pace
         if self.failed:  # dropped (on_failure="continue"): no data, weight 0, still in every collective
             batches = [batch[:0] for batch in batches]
-        if pace is not None:
-            pace.start()
-        try:
-            loss, count = replica.gradients(self.x, self.y, batches)
-        except Exception as exc:  # noqa: BLE001 - the user's model or loss: any exception is its failure
-            if self.job.on_failure != "continue" or isinstance(exc, UnisonError):
-                raise
-            loss, count = self.drop_this_worker(exc)
-        if pace is not None:  # the declared slowdown, before the exchange others may wait at
-            pace.stop(count)
+
+        def gradients() -> tuple[torch.Tensor, int]:
+            try:
+                return replica.gradients(self.x, self.y, batches)
+            except Exception as exc:  # noqa: BLE001 - the user's model or loss: any exception is its failure
+                if self.job.on_failure != "continue" or isinstance(exc, UnisonError):
+                    raise
+                return self.drop_this_worker(exc)
+        loss, count = paced(pace, gradients)  # the declared slowdown, before the exchange others may wait at
         replica.step += 1
         # stacked replicas give one loss per replica: their sum is finite exactly when all are
         self.guard.before_exchange(loss.sum() if loss.dim() else loss)

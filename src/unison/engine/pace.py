@@ -14,6 +14,7 @@ balanced_shares; Chen et al. 2020, "Semi-Dynamic Load Balancing", LB-BSP).
 from __future__ import annotations
 
 from time import perf_counter, sleep
+from typing import Callable
 
 import torch
 
@@ -56,3 +57,14 @@ class Pace:
         rate = self.epoch_samples / self.epoch_s if self.epoch_s > 0 else 0.0
         self.epoch_s, self.epoch_samples = 0.0, 0
         return rate
+
+
+def paced(pace: Pace | None, gradients: Callable[[], tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, int]:
+    """``gradients()`` (a step's loss and sample count) timed by ``pace``, its declared slowdown
+    waited out after it and before the step's exchange; as it is without a pace."""
+    if pace is None:
+        return gradients()
+    pace.start()
+    loss, count = gradients()
+    pace.stop(count)
+    return loss, count
