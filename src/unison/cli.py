@@ -286,12 +286,12 @@ def _reproduce(args: argparse.Namespace) -> int:
         raise ConfigError(f"reproduce needs an experiment: one of {', '.join(evidence.NAMES)}, or all "
                           "(--list names each with its paper)")
     names = evidence.NAMES if args.name == "all" else (args.name,)
-    evidence.check(names, quick=args.quick, seeds=args.seeds, out=args.out, overwrite=args.overwrite, doc=args.doc)
+    _, _, doc = evidence.check(names, quick=args.quick, seeds=args.seeds, out=args.out, overwrite=args.overwrite,
+                               doc=args.doc)
     for name in names:
         found = evidence.reproduce(name, quick=args.quick, seeds=args.seeds, out=args.out, doc=args.doc,
                                    overwrite=args.overwrite, progress=not args.quiet)
         print(found.summary())
-    doc = Path(args.doc) if args.doc else Path(args.out or evidence.DEFAULT_OUT) / evidence.document.DOCUMENT
     print(f"evidence: {doc}")
     return 0
 

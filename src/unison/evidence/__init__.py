@@ -28,7 +28,7 @@ from .base import DEFAULT_SEEDS, QUICK_SEEDS, Context, Experiment, Finding
 from .judge import Verdict, judge
 
 NAMES = ("fedavg", "postlocal", "localsgd", "diloco", "soups", "hogwild", "drift", "compression")
-DEFAULT_OUT = Path("runs") / "evidence"
+DEFAULT_OUT = document.DEFAULT_OUT
 RESULT_FILE = "finding.json"
 RESULT_FORMAT = 1  # finding.json's layout; a document skips results of another
 MIN_SEEDS = 3
@@ -94,7 +94,7 @@ def reproduce(name: str, *, quick: bool = False, seeds: int | None = None, seed:
                   "date": time.strftime("%Y-%m-%d"), "text": {k: getattr(spec, k) for k in TEXT_FIELDS},
                   "out": str(out), "loaded": loaded,
                   "findings": [asdict(f) for f in findings], "verdicts": [asdict(v) for v in verdicts]}
-        (scratch / RESULT_FILE).write_text(json.dumps(_finite(result), indent=1, allow_nan=False))
+        (scratch / RESULT_FILE).write_text(json.dumps(_json_safe(result), indent=1, allow_nan=False))
         document.plot(findings, verdicts, scratch / document.PLOT)
         rundir.replace_dir(scratch, target)
     finally:
@@ -135,15 +135,15 @@ def _check_document(doc: Path) -> None:
         raise ConfigError(f"doc {str(doc)!r} cannot be written: {str(parent)!r} is not a writable folder")
 
 
-def _finite(value):
+def _json_safe(value):
     """JSON without NaN or Infinity: non-finite numbers become null (the verdicts were judged
     before, and keep their counts)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: _json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
+        return [_json_safe(v) for v in value]
     return value
 
 

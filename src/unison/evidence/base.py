@@ -135,7 +135,10 @@ def differences(a: Sequence[float], b: Sequence[float]) -> list[float]:
 
 def median_of(attempts: Sequence[float]) -> float:
     """The median of one seed's attempts; one that missed (nan) counts as the worst, as in
-    unison.verdict.median_spread (nan when the median falls on one, or there are none)."""
+    unison.verdict.median_spread (nan when the median falls on one, or there are none). Not
+    median_spread itself: it also reads inf as a miss, where here inf is a value (a compressor
+    that never reached the target is slower than any that did), and one attempt of any kind
+    (a run's records, for per_seed(…, lambda r: r)) passes through as it is."""
     if not attempts:
         return math.nan
     if len(attempts) == 1:

@@ -9,13 +9,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from ..verdict import mean_interval
-from .judge import HOLDS_FRACTION
+from .judge import HOLDS_FRACTION, needed
 
 if TYPE_CHECKING:
     from .base import Finding
     from .judge import Verdict
 
 DOCUMENT, PLOT = "evidence.md", "findings.png"
+DEFAULT_OUT = Path("runs") / "evidence"   # where results go without --out
 HEADING = "# Evidence: published findings, reproduced in direction"
 
 
@@ -88,7 +89,7 @@ def command(result: dict[str, Any]) -> str:
     flags = " --quick" if result["quick"] else ""
     if len(seeds) != result.get("default_seeds", len(seeds)):
         flags += f" --seeds {len(seeds)}"
-    if result.get("out") and Path(result["out"]) != Path("runs") / "evidence":
+    if result.get("out") and Path(result["out"]) != DEFAULT_OUT:
         flags += f" --out {result['out']}"
     return f"unison reproduce {result['name']}{flags}"
 
@@ -129,10 +130,10 @@ def section(result: dict[str, Any], out: Path, doc_dir: Path) -> list[str]:
     lines += ["", f"**Findings** ({reproduced} of {len(result['verdicts'])} reproduced; seeds "
                   f"{seeds[0]}–{seeds[-1]}):", ""]
     for number, (finding, verdict) in enumerate(zip(result["findings"], result["verdicts"]), start=1):
-        unit, needed = finding.get("effect_unit", ""), math.ceil(HOLDS_FRACTION * verdict["seeds"] - 1e-9)
+        unit = finding.get("effect_unit", "")
         missed = f", {verdict['missed']} without an effect" if verdict.get("missed") else ""
         lines += [f"{number}. *{finding['claim']}* — **{verdict['verdict']}**: the direction held in "
-                  f"{verdict['holds']} of {verdict['seeds']} seeds ({needed} needed{missed}); {finding['effect']}: "
+                  f"{verdict['holds']} of {verdict['seeds']} seeds ({needed(verdict['seeds'])} needed{missed}); {finding['effect']}: "
                   f"{mean_text(finding['effects'], unit=unit)} (the direction: above "
                   f"{_number(finding['threshold'], unit=unit)}).",
                   "", f"   | arm | {finding['metric']} |", "   |---|---:|"]

@@ -50,7 +50,8 @@ EXPERIMENT = Experiment(
                  "SCAFFOLD \"requires significantly fewer communication rounds and is not affected by data "
                  "heterogeneity or client sampling\" (Karimireddy et al., ICML 2020).",
     setup=f"Digits (1797 8×8 images, 20% held out), an MLP with 64 hidden units, 8 workers on the stacked "
-          f"backend, SGD (lr 0.05, momentum 0.9, batch 16), a merge every {EVERY} steps (about 4.6 local epochs, near McMahan et al.'s E = 5). "
+          f"backend, SGD (lr 0.05, momentum 0.9, batch 16), a merge every {EVERY} steps (about 4.6 local "
+          "epochs, near McMahan et al.'s E = 5). "
           f"Shares drawn per class from dirichlet(α) for α in {', '.join(f'{a:g}' for a in ALPHAS)}; "
           "fedprox (μ = 0.01, unison's default, and 0.1: the paper chooses μ per data set, so both are shown) "
           "and scaffold (zero-initialised control variates) at the most skewed α. Final validation "

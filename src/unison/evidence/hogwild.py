@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..summary import Records
+from ..summary import throughput
 from .base import Context, Experiment, Finding, differences, final, per_seed, ratio
 
 FEATURES = 100_000      # the vocabulary: one weight row per feature and class
@@ -55,11 +55,6 @@ def sparse_problem(seed: int) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[
     labels = (hidden[features].sum(dim=1) > 0).long()
     x = features.float()
     return (x[:SAMPLES], labels[:SAMPLES]), (x[SAMPLES:], labels[SAMPLES:])
-
-
-def throughput(records: Records) -> float:
-    """Samples per second of training over the whole run (start-up excluded)."""
-    return float(records[-1]["samples_per_s"]) if records else float("nan")
 
 
 def speedups(context: Context, part: str, model: type[nn.Module], data, val, epochs: int
