@@ -1,6 +1,6 @@
 """Time to a target accuracy over a real link (issue 14 item 6): 2 hosts × 1 process each.
 
-The hosts are network namespaces joined by a veth pair (bench/netlab.py), the link limited with
+The hosts are network namespaces joined by a veth pair (unison.netlab), the link limited with
 ``tc ... tbf rate R``; each run is the README's two-host torchrun command (``unison train RUN
 --out OUT`` on both hosts). For every link rate and model, each strategy spec runs once: `sync`,
 `periodic(every=H)` and `diloco(every=H)` (Douillard et al. 2023), without and with compression
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-import netlab
+from unison import netlab
 from workload import BATCH, CACHE, LR, MOMENTUM, dataset, machine, table
 
 
@@ -117,26 +117,8 @@ def run_one(model: Model, spec: str, rate: str, cap: float, folder: Path) -> dic
     run_file.write_text(RUN.format(data=data_file(model), val_fraction=model.val / (model.rows + model.val),
                                    hidden=list(model.hidden), strategy=spec, epochs=model.epochs, batch=BATCH,
                                    lr=LR, momentum=MOMENTUM, timeout=max(60.0, cap)))
-    logs = [open(folder / f"host{i}.log", "w") for i in range(2)]
-    try:
-        with netlab.two_hosts(None if rate == "veth" else rate) as hosts:
-            started = time.monotonic()
-            processes = netlab.torchrun_hosts(hosts, run_file, out, output=logs)
-            while time.monotonic() - started < cap and any(p.poll() is None for p in processes) \
-                    and not any(p.poll() for p in processes):  # one host failed: the other would wait
-                time.sleep(0.2)
-            took = time.monotonic() - started
-            codes = [p.poll() for p in processes]
-            finished = (out / "history.jsonl").is_file()
-            partial = sorted(folder.glob(".run.partial-*/history.jsonl"))
-            history = out / "history.jsonl" if finished else (partial[0] if partial else None)
-            records = [json.loads(line) for line in history.read_text().splitlines() if line.strip()] \
-                if history is not None else []
-    finally:
-        for log in logs:
-            log.close()
-    failed = None if finished or not any(codes) else \
-        "\n".join((folder / f"host{i}.log").read_text()[-1500:] for i, code in enumerate(codes) if code)
+    two = netlab.train(run_file, out, rate=None if rate == "veth" else rate, cap=cap)
+    records, codes, took, failed, finished = two.records, two.exit_codes, two.seconds, two.failure, two.finished
     trained = bool(records) and records[-1]["epoch"] >= model.epochs  # only its exit was still under way
     return {"model": model.name, "hidden": list(model.hidden), "parameters": model.parameters, "rows": model.rows,
             "val_rows": model.val, "epochs": model.epochs, "target": model.target, "batch_size": BATCH,

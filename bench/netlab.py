@@ -1,208 +1,20 @@
-"""A real two-host network on one machine: two network namespaces joined by a veth pair.
+"""One two-host run, timed: two network namespaces joined by a veth pair (unison.netlab), the
+link limited with ``tc ... tbf rate R``, the README's multi-node torchrun command in each.
 
-Each namespace is a host with its own address on the link (10.213.0.1 and 10.213.0.2, used only
-inside these namespaces); ``tc qdisc ... tbf rate R`` limits the link (netem, which would add
-latency, is not in these kernels), its bucket sized to the rate (``burst``); ``throughput``
-times one TCP stream over the link, to show the rate it really gives. ``torchrun_hosts`` runs
-the README's multi-node command in both namespaces, over the veth addresses, never loopback:
+    sudo .venv/bin/python bench/netlab.py [--rate 100mbit] [--strategy sync] [--nproc-per-node 1]
 
-    torchrun --nnodes 2 --nproc-per-node K --node-rank I --rdzv-backend c10d
-             --rdzv-endpoint 10.213.0.1:29400 --local-addr <this host> -m unison train RUN_FILE
-
-Needs root (``ip netns``); the namespaces and the link are deleted on exit, also on failure.
-
-    python bench/netlab.py [--rate 100mbit] [--nproc-per-node 1]   # one 2-host run, timed
-
-It measures and prints; it asserts nothing (tests/test_netlab.py holds the runs to threads).
+Needs root (``ip netns``). It measures and prints; it asserts nothing (tests/test_netlab.py
+holds the runs to threads).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import itertools
-import os
-import shutil
-import signal
-import subprocess
 import sys
 import tempfile
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
-SUBNET = "10.213.0"
-PORT = 29400
-_PAIRS = itertools.count()
-
-
-@dataclass(frozen=True)
-class Host:
-    namespace: str
-    device: str
-    address: str
-
-
-def _ip(*args: str, namespace: str | None = None) -> None:
-    command = ["ip", *(["netns", "exec", namespace, "ip"] if namespace else []), *args]
-    subprocess.run(command, check=True, capture_output=True, text=True)
-
-
-def available() -> str | None:
-    """None when namespaces can be made here, else why not (for a test's skip reason)."""
-    for tool in ("ip", "tc"):
-        if shutil.which(tool) is None:
-            return f"the {tool} command (iproute2) is not installed"
-    if os.geteuid() != 0:
-        return "network namespaces need root"
-    name = f"unison-probe-{os.getpid()}"
-    try:
-        _ip("netns", "add", name)
-    except subprocess.CalledProcessError as exc:
-        return f"ip netns add is not allowed here: {exc.stderr.strip()}"
-    _ip("netns", "del", name)
-    return None
-
-
-@contextlib.contextmanager
-def two_hosts(rate: str | None = None):
-    """Two namespaced hosts joined by a veth pair, the link limited to ``rate`` (e.g. "100mbit")
-    in both directions when given; yields (host0, host1) and removes everything afterwards."""
-    tag = f"{os.getpid() % 10000}{next(_PAIRS)}"  # a fresh name (and rendezvous port) per pair
-    hosts = [Host(f"unison-h{i}-{tag}", f"ulab{i}-{tag}", f"{SUBNET}.{i + 1}") for i in range(2)]
-    made: list[str] = []
-    try:
-        for host in hosts:
-            _ip("netns", "add", host.namespace)
-            made.append(host.namespace)
-        _ip("link", "add", hosts[0].device, "type", "veth", "peer", "name", hosts[1].device)
-        for host in hosts:
-            _ip("link", "set", host.device, "netns", host.namespace)
-            _ip("addr", "add", f"{host.address}/24", "dev", host.device, namespace=host.namespace)
-            _ip("link", "set", host.device, "up", namespace=host.namespace)
-            _ip("link", "set", "lo", "up", namespace=host.namespace)
-            if rate is not None:  # a token bucket: the rate, a burst, a queue of at most 400 ms
-                subprocess.run(["ip", "netns", "exec", host.namespace, "tc", "qdisc", "add", "dev", host.device,
-                                "root", "tbf", "rate", rate, "burst", str(burst(rate)), "latency", "400ms"],
-                               check=True, capture_output=True, text=True)
-        yield tuple(hosts)
-    finally:
-        for host in hosts:  # nothing may outlive its host
-            if host.namespace in made:
-                kill_host(host)
-        for namespace in made:  # deleting a namespace deletes its end of the veth pair, and so the pair
-            subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
-
-
-_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
-
-
-def bits_per_second(rate: str) -> float:
-    """tc's rate spelling in bits per second: "100mbit" -> 1e8 ("kbit", "mbit", "gbit", "tbit")."""
-    number = rate.lower().removesuffix("bit").removesuffix("ps")
-    unit = number[-1] if number and number[-1] in _UNITS else ""
-    try:
-        return float(number.removesuffix(unit)) * _UNITS[unit]
-    except ValueError:
-        raise ValueError(f"rate {rate!r} is not a tc rate such as 10mbit, 1gbit") from None
-
-
-def burst(rate: str) -> int:
-    """The token bucket's size in bytes: 4 ms at the rate, at least 64 KiB. A bucket smaller
-    than a veth segment (up to 64 KiB with GSO) makes tbf split every segment, and one of a
-    few packets (the old 32 kbit) capped a 1gbit link well below its rate."""
-    return max(64 * 1024, int(bits_per_second(rate) / 8 * 0.004))
-
-
-def throughput(hosts: tuple[Host, Host], *, seconds: float = 1.0, rate: str | None = None) -> float:
-    """Bits per second of one TCP stream from the second host to the first, timed at the
-    receiver: about ``seconds`` worth of data at ``rate`` (unlimited: 1 GiB, capped at 10 s)."""
-    size = int(bits_per_second(rate) / 8 * seconds) if rate else 1 << 30
-    port = PORT - 1
-    receiver = subprocess.Popen(
-        ["ip", "netns", "exec", hosts[0].namespace, sys.executable, "-c", _RECEIVER, hosts[0].address, str(port)],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        receiver.stdout.readline()  # "listening"
-        subprocess.run(["ip", "netns", "exec", hosts[1].namespace, sys.executable, "-c", _SENDER,
-                        hosts[0].address, str(port), str(size)], check=True, timeout=60)
-        received, took = receiver.communicate(timeout=60)[0].split()
-        return int(received) * 8 / float(took)
-    finally:
-        if receiver.poll() is None:
-            receiver.kill()
-
-
-_RECEIVER = """
-import socket, sys, time
-server = socket.create_server((sys.argv[1], int(sys.argv[2])))
-print("listening", flush=True)
-peer, _ = server.accept()
-buffer, got, first = bytearray(1 << 20), 0, None
-while True:
-    n = peer.recv_into(buffer)
-    if not n:
-        break
-    if first is None:
-        first = time.monotonic()
-    got += n
-print(got, time.monotonic() - first)
-"""
-_SENDER = """
-import socket, sys, time
-sock = socket.create_connection((sys.argv[1], int(sys.argv[2])))
-left, chunk, stop = int(sys.argv[3]), bytes(1 << 20), time.monotonic() + 10
-while left > 0 and time.monotonic() < stop:
-    sock.sendall(chunk[:min(left, len(chunk))])
-    left -= len(chunk)
-sock.close()
-"""
-
-
-def kill_host(host: Host) -> None:
-    """SIGKILL every process in the host's namespace, as a machine that loses power would lose them."""
-    found = subprocess.run(["ip", "netns", "pids", host.namespace], capture_output=True, text=True).stdout.split()
-    for pid in found:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(int(pid), signal.SIGKILL)
-
-
-def host_cores(hosts: int) -> list[list[int]] | None:
-    """This process's cores dealt out evenly among ``hosts`` (None: fewer cores than hosts)."""
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    share = len(cores) // hosts
-    return [cores[i * share:(i + 1) * share] for i in range(hosts)] if share else None
-
-
-def torchrun_hosts(hosts: tuple[Host, Host], run_file: Path, out: Path, *, nproc_per_node: int = 1,
-                   extra: tuple[str, ...] = (), output=None) -> list[subprocess.Popen]:
-    """Start `torchrun ... -m unison train RUN_FILE --out OUT` in each host's namespace; the
-    first host holds the c10d rendezvous. Gloo is told to use the veth device. Each host's
-    output goes to a pipe (read it with communicate()), or to ``output[i]``, an open file.
-
-    Each host gets its own half of this machine's cores (``taskset``), as two machines would
-    have their own: unison sizes its threads from the cores a process may use, and two hosts
-    each taking every core oversubscribed them, which stalled compute for seconds at a time."""
-    processes = []
-    port = PORT + int(hosts[0].namespace.rsplit("-", 1)[1]) % 1000  # a rendezvous of this pair's own
-    inherited = {k: v for k, v in os.environ.items()  # no torchrun variables of a caller's group
-                 if not k.startswith(("TORCHELASTIC_", "MASTER_", "GROUP_", "ROLE_")) and k not in
-                 ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
-    cores = host_cores(len(hosts))
-    for rank, host in enumerate(hosts):
-        environment = inherited | {"GLOO_SOCKET_IFNAME": host.device, "OMP_NUM_THREADS": "1"}
-        pin = ["taskset", "-c", ",".join(map(str, cores[rank]))] if cores and shutil.which("taskset") else []
-        command = ["ip", "netns", "exec", host.namespace, *pin, sys.executable, "-m", "torch.distributed.run",
-                   "--nnodes", "2", "--nproc-per-node", str(nproc_per_node), "--node-rank", str(rank),
-                   "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{hosts[0].address}:{port}",
-                   "--rdzv-id", hosts[0].namespace, "--local-addr", host.address,
-                   *(["--rdzv-conf", "is_host=1"] if rank == 0 else []),
-                   "-m", "unison", "train", str(run_file), "--out", str(out), "--quiet", *extra]
-        processes.append(subprocess.Popen(command, env=environment,
-                                          stdout=subprocess.PIPE if output is None else output[rank],
-                                          stderr=subprocess.STDOUT, text=True, start_new_session=True))
-    return processes
-
+from unison import netlab
 
 RUN = """
 [data]
@@ -227,20 +39,20 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--nproc-per-node", type=int, default=1)
     args = parser.parse_args()
-    why = available()
+    why = netlab.available()
     if why:
         sys.exit(f"netlab: {why}")
-    with tempfile.TemporaryDirectory() as folder, two_hosts(args.rate) as hosts:
+    with tempfile.TemporaryDirectory() as folder:
         run_file = Path(folder) / "run.toml"
         run_file.write_text(RUN.format(strategy=args.strategy, epochs=args.epochs))
-        started = time.monotonic()
-        processes = torchrun_hosts(hosts, run_file, Path(folder) / "run", nproc_per_node=args.nproc_per_node)
-        outputs = [p.communicate(timeout=600)[0] for p in processes]
-        took = time.monotonic() - started
-        print(outputs[0])
-        codes = [p.returncode for p in processes]
-        print(f"| link | strategy | hosts x procs | exit codes | wall (s) |\n| --- | --- | --- | --- | --- |\n"
-              f"| {args.rate or 'veth, unlimited'} | {args.strategy} | 2 x {args.nproc_per_node} | {codes} | {took:.1f} |")
+        run = netlab.train(run_file, Path(folder) / "run", rate=args.rate, nproc_per_node=args.nproc_per_node)
+        if run.failure:
+            print(run.failure)
+        last = run.records[-1] if run.records else {}
+        print(f"| link | strategy | hosts x procs | exit codes | wall (s) | final val acc |\n"
+              f"| --- | --- | --- | --- | --- | --- |\n"
+              f"| {args.rate or 'veth, unlimited'} | {args.strategy} | 2 x {args.nproc_per_node} | {run.exit_codes} "
+              f"| {run.seconds:.1f} | {last.get('val_acc', '-')} |")
 
 
 if __name__ == "__main__":

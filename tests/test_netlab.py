@@ -1,23 +1,18 @@
-"""Two real hosts on one machine (network namespaces joined by a veth pair, bench/netlab.py):
+"""Two real hosts on one machine (network namespaces joined by a veth pair, unison.netlab):
 the README's multi-node torchrun command, over the veth addresses."""
 
-import importlib.util
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 import unison
+from unison import netlab
 from unison.data import prepare
 from unison.models import mlp
 
 from torchrun_runs import assert_saved_model_equals
 
-_spec = importlib.util.spec_from_file_location("netlab", Path(__file__).parents[1] / "bench" / "netlab.py")
-netlab = importlib.util.module_from_spec(_spec)
-sys.modules["netlab"] = netlab
-_spec.loader.exec_module(netlab)
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.netns,
               pytest.mark.skipif(netlab.available() is not None, reason=str(netlab.available()))]

@@ -88,7 +88,12 @@ class Run:
 
     @property
     def dir_name(self) -> str:
-        return re.sub(r"[^A-Za-z0-9_.]+", "-", self.label).strip("-.") or "run"
+        return dir_name(self.label)
+
+
+def dir_name(label: str) -> str:
+    """A run's folder name in a comparison directory, from its label."""
+    return re.sub(r"[^A-Za-z0-9_.]+", "-", label).strip("-.") or "run"
 
 
 def plan(strategies: Any = None) -> tuple[list[Run], dict[str, str]]:

@@ -92,7 +92,7 @@ def reproduce(name: str, *, quick: bool = False, seeds: int | None = None, seed:
                   "parts": context.parts, "elapsed_s": round(time.monotonic() - started, 1), "cores": cpu_cores(),
                   "machine": f"{platform.machine()}, {platform.python_implementation()} {platform.python_version()}",
                   "date": time.strftime("%Y-%m-%d"), "text": {k: getattr(spec, k) for k in TEXT_FIELDS},
-                  "out": str(out), "loaded": loaded,
+                  "out": str(out), "loaded": loaded, "notes": context.notes,
                   "findings": [asdict(f) for f in findings], "verdicts": [asdict(v) for v in verdicts]}
         (scratch / RESULT_FILE).write_text(json.dumps(_json_safe(result), indent=1, allow_nan=False))
         document.plot(findings, verdicts, scratch / document.PLOT)

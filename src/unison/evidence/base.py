@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping, Sequence
 from .. import report
 from ..comparison import compare
 from ..summary import Records, best, reaches, values
+from . import two_hosts
 
 DEFAULT_SEEDS, QUICK_SEEDS = 5, 3
 
@@ -60,6 +61,7 @@ class Context:
     out: Path
     progress: bool = True
     parts: list[str] = field(default_factory=list)   # the comparison directories written, in order
+    notes: list[str] = field(default_factory=list)   # what the document should say of this run (a part not run)
 
     def compare(self, part: str, strategies: Mapping[str, Any], seeds: Sequence[int] | None = None,
                 **settings: Any) -> report.Loaded:
@@ -70,18 +72,38 @@ class Context:
         seeds = list(self.seeds if seeds is None else seeds)
         if not seeds or seeds != list(range(seeds[0], seeds[0] + len(seeds))):
             raise ValueError(f"Context.compare runs consecutive seeds; got {seeds}")
-        if part in self.parts:
-            raise ValueError(f"comparison {part!r} is written twice by this experiment")
+        self._check_part(part)
         if self.progress:
-            name = self.out.name.split(".partial-")[0].lstrip(".")  # out is the experiment's scratch folder
             plural = "s" if len(seeds) > 1 else ""
-            print(f"  {name}/{part}: {len(strategies)} runs × {len(seeds)} seed{plural}", file=sys.stderr, flush=True)
+            print(f"  {self._name}/{part}: {len(strategies)} runs × {len(seeds)} seed{plural}", file=sys.stderr, flush=True)
         settings = {"repeat": 1, "backend": "stacked", "data": "digits", "model": None} | settings
         model, data = settings.pop("model"), settings.pop("data")
         compare(model, data, strategies=dict(strategies), seeds=len(seeds), seed=seeds[0],
                 out=self.out / part, overwrite=True, progress=self.progress, **settings)
         self.parts.append(part)
         return report.load(self.out / part)
+
+    def over_real_link(self, part: str, strategies: Mapping[str, str], *, rate: str | None, **settings: Any) -> report.Loaded:
+        """Like ``compare``, but each run is two hosts over a real link of ``rate`` (None:
+        the unthrottled veth; unison.evidence.two_hosts), each seed measured once; a run that
+        failed is a note and no value. Needs root: ask ``two_hosts.available()`` first."""
+        self._check_part(part)
+        if self.progress:
+            print(f"  {self._name}/{part}: {len(strategies)} runs × {len(self.seeds)} seeds on two hosts, link "
+                  f"{rate or 'veth (unthrottled)'}", file=sys.stderr, flush=True)
+        loaded, failures = two_hosts.compare(self.out / part, strategies, self.seeds, rate=rate,
+                                             progress=self.progress, **settings)
+        self.parts.append(part)
+        self.notes += [f"A run failed and has no value: {failure}" for failure in failures]
+        return loaded
+
+    @property
+    def _name(self) -> str:
+        return self.out.name.split(".partial-")[0].lstrip(".")  # out is the experiment's scratch folder
+
+    def _check_part(self, part: str) -> None:
+        if part in self.parts:
+            raise ValueError(f"comparison {part!r} is written twice by this experiment")
 
 
 def per_seed(loaded: report.Loaded, label: str, of: Callable[[Records], float]) -> list[float]:

@@ -142,6 +142,7 @@ def section(result: dict[str, Any], out: Path, doc_dir: Path) -> list[str]:
         lines.append("")
     if result.get("loaded"):
         lines += [f"**Warning:** {result['loaded']}.", ""]
+    lines += [item for note in result.get("notes", []) for item in (f"**Note.** {note}", "")]
     relative = Path(os.path.relpath(folder, doc_dir)).as_posix()
     lines += [f"![{name}: each arm's mean, its 95% interval and every seed]({relative}/{PLOT})", "",
               f"**Why it may differ.** {text['caveat']}", "",
