@@ -46,6 +46,16 @@ def test_topk_keeps_the_largest_magnitudes_and_orthogonalize_gives_orthonormal_c
     assert torch.equal(cx.orthogonalize(torch.zeros(5, 2)), torch.zeros(5, 2))  # no NaN from a zero column
 
 
+def test_orthogonalize_takes_qr_above_rank_2_equal_to_gram_schmidt_up_to_column_signs():
+    a = torch.randn(3, 30, 4, dtype=torch.float64)
+    qr, gs = cx.orthogonalize(a.clone()), cx.gram_schmidt(a.clone())
+    signs = torch.sign(torch.diagonal(qr.transpose(-1, -2) @ gs, dim1=-2, dim2=-1)).unsqueeze(-2)
+    assert torch.allclose(qr * signs, gs, atol=1e-10)
+    assert not torch.equal(qr, gs)  # it is the QR path, not Gram-Schmidt's numbers
+    zero = cx.orthogonalize(torch.zeros(6, 3))  # rank 3 of a zero matrix: unit columns, no NaN
+    assert torch.allclose(zero.T @ zero, torch.eye(3), atol=1e-6)
+
+
 def test_powersgd_compresses_matrices_only_where_it_saves_min_rate_times():
     assert cx.powersgd_rank((16,), 4, 2) == 0            # a bias: (16 + 1)·1·2 > 16
     assert cx.powersgd_rank((64, 64), 4, 2) == 4
@@ -265,3 +275,13 @@ def test_half_precision_mean_stays_the_weighted_mean_as_the_weights_change(name)
     results, errors = run_ranks(3, body)
     assert errors == [None, None, None]
     assert all(float(r["compress.total"].squeeze()) == 24.0 for r in results)  # the last total
+
+
+def test_a_residual_row_that_is_not_finite_keeps_the_old_one_or_zeros():
+    from unison.strategies.compressed import _finite_or
+
+    new = torch.tensor([[1.0, 2.0], [float("nan"), 1.0], [3e38, 3e38]])  # the last row's sum overflows
+    old = torch.full((3, 2), 7.0)
+    assert torch.equal(_finite_or(new, old), torch.tensor([[1.0, 2.0], [7.0, 7.0], [7.0, 7.0]]))
+    assert torch.equal(_finite_or(new, None), torch.tensor([[1.0, 2.0], [0.0, 0.0], [0.0, 0.0]]))
+    assert torch.equal(_finite_or(new[:1], old[:1]), new[:1])

@@ -40,6 +40,19 @@ def test_sync_powersgd_equals_ddp_powersgd_hook_from_the_same_first_q(blobs, sma
     assert max_abs_diff(result.model, fit(small_model, blobs, strategy="sync", momentum=0.9).model) > 1e-3
 
 
+def test_sync_powersgd_rank_4_orthogonalizes_by_qr_as_ddp_does(blobs, tmp_path):
+    """Rank > 2: both take torch.linalg.qr (DDP's _orthogonalize), not Gram-Schmidt; a 64×64
+    layer is the one matrix that rank 4 compresses here."""
+    x, y = blobs
+    torch.manual_seed(0)
+    model = mlp(8, [64, 64], 3)
+    result = fit(model, blobs, strategy="sync(compress=powersgd(4, start=2))", momentum=0.9)
+    expected = ddp_train(tmp_path, model, x, y, hook="powersgd", momentum=0.9,
+                         options={"rank": 4, "start": 2, "seed": 0, "same_q": True})
+    assert max_abs_diff(result.model, expected) <= 1e-5
+    assert max_abs_diff(result.model, fit(model, blobs, strategy="sync", momentum=0.9).model) > 1e-3
+
+
 def test_sync_powersgd_is_within_a_point_of_ddp_powersgd_on_digits(tmp_path):
     """With each one's own first Q (DDP draws it from numpy's RandomState; unison from ``seed``)."""
     data = prepare("digits", seed=0)

@@ -92,6 +92,18 @@ def powersgd_rank(shape: Sequence[int], rank: int, min_rate: float) -> int:
 
 
 def orthogonalize(matrix: torch.Tensor) -> torch.Tensor:
+    """Orthonormal columns of [..., n, r] (n ≥ r), in place, chosen as DDP's PowerSGD hook chooses:
+    for r > 2 in float32/float64 one (batched) QR factorisation, LAPACK's Householder QR — a few
+    calls instead of Gram-Schmidt's ~5r small ones per matrix, which on a small model cost more
+    than the matrix products; else Gram-Schmidt, where a zero column stays zero (QR gives
+    some unit column in its place). The two agree up to each column's sign, which no use
+    of P or Q here depends on (P̂·P̂ᵀ·M and M·Q̂·Q̂ᵀ are sign-free)."""
+    if matrix.shape[-1] > 2 and matrix.dtype in (torch.float32, torch.float64) and matrix.shape[-2] >= matrix.shape[-1]:
+        return matrix.copy_(torch.linalg.qr(matrix).Q)
+    return gram_schmidt(matrix)
+
+
+def gram_schmidt(matrix: torch.Tensor) -> torch.Tensor:
     """Gram-Schmidt on the columns of [..., n, r], in place; a zero column stays zero."""
     for i in range(matrix.shape[-1]):
         col = matrix[..., i:i + 1]
