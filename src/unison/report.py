@@ -319,6 +319,10 @@ def _settings_list(settings: dict[str, Any]) -> list[tuple[str, str]]:
         items.append(("simulated speeds", "times are simulated: worker r waits so that its steps take "
                       "max(speeds)/speeds[r] times as long (declared speeds, one machine)"
                       + (f"; runs {', '.join(simulated)}" if simulated else "")))
+    hosts = compare.get("hosts")
+    if hosts:  # the runs were made on real hosts (unison.evidence.two_hosts), their times measured there
+        items.append(("hosts", f"{hosts.get('count')} hosts × {hosts.get('processes_per_host')} process(es), "
+                      f"link {hosts.get('link')} (network namespaces; times measured on that link)"))
     runs = compare.get("runs", {})
     if compare.get("strategies"):
         items.append(("runs", ", ".join(compare["strategies"])))

@@ -61,7 +61,7 @@ class Context:
     out: Path
     progress: bool = True
     parts: list[str] = field(default_factory=list)   # the comparison directories written, in order
-    notes: list[str] = field(default_factory=list)   # what the document should say of this run (a part not run)
+    notes: list[str] = field(default_factory=list)   # what the document should say: a part not run, a run failed
 
     def compare(self, part: str, strategies: Mapping[str, Any], seeds: Sequence[int] | None = None,
                 **settings: Any) -> report.Loaded:
@@ -89,7 +89,8 @@ class Context:
         failed is a note and no value. Needs root: ask ``two_hosts.available()`` first."""
         self._check_part(part)
         if self.progress:
-            print(f"  {self._name}/{part}: {len(strategies)} runs × {len(self.seeds)} seeds on two hosts, link "
+            plural = "s" if len(self.seeds) > 1 else ""
+            print(f"  {self._name}/{part}: {len(strategies)} runs × {len(self.seeds)} seed{plural} on two hosts, link "
                   f"{rate or 'veth (unthrottled)'}", file=sys.stderr, flush=True)
         loaded, failures = two_hosts.compare(self.out / part, strategies, self.seeds, rate=rate,
                                              progress=self.progress, **settings)
