@@ -12,6 +12,7 @@ import unison
 from unison import checkpoint as files
 from unison import compression as cx
 from unison.errors import ConfigError
+from unison.models import mlp
 from unison.strategies import parse
 
 from reference import max_abs_diff, sampler_order
@@ -224,6 +225,16 @@ def test_stacked_replicas_equal_unstacked_ones(blobs, small_model, strategy):
     stacked = fit(small_model, blobs, strategy=strategy, momentum=0.9, backend="stacked")
     assert max_abs_diff(threads.model, stacked.model) <= 1e-5
     assert stacked.final["comm_bytes"] == 0  # nothing left the process
+
+
+def test_stacked_replicas_equal_unstacked_ones_where_powersgd_orthogonalizes_by_batched_qr(blobs):
+    """Rank 4 compresses the 64×64 layer: stacked replicas factor a batch [R, n, 4] in one QR call."""
+    torch.manual_seed(0)
+    model = mlp(8, [64, 64], 3)
+    threads = fit(model, blobs, strategy="sync(compress=powersgd(4))", momentum=0.9)
+    stacked = fit(model, blobs, strategy="sync(compress=powersgd(4))", momentum=0.9, backend="stacked")
+    assert max_abs_diff(threads.model, stacked.model) <= 1e-5
+    assert max_abs_diff(threads.model, fit(model, blobs, strategy="sync", momentum=0.9).model) > 1e-3
 
 
 @pytest.mark.parametrize("strategy", ["sync(compress=powersgd(1, start=3))", "periodic(every=4, compress=int8(32))",
