@@ -120,3 +120,16 @@ def test_the_token_bucket_is_a_millisecond_of_the_rate_and_at_least_two_frames()
     from unison import netlab
 
     assert (netlab.burst("100mbit"), netlab.burst("1gbit"), netlab.burst("10mbit")) == (12_500, 125_000, 3028)
+
+
+def test_a_real_link_where_every_run_failed_gives_notes_not_findings(tmp_path, monkeypatch):
+    labels = ("none", "fp16", "int8", "powersgd-4")
+    monkeypatch.setattr(two_hosts.netlab, "train", fake_train({label: {0: "failed", 1: "failed", 2: "failed"}
+                                                               for label in labels}))
+    monkeypatch.setattr(two_hosts, "link_rate", lambda rate: 1e8)
+    context = Context(seeds=[0, 1, 2], quick=True, out=tmp_path, progress=False)
+    runs = {"none": "sync"} | {label: f"sync(compress={spec})" for label, spec in compression.COMPRESSORS.items()}
+    assert compression.measured_on_real_links(context, runs) == []
+    assert [note for note in context.notes if note.startswith("The real")] == [
+        f"The real {name} link gave no finding: every run on it failed." for name in compression.REAL_LINKS]
+    assert len(context.notes) == 2 + 2 * 4 * 3  # and one line per failed run
