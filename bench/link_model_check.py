@@ -88,7 +88,7 @@ def check(runs: list[dict], baselines: list[dict], threshold: float, baseline_ra
         if not linkmodel.modelled(records):
             rows.append(row | {"note": "no baseline with counted collectives (rate veth, same model and strategy)"})
             continue
-        world = _world(baseline)
+        world = _world(baseline) - (1 if linkmodel.asynchronous(records) else 0)  # fedbuff: its server rank
         alpha = calibrated_latency(records, world, _rate_bits(baseline, baseline_rate))
         bits = linkmodel.parse(run["rate"], field="rate").bits_per_s
         row |= {"alpha_us": alpha * 1e6,

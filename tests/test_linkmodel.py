@@ -167,3 +167,30 @@ def test_the_bench_check_predicts_from_the_unthrottled_run_and_flags_large_error
     assert rows[1]["flag"]  # 10 Mbit/s: 80 s of bytes predicted against 1 s measured
     table = check.markdown(rows, 0.25)
     assert "| 1 of 2 predictions off by more than 25%" not in table and "1 of 2 predictions" in table
+
+
+def test_an_asynchronous_round_is_the_workers_pace_or_the_servers_link_whichever_is_slower():
+    link = Link(8e6 * FRAMING, 0.001)   # 1e6 payload bytes a second, 1 ms a message
+    record = {"arrivals": [[0, 0, 0]] * 4, "messages": {"up": [4, 40_000], "down": [4, 40_000]}}
+    # workers' pace: 4 arrivals of 2 workers, each cycle longer by 2 ms + 20 ms
+    assert linkmodel.asynchronous_round_seconds(record, 1.0, 2, link) == pytest.approx(1.0 + 2 * 0.022)
+    # the server's link: 4 messages of 10 kB in (and out) at 1e6 B/s, + 1 ms, when compute is nothing
+    assert linkmodel.asynchronous_round_seconds(record, 0.0, 2, link) == pytest.approx(max(2 * 0.022, 0.041))
+    assert linkmodel.asynchronous_round_seconds(record, 0.0, 64, link) == pytest.approx(0.041)
+
+
+def test_fedbuff_records_count_the_servers_messages_and_retime_on_a_link(blobs, small_model):
+    result = unison.fit(small_model, blobs, strategy="fedbuff(every=3, buffer=2)", workers=3, backend="threads",
+                        epochs=2, batch_size=8, lr=0.1, progress=False, val=None)
+    history = result.history
+    state = PARAMS  # no buffers: the state vector is the parameters
+    up = [r["messages"]["up"] for r in history]
+    assert [k for k, _ in up] == [len(r["arrivals"]) for r in history]
+    assert all(b == k * (6 * 8 + 4 * state) for k, b in up)  # meta (6 float64) and the change
+    down = [r["messages"]["down"] for r in history]
+    assert all(b == k * (4 * state + 8) for k, b in down)     # the model and its version (float64)
+    assert sum(k for k, _ in up) - 1 <= sum(k for k, _ in down) <= sum(k for k, _ in up)
+    assert linkmodel.asynchronous(history) and linkmodel.modelled(history)
+    slow = linkmodel.predict(history, 3, linkmodel.parse("1mbit,10ms"))
+    assert slow is not None and all(s >= r["wall_s"] for s, r in zip(slow, history))
+    assert slow[-1] - history[-1]["wall_s"] > sum(k for k, _ in up) / 3 * 0.02  # every cycle's round trip

@@ -23,6 +23,14 @@ each replica had a worker of its own) + the modelled time of its collectives (th
 and unison's bookkeeping, counted in the history records by unison.comm.base.Traffic).
 Start-up is kept as measured. Predicted time to accuracy: the run's accuracy curve with
 every round re-timed so. Pure functions of history records; nothing here trains.
+
+An asynchronous run (fedbuff; Nguyen et al. 2022) has no collectives in step: its record is one
+server step after K arrivals, each a worker's message of S bytes up and the server's reply of R
+bytes down (``messages``: up and down, [count, bytes]). On the link every worker's cycle grows
+by its own round trip, 2α + (S + R)/β, and the server's link carries the K messages in and the K
+replies out at once, so a round takes max(measured + K/N · (2α + (S + R)/β), K · max(S, R)/β + α):
+the workers' pace, or the server's link, whichever is slower. The measured round is the server's
+wall time between its steps (over loopback the messages themselves cost next to nothing).
 """
 
 from __future__ import annotations
@@ -133,11 +141,28 @@ def round_seconds(record: Mapping[str, Any], world: int, link: Link) -> float:
 
 
 def modelled(records: Sequence[Mapping[str, Any]]) -> bool:
-    """Whether the records carry what the model needs: counts (histories before them, and
-    fedbuff's server records, have none), and no declared ``speeds=`` (a fast worker's wait for
-    a slow one is inside its collectives, and compute = wall − comm_s would erase it)."""
-    return bool(records) and all("comm_s" in r and "collectives" in r and "simulated_wait_s" not in r
-                                 for r in records)
+    """Whether the records carry what the model needs: counts (histories before them have
+    none; an asynchronous run's, its messages), and no declared ``speeds=`` (a fast worker's
+    wait for a slow one is inside its collectives, and compute = wall − comm_s would erase it)."""
+    needed = "messages" if asynchronous(records) else "collectives"
+    return bool(records) and all("comm_s" in r and needed in r and "simulated_wait_s" not in r for r in records)
+
+
+def asynchronous(records: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether these are a buffered asynchronous server's records (their rounds name arrivals)."""
+    return bool(records) and "arrivals" in records[0]
+
+
+def asynchronous_round_seconds(record: Mapping[str, Any], measured: float, workers: int, link: Link) -> float:
+    """One server step of an asynchronous run on ``link`` (see the module docstring)."""
+    (k, up), (replies, down) = record["messages"]["up"], record["messages"]["down"]
+    if not k:
+        return measured
+    size_up = up / k
+    size_down = down / replies if replies else size_up  # a round's last reply leaves after its record
+    trip = 2 * link.latency_s + (size_up + size_down) / link.payload_bytes_per_s
+    server = k * max(size_up, size_down) / link.payload_bytes_per_s + link.latency_s
+    return max(measured + k / max(workers, 1) * trip, server)
 
 
 def compute_seconds(records: Sequence[Mapping[str, Any]]) -> list[float]:
@@ -157,6 +182,13 @@ def predict(records: Sequence[Mapping[str, Any]], world: int, link: Link) -> lis
     if not modelled(records):
         return None
     clock, out = float(records[0].get("startup_s", 0.0)), []
+    if asynchronous(records):  # world: the workers (the server rank is not counted)
+        previous = clock
+        for record in records:
+            clock += asynchronous_round_seconds(record, max(float(record["wall_s"]) - previous, 0.0), world, link)
+            previous = float(record["wall_s"])
+            out.append(clock)
+        return out
     for record, compute in zip(records, compute_seconds(records)):
         clock += compute + round_seconds(record, world, link)
         out.append(clock)

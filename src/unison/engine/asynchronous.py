@@ -139,6 +139,7 @@ class _Server:
         self.steps = [0] * self.workers        # each worker's steps so far
         self.samples = 0                       # all workers', so far
         self.worker_bytes = 0                  # what the workers sent, so far
+        self.round_up = 0                      # what the workers sent since the last record
         self.round_loss, self.round_samples, self.lr = 0.0, 0, 0.0
         self.progress = None
         if job.progress:  # epochs done, as the server counts samples; none when stderr is no terminal
@@ -154,11 +155,13 @@ class _Server:
         answer = torch.zeros(1, dtype=torch.float64, device=replica.device)
         working = set(range(servers, comm.world_size))
         replay = iter(self.strategy.replay) if self.strategy.replay is not None else None
+        comm.traffic.take()  # the start's broadcast is start-up's, as the loop counts it
         while working:
             source = next(replay) + servers if replay is not None else tuple(sorted(working))
             sender = comm.recv([meta, change], src=source)
             self.arrive(sender - servers, meta.tolist(), change)
             self.worker_bytes += nbytes(meta) + nbytes(change)
+            self.round_up += nbytes(meta) + nbytes(change)
             if meta[FINAL]:
                 working.discard(sender)
             if len(self.changes) == self.strategy.buffer:
@@ -209,6 +212,13 @@ class _Server:
                   "train_loss": self.round_loss / max(self.round_samples, 1), "divergence": spread,
                   "comm_bytes": self.worker_bytes // self.workers, "server_bytes": self.comm.bytes_sent,
                   "lr": self.lr, "version": self.version, "arrivals": list(self.arrivals)}
+        # for unison.linkmodel: the messages since the last record, up (the workers' changes) and
+        # down (the server's replies: its sends), and the server's seconds inside communication
+        traffic = self.comm.traffic.take()
+        down = traffic["collectives"].get("send", [0, 0])
+        record |= {"comm_s": traffic["comm_s"],
+                   "messages": {"up": [len(self.arrivals), self.round_up], "down": [int(down[0]), int(down[1])]}}
+        self.round_up = 0
         if self.validation is not None:
             x, y, task = self.validation
             record |= evaluate(self.replica.model, x, y, self.job.loss_fn, task)
