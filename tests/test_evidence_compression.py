@@ -109,7 +109,7 @@ def test_a_failed_or_capped_two_host_run_is_kept_apart_and_the_other_seeds_still
     assert (part / "failed" / "none" / "host0.log").is_file() and not list(part.glob("*.log"))
     assert not list(part.glob(".*partial*")) and not list(part.glob("*.toml.*")) and not list(part.glob("*.seed*.toml"))
     assert context.notes[0] == ("A run failed and has no value: none (seed 0) on 100mbit: "
-                                "ValueError: the model blew up")
+                                "`ValueError: the model blew up`")  # as code: a log line is no Markdown
     assert len(context.notes) == 3
     assert per_seed(loaded, "none", compression._trained_to_target) == [pytest.approx(math.nan, nan_ok=True), 2.0]
     html = (part / report.REPORT_HTML).read_text()

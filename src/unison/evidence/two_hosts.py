@@ -114,7 +114,7 @@ def _run(out: Path, folder: str, config: RunConfig, rate: str | None, cap: float
         return None, run
     if run.partial is not None and run.partial.is_dir():
         shutil.move(run.partial, home / "partial")
-    return _last_words(run.failure) if run.failure else "no round was recorded", None
+    return f"`{_last_words(run.failure)}`" if run.failure else "no round was recorded", None
 
 
 def _last_words(output: str) -> str:
@@ -122,4 +122,4 @@ def _last_words(output: str) -> str:
     line that is not a separator (torchrun ends its summary with a row of '=')."""
     lines = [line.strip() for line in output.splitlines() if not _SEPARATOR.match(line)]
     errors = [line for line in lines if "Error" in line or "error:" in line or line.startswith("unison")]
-    return (errors or lines or ["(no output)"])[-1]
+    return (errors or lines or ["(no output)"])[-1].replace("`", "'")  # it is shown as code in the document
