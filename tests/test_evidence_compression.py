@@ -133,3 +133,20 @@ def test_a_real_link_where_every_run_failed_gives_notes_not_findings(tmp_path, m
     assert [note for note in context.notes if note.startswith("The real")] == [
         f"The real {name} link gave no finding: every run on it failed." for name in compression.REAL_LINKS]
     assert len(context.notes) == 2 + 2 * 4 * 3  # and one line per failed run
+
+
+def test_hosts_that_cannot_be_made_are_a_failed_run_not_a_crash(tmp_path, monkeypatch):
+    import subprocess
+
+    def cannot(run_file, out, **_):
+        (out.parent / f"{out.name}.host0.log").write_text("")
+        raise subprocess.CalledProcessError(2, ["ip", "netns", "add", "x"])
+    monkeypatch.setattr(two_hosts.netlab, "train", cannot)
+    context = Context(seeds=[0], quick=True, out=tmp_path, progress=False)
+    loaded = context.over_real_link("real", {"none": "sync"}, rate=None, model=ModelConfig(hidden=(8,)),
+                                    data="moons", target=0.9, cap=5.0, epochs=1)
+    assert loaded.attempts == {} and "every seed failed" in loaded.skipped["none"]
+    assert context.notes[0].startswith("A run failed and has no value: none (seed 0) on veth (unthrottled): "
+                                       "the hosts could not run it: `Command '['ip', 'netns', 'add', 'x']'")
+    assert (tmp_path / "real" / "failed" / "none" / "host0.log").is_file()
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["config.toml", "failed"]  # no run file left

@@ -99,7 +99,11 @@ def _run(out: Path, folder: str, config: RunConfig, rate: str | None, cap: float
     try:
         run = netlab.train(run_file, target, rate=rate, cap=cap)
     except (OSError, subprocess.SubprocessError) as exc:  # the hosts could not be made or started
-        return f"the hosts could not run it: {exc}", None
+        home = out / FAILED / folder
+        home.mkdir(parents=True, exist_ok=True)
+        for log in out.glob(f"{folder}.host*.log"):
+            shutil.move(log, home / log.name.removeprefix(f"{folder}."))
+        return f"the hosts could not run it: `{str(exc).replace('`', chr(39))}`", None
     finally:
         run_file.unlink(missing_ok=True)
     if run.capped and run.records and run.partial is not None:
