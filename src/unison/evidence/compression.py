@@ -38,10 +38,10 @@ def _time_to_target(link: str):
 
 def _trained_to_target(records, target: float = REAL_TARGET) -> float:
     """Measured seconds of training (start-up excluded) to ``target``; inf if the run never reached it."""
-    for record in records:
-        if record.get("val_acc") is not None and record["val_acc"] >= target:
-            return float(record["wall_s"] - record.get("startup_s", 0.0))
-    return math.inf if records else math.nan
+    reached = first_reaching(target, at="wall_s")(records)
+    if math.isnan(reached):
+        return math.inf if records else math.nan
+    return reached - float(records[0].get("startup_s", 0.0))
 
 
 def relative(a: float, b: float) -> float:
