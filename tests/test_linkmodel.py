@@ -69,9 +69,23 @@ def test_predict_retimes_each_round_from_compute_and_modelled_collectives():
     ]
     first = 1.0 + (2.0 - 0.5) + 4 * 2 * 0.01 + 4000 / beta
     second = first + (1.0 - 0.25) + 5 * 2 * 0.01 + 4048 / beta
-    assert linkmodel.predict(records, 2, link) == pytest.approx([first, second])
+    assert linkmodel.predict(records, 2, link, floor=False) == pytest.approx([first, second])
     assert linkmodel.epoch_seconds(records) == pytest.approx(3.0)
-    assert linkmodel.epoch_seconds(records, linkmodel.predict(records, 2, link)) == pytest.approx(second - 1.0)
+    bare = linkmodel.predict(records, 2, link, floor=False)
+    assert linkmodel.epoch_seconds(records, bare) == pytest.approx(second - 1.0)
+    # with the floor, no call is faster than where it was measured: round 1's calls took 0.125 s
+    # each (more than the link's 0.021), round 2's 0.05 s each (the bookkeeping's 48 B too)
+    call = 2 * 0.01 + 1000 / beta
+    first = 1.0 + (2.0 - 0.5) + 4 * max(call, 0.5 / 4)
+    second = first + (1.0 - 0.25) + 4 * max(call, 0.25 / 5) + max(2 * 0.01 + 48 / beta, 0.25 / 5)
+    assert linkmodel.predict(records, 2, link) == pytest.approx([first, second])
+    # on a slow enough link the floor is below every call's modelled time: no change
+    slow = linkmodel.parse("8kbit,10ms")
+    assert linkmodel.predict(records, 2, slow) == pytest.approx(linkmodel.predict(records, 2, slow, floor=False))
+    # a stacked process's comm_s is its in-process sums over rows, no worker's collective: no floor
+    stacked = [r | {"stacked_rows": 2} for r in records]
+    assert linkmodel.predict(stacked, 2, link) == pytest.approx(linkmodel.predict(stacked, 2, link, floor=False))
+    assert linkmodel.round_seconds(records[0], 1, link) == 0.0  # alone, nothing is sent
     # a stacked process of 4 rows: each separate worker computes a quarter
     stacked = [r | {"stacked_rows": 4} for r in records]
     assert linkmodel.compute_seconds(stacked) == pytest.approx([1.5 / 4, 0.75 / 4])
@@ -153,20 +167,35 @@ def test_the_bench_check_predicts_from_the_unthrottled_run_and_flags_large_error
     spec = importlib.util.spec_from_file_location("link_model_check", path)
     check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(check)
-    # the unthrottled run: 2 epochs of 1 s compute + 0.1 s in 100 all-reduces of 1 MB (on an infinite link)
+    # the unthrottled run: 2 epochs of 1 s compute + 0.1 s in 100 all-reduces of 1 MB: 1 ms a call
     records = [{"epoch": e, "wall_s": 1.0 + 1.1 * e, "startup_s": 1.0, "comm_s": 0.1,
                 "collectives": {"all_reduce": [100, 100 * 10**6]}} for e in (1, 2)]
     base = {"model": "m", "strategy": "sync", "rate": "veth", "records": records, "s_per_epoch": 1.1}
     beta = 1e8 / 8 / FRAMING
-    expected = 1.0 + 200 * 0.5e-3 + 100 * 10**6 / beta  # compute + 200 latency terms of α = 0.5 ms + bytes
-    runs = [base, {"model": "m", "strategy": "sync", "rate": "100mbit", "s_per_epoch": expected * 1.1},
-            {"model": "m", "strategy": "sync", "rate": "10mbit", "s_per_epoch": 1.0}]
-    rows = check.check(runs, runs, 0.25, math.inf)
-    assert rows[0]["alpha_us"] == pytest.approx(500.0) and rows[0]["predicted_s"] == pytest.approx(expected)
+    bare = 1.0 + 100 * 10**6 / beta  # compute + the bytes: each call (80 ms) above the 1 ms floor
+    fast = 1.0 + 100 * max(10**6 / (1e11 / 8 / FRAMING), 1e-3)  # at 100 Gbit/s the floor decides
+    runs = [base, {"model": "m", "strategy": "sync", "rate": "100mbit", "s_per_epoch": bare * 1.1},
+            {"model": "m", "strategy": "sync", "rate": "10mbit", "s_per_epoch": 1.0},
+            {"model": "m", "strategy": "sync", "rate": "100gbit", "s_per_epoch": 1.1}]
+    rows = check.check(runs, runs, 0.25)
+    assert rows[0]["per_call_ms"] == pytest.approx(1.0)
+    assert check.per_call_ms([{"comm_s": 0.3, "messages": {"up": [2, 8], "down": [2, 8]}}]) is None  # fedbuff
+    assert rows[0]["predicted_s"] == pytest.approx(bare) and rows[0]["bare_s"] == pytest.approx(bare)
     assert rows[0]["predicted_error"] == pytest.approx(1 / 1.1 - 1) and not rows[0]["flag"]
     assert rows[1]["flag"]  # 10 Mbit/s: 80 s of bytes predicted against 1 s measured
+    assert rows[2]["predicted_s"] == pytest.approx(fast) and rows[2]["bare_s"] < fast and not rows[2]["flag"]
     table = check.markdown(rows, 0.25)
-    assert "| 1 of 2 predictions off by more than 25%" not in table and "1 of 2 predictions" in table
+    assert "1 of 3 predictions off by more than 25%" in table and "Bare: 1 of 3" in table
+    # a run stopped after its first round is read from its first to its last round (bench/link.py):
+    # so is the baseline, over the same rounds; with one round there is no such span
+    three = [{"epoch": e, "wall_s": 1.0 + e + (0.5 if e > 1 else 0.0), "startup_s": 1.0, "comm_s": 0.0,
+              "collectives": {"all_reduce": [1, 8]}} for e in (1, 2, 3)]
+    stopped = {"model": "m", "strategy": "s", "rate": "1gbit", "s_per_epoch": 1.5,
+               "s_per_epoch_from": "first to last round", "records": three[:2], "capped": True}
+    (row,) = check.check([stopped], [{"model": "m", "strategy": "s", "rate": "veth", "records": three}], 0.25)
+    assert row["baseline_s"] == pytest.approx(1.5) and row["predicted_s"] == pytest.approx(1.5, rel=1e-3)
+    assert check.check([stopped | {"records": three[:1]}],
+                       [{"model": "m", "strategy": "s", "rate": "veth", "records": three}], 0.25)[0]["predicted_s"] is None
 
 
 def test_an_asynchronous_round_is_the_workers_pace_or_the_servers_link_whichever_is_slower():

@@ -21,8 +21,23 @@ A round's predicted time = its measured compute (wall time − the seconds spent
 collectives on this run, ``comm_s``; a stacked process's compute divided by its rows, as if
 each replica had a worker of its own) + the modelled time of its collectives (the strategy's
 and unison's bookkeeping, counted in the history records by unison.comm.base.Traffic).
+
 Start-up is kept as measured. Predicted time to accuracy: the run's accuracy curve with
 every round re-timed so. Pure functions of history records; nothing here trains.
+
+Each modelled collective costs at least the mean time of the round's collectives where it was
+measured (its comm_s over its calls): the link modelled is slower than the one measured on
+(loopback, a veth pair), and what a collective costs besides its bytes — waking the threads
+that wait for it on both ends, waiting for the slower replica — does not go away on a slower
+link. On the project's 2-vCPU VM, over an idle veth pair, all-reduces back to back took 2.3-3.7
+ms each at the median from 8 KB to 1.36 MB, and 0.6-2.9 ms after 5 ms of compute
+(bench/collectives.py): as much as 340 KB take at 1 Gbit/s; without the floor the model read
+28-35% fast at 1 Gbit/s (bench/RESULTS.md). Its limits: a round that mixes large and small
+calls gets the mean as every call's floor, which over-predicts (unison's rounds are one kind of
+call, a step's or a merge's, and a few small bookkeeping ones); runs measured on a link slower
+than the one modelled are predicted too slow; a stacked process's records get none (its
+in-process sums are no link's cost); fedbuff's rounds are modelled from their messages, without
+it. ``floor=False`` leaves it out.
 
 An asynchronous run (fedbuff; Nguyen et al. 2022) has no collectives in step: its record is one
 server step after K arrivals, each a worker's message of S bytes up and the server's reply of R
@@ -115,15 +130,6 @@ def terms(kind: str, payload: float, world: int, calls: int = 1) -> tuple[float,
     raise ValueError(f"no model of a collective {kind!r}")
 
 
-def collectives_terms(table: Mapping[str, Sequence[int]] | None, world: int) -> tuple[float, float]:
-    """(a, b) summed over a record's ``collectives`` or ``bookkeeping``: kind → [calls, bytes]."""
-    a = b = 0.0
-    for kind, (calls, payload) in (table or {}).items():
-        da, db = terms(kind, payload, world, calls)
-        a, b = a + da, b + db
-    return a, b
-
-
 def seconds(a: float, b: float, link: Link) -> float:
     return a * link.latency_s + b / link.payload_bytes_per_s
 
@@ -133,11 +139,30 @@ def collective_seconds(kind: str, payload: float, world: int, link: Link, calls:
     return seconds(*terms(kind, payload, world, calls), link)
 
 
-def round_seconds(record: Mapping[str, Any], world: int, link: Link) -> float:
-    """The modelled time of one round's collectives, the strategy's and the bookkeeping's."""
-    a, b = collectives_terms(record.get("collectives"), world)
-    a2, b2 = collectives_terms(record.get("bookkeeping"), world)
-    return seconds(a + a2, b + b2, link)
+def measured_per_call(record: Mapping[str, Any]) -> float:
+    """The mean seconds of the round's collectives where it was measured (its ``comm_s`` over its
+    calls, the strategy's and the bookkeeping's): the floor of each modelled one. 0 for a stacked
+    process (``stacked_rows``): its in-process sums over rows are no worker's collective."""
+    calls = sum(int(c) for table in (record.get("collectives"), record.get("bookkeeping"))
+                for c, _ in (table or {}).values())
+    if not calls or int(record.get("stacked_rows", 1)) > 1:
+        return 0.0
+    return float(record.get("comm_s", 0.0)) / calls
+
+
+def round_seconds(record: Mapping[str, Any], world: int, link: Link, floor: bool = True) -> float:
+    """The modelled time of one round's collectives, the strategy's and the bookkeeping's: each
+    call a·α + b/β for its share of the payload, but no less than the round's calls took on
+    average where it was measured (``floor``; see the module docstring). Alone, nothing is sent."""
+    if world <= 1:
+        return 0.0
+    least = measured_per_call(record) if floor else 0.0
+    total = 0.0
+    for table in (record.get("collectives"), record.get("bookkeeping")):
+        for kind, (calls, payload) in (table or {}).items():
+            if calls:
+                total += calls * max(collective_seconds(kind, payload / calls, world, link), least)
+    return total
 
 
 def modelled(records: Sequence[Mapping[str, Any]]) -> bool:
@@ -176,9 +201,10 @@ def compute_seconds(records: Sequence[Mapping[str, Any]]) -> list[float]:
     return out
 
 
-def predict(records: Sequence[Mapping[str, Any]], world: int, link: Link) -> list[float] | None:
+def predict(records: Sequence[Mapping[str, Any]], world: int, link: Link, floor: bool = True) -> list[float] | None:
     """The records' wall_s as they would be on ``link``: start-up as measured, then each round's
-    compute + its modelled collectives. None when the records lack the counts."""
+    compute + its modelled collectives (``floor``: none faster than measured). None when the
+    records lack the counts."""
     if not modelled(records):
         return None
     clock, out = float(records[0].get("startup_s", 0.0)), []
@@ -190,14 +216,14 @@ def predict(records: Sequence[Mapping[str, Any]], world: int, link: Link) -> lis
             out.append(clock)
         return out
     for record, compute in zip(records, compute_seconds(records)):
-        clock += compute + round_seconds(record, world, link)
+        clock += compute + round_seconds(record, world, link, floor)
         out.append(clock)
     return out
 
 
-def retimed(records: Sequence[Mapping[str, Any]], world: int, link: Link) -> list[dict[str, Any]] | None:
+def retimed(records: Sequence[Mapping[str, Any]], world: int, link: Link, floor: bool = True) -> list[dict[str, Any]] | None:
     """The records with wall_s replaced by their predicted times on ``link`` (None: no counts)."""
-    walls = predict(records, world, link)
+    walls = predict(records, world, link, floor)
     return None if walls is None else [dict(r) | {"wall_s": w} for r, w in zip(records, walls)]
 
 
