@@ -41,6 +41,24 @@ def test_a_limited_link_gives_its_rate():
     assert 5e6 < measured < 13e6  # tbf holds the rate, and its bucket does not choke the stream
 
 
+@pytest.mark.timeout(60)
+def test_sigterm_still_deletes_the_hosts():
+    import signal
+    import subprocess
+    import sys
+
+    script = ("import time\nfrom unison import netlab\nwith netlab.two_hosts() as hosts:\n"
+              "    print(hosts[0].namespace, hosts[1].namespace, flush=True)\n    time.sleep(50)\n")
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    names = child.stdout.readline().split()
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert len(names) == 2 and all(name in listed for name in names)
+    child.send_signal(signal.SIGTERM)
+    assert child.wait(timeout=30) == 128 + signal.SIGTERM
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not any(name in listed for name in names)
+
+
 def _first_round_done(folder: Path) -> bool:
     """Whether rank 0 has recorded a round, and so the group has formed and is training.
 

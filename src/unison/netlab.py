@@ -26,6 +26,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,34 +64,56 @@ def available() -> str | None:
     return None
 
 
+def _terminated(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """While the hosts exist, SIGTERM (a scheduler's, `timeout`'s, `kill`'s) raises SystemExit, so
+    that ``two_hosts`` still deletes them; Python's default ends the process on the spot and
+    leaves both namespaces behind. Only where nobody else handles SIGTERM, in the main thread."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def two_hosts(rate: str | None = None):
     """Two namespaced hosts joined by a veth pair, the link limited to ``rate`` (e.g. "100mbit")
-    in both directions when given; yields (host0, host1) and removes everything afterwards."""
+    in both directions when given; yields (host0, host1) and removes everything afterwards,
+    also when the process is sent SIGTERM."""
     tag = f"{os.getpid() % 10000}{next(_PAIRS)}"  # a fresh name (and rendezvous port) per pair
     hosts = [Host(f"unison-h{i}-{tag}", f"ulab{i}-{tag}", f"{SUBNET}.{i + 1}") for i in range(2)]
     made: list[str] = []
-    try:
-        for host in hosts:
-            _ip("netns", "add", host.namespace)
-            made.append(host.namespace)
-        _ip("link", "add", hosts[0].device, "type", "veth", "peer", "name", hosts[1].device)
-        for host in hosts:
-            _ip("link", "set", host.device, "netns", host.namespace)
-            _ip("addr", "add", f"{host.address}/24", "dev", host.device, namespace=host.namespace)
-            _ip("link", "set", host.device, "up", namespace=host.namespace)
-            _ip("link", "set", "lo", "up", namespace=host.namespace)
-            if rate is not None:  # a token bucket: the rate, a burst, a queue of at most 400 ms
-                subprocess.run(["ip", "netns", "exec", host.namespace, "tc", "qdisc", "add", "dev", host.device,
-                                "root", "tbf", "rate", rate, "burst", str(burst(rate)), "latency", "400ms"],
-                               check=True, capture_output=True, text=True)
-        yield tuple(hosts)
-    finally:
-        for host in hosts:  # nothing may outlive its host
-            if host.namespace in made:
-                kill_host(host)
-        for namespace in made:  # deleting a namespace deletes its end of the veth pair, and so the pair
-            subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
+    with _sigterm_unwinds():
+        try:
+            for host in hosts:
+                _ip("netns", "add", host.namespace)
+                made.append(host.namespace)
+            _ip("link", "add", hosts[0].device, "type", "veth", "peer", "name", hosts[1].device)
+            for host in hosts:
+                _ip("link", "set", host.device, "netns", host.namespace)
+                _ip("addr", "add", f"{host.address}/24", "dev", host.device, namespace=host.namespace)
+                _ip("link", "set", host.device, "up", namespace=host.namespace)
+                _ip("link", "set", "lo", "up", namespace=host.namespace)
+                if rate is not None:  # a token bucket: the rate, a burst, a queue of at most 400 ms
+                    subprocess.run(["ip", "netns", "exec", host.namespace, "tc", "qdisc", "add", "dev", host.device,
+                                    "root", "tbf", "rate", rate, "burst", str(burst(rate)), "latency", "400ms"],
+                                   check=True, capture_output=True, text=True)
+            yield tuple(hosts)
+        finally:
+            for host in hosts:  # nothing may outlive its host
+                if host.namespace in made:
+                    kill_host(host)
+            for namespace in made:  # deleting a namespace deletes its end of the veth pair, and so the pair
+                subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
 
 
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
