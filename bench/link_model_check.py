@@ -7,9 +7,10 @@ collectives) and its counted collectives. The prediction on rate R is that compu
 collectives timed at R (unison.linkmodel), α = 0 (tbf adds no latency; netem is not in these
 kernels), two ways:
 
-- modelled: what `unison compare --link R` predicts, each collective no faster than one of the
-  baseline's took (linkmodel's floor: on this VM, waking the waiting threads costs ~3 ms a
-  collective over veth whatever its size, bench/collectives.py);
+- modelled: what `unison compare --link R` predicts, each collective no faster than the
+  baseline's round took a collective on average (linkmodel's floor: on this VM, over veth,
+  all-reduces back to back take 2.3-3.7 ms each at the median from 8 KB to 1.36 MB, the waiting
+  threads woken; bench/collectives.py);
 - bare: the bytes at R alone (``floor=False``), the model before 2026-12-03's second look.
 
 (Until then a third column calibrated a per-message α from the baseline; it did worse than
