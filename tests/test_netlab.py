@@ -52,11 +52,11 @@ def test_sigterm_still_deletes_the_hosts():
     child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     names = child.stdout.readline().split()
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert len(names) == 2 and all(name in listed for name in names)
+    assert len(names) == 2 and all(name in listed.split() for name in names)
     child.send_signal(signal.SIGTERM)
     assert child.wait(timeout=30) == 128 + signal.SIGTERM
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert not any(name in listed for name in names)
+    assert not any(name in listed.split() for name in names)
 
 
 def _first_round_done(folder: Path) -> bool:
