@@ -24,7 +24,6 @@ import argparse
 import datetime
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -76,10 +75,9 @@ def measure(rate: str | None, repeat: int) -> list[dict]:
         port = netlab.PORT + 500 + int(hosts[0].namespace.rsplit("-", 1)[1]) % 100
         processes, outputs = [], [Path(logs) / f"host{i}.out" for i in range(2)]
         for rank, host in enumerate(hosts):
-            pin = ["taskset", "-c", ",".join(map(str, cores[rank]))] if cores and shutil.which("taskset") else []
             with open(outputs[rank], "w") as output:  # to files: no pipe fills while the other host is read
                 processes.append(subprocess.Popen(
-                    ["ip", "netns", "exec", host.namespace, "env", f"GLOO_SOCKET_IFNAME={host.device}", *pin,
+                    [*netlab.on_host(host, cores[rank] if cores else None), "env", f"GLOO_SOCKET_IFNAME={host.device}",
                      sys.executable, __file__, "--worker", str(rank), hosts[0].address, str(port), str(repeat)],
                     stdout=output, stderr=subprocess.STDOUT, text=True))
         while any(p.poll() is None for p in processes) and not any(p.poll() for p in processes):

@@ -104,7 +104,7 @@ def two_hosts(rate: str | None = None):
                 _ip("link", "set", host.device, "up", namespace=host.namespace)
                 _ip("link", "set", "lo", "up", namespace=host.namespace)
                 if rate is not None:  # a token bucket: the rate, a burst, a queue of at most 400 ms
-                    subprocess.run(["ip", "netns", "exec", host.namespace, "tc", "qdisc", "add", "dev", host.device,
+                    subprocess.run([*on_host(host, None), "tc", "qdisc", "add", "dev", host.device,
                                     "root", "tbf", "rate", rate, "burst", str(burst(rate)), "latency", "400ms"],
                                    check=True, capture_output=True, text=True)
             yield tuple(hosts)
@@ -146,11 +146,11 @@ def throughput(hosts: tuple[Host, Host], *, seconds: float = 1.0, rate: str | No
     size = int(bits_per_second(rate) / 8 * seconds) if rate else 1 << 30
     port = PORT - 1
     receiver = subprocess.Popen(
-        ["ip", "netns", "exec", hosts[0].namespace, sys.executable, "-c", _RECEIVER, hosts[0].address, str(port)],
+        [*on_host(hosts[0], None), sys.executable, "-c", _RECEIVER, hosts[0].address, str(port)],
         stdout=subprocess.PIPE, text=True)
     try:
         receiver.stdout.readline()  # "listening"
-        subprocess.run(["ip", "netns", "exec", hosts[1].namespace, sys.executable, "-c", _SENDER,
+        subprocess.run([*on_host(hosts[1], None), sys.executable, "-c", _SENDER,
                         hosts[0].address, str(port), str(size)], check=True, timeout=60)
         received, took = receiver.communicate(timeout=60)[0].split()
         return int(received) * 8 / float(took)
@@ -200,6 +200,13 @@ def host_cores(hosts: int) -> list[list[int]] | None:
     return [cores[i * share:(i + 1) * share] for i in range(hosts)] if share else None
 
 
+def on_host(host: Host, cores: list[int] | None) -> list[str]:
+    """The command prefix that runs a program on ``host``: in its namespace, pinned to ``cores``
+    (``taskset``, where there are any and taskset is installed)."""
+    pin = ["taskset", "-c", ",".join(map(str, cores))] if cores and shutil.which("taskset") else []
+    return ["ip", "netns", "exec", host.namespace, *pin]
+
+
 def torchrun_hosts(hosts: tuple[Host, Host], run_file: Path, out: Path, *, nproc_per_node: int = 1,
                    extra: tuple[str, ...] = (), output=None) -> list[subprocess.Popen]:
     """Start `torchrun ... -m unison train RUN_FILE --out OUT` in each host's namespace; the
@@ -217,8 +224,7 @@ def torchrun_hosts(hosts: tuple[Host, Host], run_file: Path, out: Path, *, nproc
     cores = host_cores(len(hosts))
     for rank, host in enumerate(hosts):
         environment = inherited | {"GLOO_SOCKET_IFNAME": host.device, "OMP_NUM_THREADS": "1"}
-        pin = ["taskset", "-c", ",".join(map(str, cores[rank]))] if cores and shutil.which("taskset") else []
-        command = ["ip", "netns", "exec", host.namespace, *pin, sys.executable, "-m", "torch.distributed.run",
+        command = [*on_host(host, cores[rank] if cores else None), sys.executable, "-m", "torch.distributed.run",
                    "--nnodes", "2", "--nproc-per-node", str(nproc_per_node), "--node-rank", str(rank),
                    "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{hosts[0].address}:{port}",
                    "--rdzv-id", hosts[0].namespace, "--local-addr", host.address,
