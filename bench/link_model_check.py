@@ -51,8 +51,8 @@ def _world(run: dict) -> int:
 def per_call_ms(records: list[dict]) -> float | None:
     """The baseline's mean milliseconds a collective (its comm_s over all its calls); None
     without collectives (fedbuff's rounds are messages)."""
-    calls = sum(c for r in records for t in (r.get("collectives"), r.get("bookkeeping")) for c, _ in (t or {}).values())
-    return 1e3 * sum(float(r["comm_s"]) for r in records) / calls if calls else None
+    made = sum(linkmodel.calls(r) for r in records)
+    return 1e3 * sum(float(r["comm_s"]) for r in records) / made if made else None
 
 
 def per_epoch(records: list[dict], walls: list[float] | None, rounds: int | None = None) -> float | None:

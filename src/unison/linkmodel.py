@@ -139,15 +139,20 @@ def collective_seconds(kind: str, payload: float, world: int, link: Link, calls:
     return seconds(*terms(kind, payload, world, calls), link)
 
 
+def calls(record: Mapping[str, Any]) -> int:
+    """How many collectives a round made, the strategy's and the bookkeeping's."""
+    return sum(int(c) for table in (record.get("collectives"), record.get("bookkeeping"))
+               for c, _ in (table or {}).values())
+
+
 def measured_per_call(record: Mapping[str, Any]) -> float:
     """The mean seconds of the round's collectives where it was measured (its ``comm_s`` over its
-    calls, the strategy's and the bookkeeping's): the floor of each modelled one. 0 for a stacked
-    process (``stacked_rows``): its in-process sums over rows are no worker's collective."""
-    calls = sum(int(c) for table in (record.get("collectives"), record.get("bookkeeping"))
-                for c, _ in (table or {}).values())
-    if not calls or int(record.get("stacked_rows", 1)) > 1:
+    calls): the floor of each modelled one. 0 for a stacked process (``stacked_rows``): its
+    in-process sums over rows are no worker's collective."""
+    made = calls(record)
+    if not made or int(record.get("stacked_rows", 1)) > 1:
         return 0.0
-    return float(record.get("comm_s", 0.0)) / calls
+    return float(record.get("comm_s", 0.0)) / made
 
 
 def round_seconds(record: Mapping[str, Any], world: int, link: Link, floor: bool = True) -> float:

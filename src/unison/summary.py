@@ -273,8 +273,9 @@ def link_note(link: str) -> str:
     return (f"Measured: times on this machine as run. {modelled_label(link).capitalize()}: each round's measured "
             "compute (wall time less the time inside collectives; a stacked process's divided among its replicas) "
             f"plus its counted collectives timed on a {link} link (ring all-reduce and all-gather, binomial-tree "
-            "broadcast; unison.linkmodel), none faster than a collective of that round took here; fedbuff's server steps at the slower of its workers' pace, each "
-            "cycle longer by its round trip, and its own link carrying every message; start-up as measured. Not "
+            "broadcast; unison.linkmodel), none faster than that round's collectives took here on average; "
+            "fedbuff's server steps at the slower of its workers' pace, each cycle longer by its round trip, "
+            "and its own link carrying every message; start-up as measured. Not "
             "modelled (and so never the winner on the link): runs with declared speeds=, whose waiting for a "
             "slow worker would count as communication.")
 

@@ -139,7 +139,7 @@ class _Server:
         self.steps = [0] * self.workers        # each worker's steps so far
         self.samples = 0                       # all workers', so far
         self.worker_bytes = 0                  # what the workers sent, so far
-        self.round_up = 0                      # what the workers sent since the last record
+        self.recorded_up = 0                   # worker_bytes at the last record
         self.round_loss, self.round_samples, self.lr = 0.0, 0, 0.0
         self.progress = None
         if job.progress:  # epochs done, as the server counts samples; none when stderr is no terminal
@@ -161,7 +161,6 @@ class _Server:
             sender = comm.recv([meta, change], src=source)
             self.arrive(sender - servers, meta.tolist(), change)
             self.worker_bytes += nbytes(meta) + nbytes(change)
-            self.round_up += nbytes(meta) + nbytes(change)
             if meta[FINAL]:
                 working.discard(sender)
             if len(self.changes) == self.strategy.buffer:
@@ -217,8 +216,9 @@ class _Server:
         traffic = self.comm.traffic.take()
         down = traffic["collectives"].get("send", [0, 0])
         record |= {"comm_s": traffic["comm_s"],
-                   "messages": {"up": [len(self.arrivals), self.round_up], "down": [int(down[0]), int(down[1])]}}
-        self.round_up = 0
+                   "messages": {"up": [len(self.arrivals), self.worker_bytes - self.recorded_up],
+                                "down": [int(down[0]), int(down[1])]}}
+        self.recorded_up = self.worker_bytes
         if self.validation is not None:
             x, y, task = self.validation
             record |= evaluate(self.replica.model, x, y, self.job.loss_fn, task)
