@@ -73,7 +73,7 @@ def test_missing_gradients_start_after_the_backward_pass(blobs, started, unused)
     expected = fit(model, blobs, strategy="sync(bucket_mb=0)", partition=UNEVEN)
     same_run(fit(model, blobs, strategy=f"sync(bucket_mb={TINY})", partition=UNEVEN), expected)
     inside = [b for b, during_backward in started if during_backward]
-    if unused:  # no flat gradient buffer (a parameter without a gradient at step 1): nothing inside
+    if unused:  # the unused layer's parameters come last, so they are in the first bucket: nothing inside
         assert started and not inside
     else:
         assert inside and max(b for b, _ in started) not in inside
@@ -102,6 +102,39 @@ def test_a_non_finite_loss_reaches_every_replica_through_the_last_bucket(blobs, 
     assert result.history[-1]["discarded_steps"] == 2  # both replicas skipped the step
     assert max_abs_diff(result.model, expected.model) == 0
     assert result.history[-1]["samples"] == expected.history[-1]["samples"] == 2 * 96 - 16
+
+
+class EmptyFirst(torch.nn.Module):
+    """An MLP after a parameter with no elements: the guard's fold goes into the next one."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.nothing, self.net = torch.nn.Parameter(torch.zeros(0)), mlp(8, [16], 3)
+
+    def forward(self, x):
+        return self.net(x) + self.nothing.sum()
+
+
+def test_the_fold_travels_when_the_first_parameter_is_empty(blobs, started):
+    expected = fit(EmptyFirst(), blobs, strategy="sync(bucket_mb=0)", nan="skip", loss=InfiniteLossOnce())
+    result = fit(EmptyFirst(), blobs, strategy=f"sync(bucket_mb={TINY})", nan="skip", loss=InfiniteLossOnce())
+    assert result.history[-1].get("discarded_steps") == expected.history[-1]["discarded_steps"] == 2
+    assert max_abs_diff(result.model.net, expected.model.net) == 0
+    assert any(during_backward for _, during_backward in started)
+
+
+def test_lent_gradients_are_dropped_for_every_trainable_parameter(small_model):
+    """Also those the optimizer leaves out: a view of the lent buffer left there would have the
+    next pass add into the last mean (and the guard sum it)."""
+    optimizer = torch.optim.SGD(list(small_model.parameters())[2:], lr=0.1)
+    replica = Replica(small_model, optimizer, F.cross_entropy, torch.device("cpu"))
+    replica.forward_backward(torch.randn(4, 8), torch.tensor([0, 1, 2, 0]))
+    mean = torch.randn(replica.num_parameters + 1)
+    replica.lend_grad_buffer(mean[:-1])
+    assert all(p.grad.untyped_storage().data_ptr() == mean.untyped_storage().data_ptr() for p in replica.trainable)
+    replica.zero_grad()
+    assert all(p.grad is None for p in replica.trainable) and replica.flat_grad is None
 
 
 @pytest.mark.timeout(30)
@@ -189,14 +222,19 @@ def _worker(rank, store, out):
     strategy = Sync(bucket_mb=TINY)
     strategy.begin(replica, comm)
     g = torch.Generator().manual_seed(rank)
-    steps = []
+    steps, lent = [], []
+    buffer = buckets.watched(replica).buffer
     for step in range(1, 4):
         x, y = torch.randn(4 + 3 * rank, 8, generator=g), torch.randint(0, 3, (4 + 3 * rank,), generator=g)
         replica.forward_backward(x, y)
         local = replica.grad_vector()
         strategy.on_gradients(replica, comm, step, len(x))
         steps.append((local, len(x), replica.grad_vector()))
-    torch.save({"inside": inside, "steps": steps}, f"{out}.{rank}")
+        lent.append(all(p.grad.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+                        for p in replica.trainable))
+        replica.zero_grad()
+        lent.append(all(p.grad is None for p in replica.trainable))
+    torch.save({"inside": inside, "steps": steps, "lent": lent}, f"{out}.{rank}")
     dist.barrier()
     sys.stdout.flush()
     os._exit(0)  # as the DDP oracle's workers leave (gloo's teardown can abort)
@@ -209,5 +247,6 @@ def test_torch_distributed_buckets_start_in_the_backward_pass_and_give_the_weigh
     ranks = [torch.load(tmp_path / f"out.{r}") for r in range(2)]
     for (g0, w0, mean0), (g1, w1, mean1) in zip(*[r["steps"] for r in ranks]):
         assert torch.allclose(mean0, (w0 * g0 + w1 * g1) / (w0 + w1), atol=1e-7) and torch.equal(mean0, mean1)
-    for r in ranks:  # 4 buckets a step; from step 2 on (the flat gradient buffer), 0-2 inside
-        assert r["inside"] == [(b, False) for b in range(4)] + [(b, b < 3) for b in range(4)] * 2
+    for r in ranks:  # 4 buckets a step, 0-2 inside; the mean is the buffer, dropped before the next pass
+        assert r["inside"] == [(b, b < 3) for b in range(4)] * 3
+        assert r["lent"] == [True] * 6

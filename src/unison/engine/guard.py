@@ -82,11 +82,15 @@ class NonFiniteGuard:
             with torch.no_grad():
                 self.replica.grad_carrier.add_(loss.to(self.replica.grad_carrier.dtype), alpha=0)
             return
-        carrier = next((p.grad for p in self.replica.trainable if p.grad is not None), None)
-        if carrier is None:  # the backward pass reached no parameter: poison one explicitly
+        # The first parameter with elements, whose gradient holds the flat buffer's first
+        # element: it travels last in an exchange overlapped with the pass (strategies/buckets.py).
+        first = next((p for p in self.replica.trainable if p.numel()), None)
+        if first is None:
+            return
+        carrier = first.grad
+        if carrier is None:  # the backward pass did not reach it: poison it explicitly
             if bool(torch.isfinite(loss)):
                 return
-            first = self.replica.trainable[0]
             carrier = first.grad = torch.zeros_like(first)
         with torch.no_grad():  # x + 0·loss is x exactly (-0.0 too) when the loss is finite, NaN if not
             carrier[(0,) * carrier.dim()].add_(loss.to(carrier.dtype), alpha=0)

@@ -76,10 +76,12 @@ class Replica(ReplicaView):
         self.initial_lrs = [group["lr"] for group in optimizer.param_groups]
         # One flat buffer of which every .grad is a view (as DDP's gradient buckets are), so that
         # zeroing, checking and exchanging the gradients are one operation each; adopted after the
-        # first backward pass (see _adopt_flat_grad). grad_carrier is its first element.
+        # first backward pass (see _adopt_flat_grad), or lent by a watcher after every pass
+        # (lend_grad_buffer). grad_carrier is its first element.
         self.flat_grad: torch.Tensor | None = None
         self.grad_carrier: torch.Tensor | None = None
         self._flat_grad_pending = True
+        self._grads_lent = False       # a watcher places the gradients (see lend_grad_buffer)
         self.step = 0                  # optimizer steps taken, counted across epochs
         self.samples_since_merge = 0   # the replica's weight in the next merge
         # A strategy's own tensors (diloco's θ and outer momentum); checkpoints keep them.
@@ -116,11 +118,30 @@ class Replica(ReplicaView):
         return loss.detach()
 
     def zero_grad(self) -> None:
-        """Zero the flat gradient buffer in place; without one, drop the gradients (None)."""
+        """Zero the flat gradient buffer in place; without one, or where the buffer is lent
+        (lend_grad_buffer), drop the gradients (None)."""
+        if self._grads_lent:  # every trainable one, in the optimizer or not (it holds a view)
+            self.flat_grad = self.grad_carrier = None
+            for p in self.trainable:
+                p.grad = None
+            return
         if self.flat_grad is not None:
             self.flat_grad.zero_()
         else:
             self.optimizer.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def lend_grad_buffer(self, flat: torch.Tensor) -> None:
+        """Make every .grad a view of ``flat`` (the combined gradient, written by the caller)
+        until the next zero_grad, which drops them: the next pass then writes each gradient
+        fresh instead of adding it to zeros, as torch's ``zero_grad(set_to_none=True)`` lets
+        autograd do, and the caller refills ``flat`` (DDP's ``gradient_as_bucket_view``)."""
+        self._grads_lent, self._flat_grad_pending = True, False
+        self.flat_grad, self.grad_carrier = flat, flat[:1]
+        offset = 0
+        for p in self.trainable:
+            p.grad = flat[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
 
     @torch.no_grad()
     def _adopt_flat_grad(self) -> None:
@@ -200,7 +221,10 @@ class Replica(ReplicaView):
 
     def watch_gradients(self, callback: Callable[[int, int], None]) -> bool:
         """torch's post-accumulate-grad hooks: autograd calls them once per backward pass, after
-        the last contribution to a parameter's gradient is summed in."""
+        the last contribution to a parameter's gradient is summed in. The watcher places the
+        gradients after each pass (lend_grad_buffer, or load_grad_vector), so the replica adopts
+        no buffer of its own."""
+        self._flat_grad_pending = False
         for i, p in enumerate(self.trainable):
             p.register_post_accumulate_grad_hook(lambda _, i=i: callback(i, self._batch_samples))
         return True

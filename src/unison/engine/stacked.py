@@ -214,6 +214,9 @@ class StackedReplica(ReplicaView):
         exchange reduces the rows before it talks (comm/stacked.py); it follows the backward pass."""
         return False
 
+    def lend_grad_buffer(self, flat: torch.Tensor) -> None:
+        raise NotImplementedError("stacked replicas are not watched (watch_gradients returns False)")
+
     def _moments(self, r: int) -> list[torch.Tensor]:
         """Replica r's optimizer state shaped like its parameters, in a fixed order."""
         return [value for p in self.rows[r] for _, value in sorted(self.optimizer.state[p].items())

@@ -46,7 +46,11 @@ class ReplicaView(Protocol):
         """From the next backward pass on, call ``callback(i, samples)`` as soon as
         ``trainable[i]``'s gradient on this step's batch of ``samples`` is final, while the pass
         goes on (what DDP's bucketing hooks on); False, watching nothing, where the replica
-        cannot (stacked replicas)."""
+        cannot (stacked replicas). The watcher places the combined gradients after every pass
+        (``lend_grad_buffer``, or ``load_grad_vector`` where its buffer cannot hold them)."""
+
+    def lend_grad_buffer(self, flat: torch.Tensor) -> None:
+        """Every .grad a view of ``flat`` until the next ``zero_grad``, which drops them."""
 
     def optimizer_vector(self) -> torch.Tensor:
         """Optimizer state shaped like the parameters (momentum, Adam's moments), flat."""

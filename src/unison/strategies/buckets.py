@@ -10,16 +10,25 @@ background while autograd computes the rest; buckets start in one order on every
 What travels is exactly what ``Communicator.all_reduce_mean`` sends, cut into pieces: each
 replica's w·g (w its batch size, 0 when its share is used up) and, in the first bucket, w. The
 result Σ w_r·g_r / Σ w_r is the same arithmetic element for element, so overlapped sync equals
-sync after the backward pass (bit for bit on threads and on 2 processes) and sends the same
-bytes (per collective, the ring's 2(N-1)/N·B rounds down: a few bytes fewer where N does not
+sync after the backward pass (to the last bit on threads and on 2 processes; see below for
+−0.0) and sends the same bytes (per collective, the ring's 2(N-1)/N·B rounds down: a few bytes fewer where N does not
 divide 2(N-1)·B). Each bucket is divided by Σ w_r as it arrives, while later ones travel.
 
 The last bucket (the first parameter's, whose gradient comes last) starts after the backward
 pass, in ``finish``: the non-finite guard folds the loss into that parameter's first element
-before the exchange (engine/guard.py), and the fold must travel. Until the replica has adopted
-its flat gradient buffer (after step 1), or if it never does, every bucket starts in
-``finish`` (the guard's carrier could then be any parameter); so does a bucket that the pass
-did not reach in full (an unused layer), and every bucket after it.
+before the exchange (engine/guard.py), and the fold must travel (where parameter 0 is empty,
+the first parameter with elements carries it, and its bucket and those after start there). So
+does a bucket that the pass did not reach in full (an unused layer), and every bucket after it.
+
+The mean stays in the buffer and becomes the gradients (``ReplicaView.lend_grad_buffer``, DDP's
+``gradient_as_bucket_view``); the replica drops them before its next pass (as
+``zero_grad(set_to_none=True)``), so autograd writes each gradient fresh and the hooks scale it
+into the buffer: per step one pass to scale, one to divide, none to zero a gradient buffer, add
+the pass's gradients into it or copy the mean out. Where the parameters are not all of one
+dtype and contiguous, the buffer cannot be their gradients: they get a copy of the mean
+(``load_grad_vector``), and the guard sums them one by one. A gradient element of −0.0 stays
+−0.0 here, where the exchange after the pass adds it to zeros (+0.0): the one difference from
+that path, invisible to ``==``.
 """
 
 from __future__ import annotations
@@ -91,6 +100,12 @@ class GradientBuckets:
         self.buckets = assign(sizes, self.buffer.element_size(), bucket_mb)
         self.bucket_of = {i: b for b, members in enumerate(self.buckets) for i in members}
         self.last = len(self.buckets) - 1                       # holds parameter 0
+        # where the guard folds the loss (the first parameter with elements): from its bucket on,
+        # every bucket starts after the pass
+        carrier = next((i for i, size in enumerate(sizes) if size), 0)
+        self.after_pass = self.bucket_of[carrier]
+        # the mean can be the gradients themselves (lend_grad_buffer) where they all fit its dtype
+        self.lendable = all(p.dtype == dtype and p.is_contiguous() for p in replica.trainable)
         # bucket b: buffer[lo:hi]; the first one up to the end, so that it carries w
         self.slices = [slice(self.spans[min(m)][0], self.size + 1 if b == 0 else self.spans[max(m)][1])
                        for b, m in enumerate(self.buckets)]
@@ -105,7 +120,7 @@ class GradientBuckets:
         """Called by the backward pass when trainable parameter ``i``'s gradient is final."""
         replica = self._replica()
         b = self.bucket_of[i]
-        if replica is None or replica.grad_carrier is None or b == self.last:
+        if replica is None or b >= self.after_pass:
             return  # started in finish (see the module doc)
         self._copy(replica, i, samples)
         self.waiting[b] -= 1
@@ -133,17 +148,15 @@ class GradientBuckets:
             for i in self.buckets[b]:  # again, where the hooks copied some: the same values
                 self._copy(replica, i, weight)
             self._start(b, weight)
-        flat = replica.flat_grad
-        if flat is not None and flat.dtype != self.buffer.dtype:
-            flat = None
         total = None
         for b, pending in enumerate(self.started):
             pending.wait()
             if total is None:
                 total = self.buffer[-1].clamp_min(torch.finfo(self.buffer.dtype).tiny)
-            if flat is not None:  # while the later buckets are still on their way
-                part = slice(self.slices[b].start, min(self.slices[b].stop, self.size))
-                torch.div(self.buffer[part], total, out=flat[part])
+            if self.lendable:  # while the later buckets are still on their way
+                self.buffer[self.slices[b].start:min(self.slices[b].stop, self.size)].div_(total)
         self._reset()
-        if flat is None:
+        if self.lendable:
+            replica.lend_grad_buffer(self.buffer[:-1])
+        else:
             replica.load_grad_vector(self.buffer[:-1] / total)
