@@ -193,9 +193,13 @@ def test_hogwild_workers_update_one_shared_model(backend):
     y = torch.zeros(64, 1)
     result = unison.fit(Linear(), (x, y), val=None, strategy="hogwild", workers=2, backend=backend, epochs=2,
                         batch_size=8, lr=0.01, loss=_linear_loss, progress=False)
-    # each epoch every sample is used once, by one worker: w = lr · 2 epochs · sum(x) / batch
-    expected = 0.01 * 2 * x.sum(0) / 8
-    assert torch.allclose(result.model.w.detach(), expected, atol=1e-5)
+    # each epoch every sample is used once, by one worker: with every update applied,
+    # w = lr · 2 epochs · sum(x) / batch. Lock-free writes may lose an update to a race (two
+    # workers read w, each writes back its own sum: Niu et al.'s model), never add one, so w
+    # never exceeds that; each worker's updates alone would give about half of it.
+    every_update = 0.01 * 2 * x.sum(0) / 8
+    w = result.model.w.detach()
+    assert (w <= every_update + 1e-5).all() and (w >= 0.75 * every_update).all()
     assert result.final["samples"] == 128 and result.final["step"] == 8  # 4 steps per worker and epoch
 
 
