@@ -137,6 +137,9 @@ class Replica(ReplicaView):
         fresh instead of adding it to zeros, as torch's ``zero_grad(set_to_none=True)`` lets
         autograd do, and the caller refills ``flat`` (DDP's ``gradient_as_bucket_view``)."""
         self._grads_lent, self._flat_grad_pending = True, False
+        self._grads_as_views_of(flat)
+
+    def _grads_as_views_of(self, flat: torch.Tensor) -> None:
         self.flat_grad, self.grad_carrier = flat, flat[:1]
         offset = 0
         for p in self.trainable:
@@ -155,12 +158,7 @@ class Replica(ReplicaView):
             return
         if len({(p.dtype, p.device) for p in self.trainable}) != 1 or not all(p.is_contiguous() for p in self.trainable):
             return
-        self.flat_grad = flatten(grads, self.device)
-        offset = 0
-        for p in self.trainable:
-            p.grad = self.flat_grad[offset:offset + p.numel()].view_as(p)
-            offset += p.numel()
-        self.grad_carrier = self.flat_grad[:1]
+        self._grads_as_views_of(flatten(grads, self.device))
 
     def optimizer_step(self, steps_per_epoch: int, total_steps: int, *, shared: bool = False,
                        samples: int = 1) -> None:

@@ -11,8 +11,8 @@ What travels is exactly what ``Communicator.all_reduce_mean`` sends, cut into pi
 replica's w·g (w its batch size, 0 when its share is used up) and, in the first bucket, w. The
 result Σ w_r·g_r / Σ w_r is the same arithmetic element for element, so overlapped sync equals
 sync after the backward pass (to the last bit on threads and on 2 processes; see below for
-−0.0) and sends the same bytes (per collective, the ring's 2(N-1)/N·B rounds down: a few bytes fewer where N does not
-divide 2(N-1)·B). Each bucket is divided by Σ w_r as it arrives, while later ones travel.
+−0.0) and sends the same bytes (per collective, the ring's 2(N-1)/N·B rounds down: a few
+bytes fewer where N does not divide 2(N-1)·B). Each bucket is divided by Σ w_r as it arrives, while later ones travel.
 
 The last bucket (the first parameter's, whose gradient comes last) starts after the backward
 pass, in ``finish``: the non-finite guard folds the loss into that parameter's first element
@@ -99,9 +99,8 @@ class GradientBuckets:
         self.spans = list(zip(starts[:-1], starts[1:]))        # parameter i's slice of the buffer
         self.buckets = assign(sizes, self.buffer.element_size(), bucket_mb)
         self.bucket_of = {i: b for b, members in enumerate(self.buckets) for i in members}
-        self.last = len(self.buckets) - 1                       # holds parameter 0
-        # where the guard folds the loss (the first parameter with elements): from its bucket on,
-        # every bucket starts after the pass
+        # where the guard folds the loss (the first parameter with elements; the last bucket but
+        # for empty parameters): from its bucket on, every bucket starts after the pass
         carrier = next((i for i, size in enumerate(sizes) if size), 0)
         self.after_pass = self.bucket_of[carrier]
         # the mean can be the gradients themselves (lend_grad_buffer) where they all fit its dtype
@@ -124,7 +123,7 @@ class GradientBuckets:
             return  # started in finish (see the module doc)
         self._copy(replica, i, samples)
         self.waiting[b] -= 1
-        while len(self.started) < self.last and self.waiting[len(self.started)] == 0:
+        while len(self.started) < self.after_pass and self.waiting[len(self.started)] == 0:
             self._start(len(self.started), samples)
 
     def _copy(self, replica: "ReplicaView", i: int, weight: float) -> None:
