@@ -164,9 +164,9 @@ def round_seconds(record: Mapping[str, Any], world: int, link: Link, floor: bool
     least = measured_per_call(record) if floor else 0.0
     total = 0.0
     for table in (record.get("collectives"), record.get("bookkeeping")):
-        for kind, (calls, payload) in (table or {}).items():
-            if calls:
-                total += calls * max(collective_seconds(kind, payload / calls, world, link), least)
+        for kind, (count, payload) in (table or {}).items():
+            if count:
+                total += count * max(collective_seconds(kind, payload / count, world, link), least)
     return total
 
 

@@ -78,12 +78,8 @@ class NonFiniteGuard:
         self._loss = loss
         if loss is None:
             return
-        if self.replica.grad_carrier is not None:  # the flat gradient buffer's first element
-            with torch.no_grad():
-                self.replica.grad_carrier.add_(loss.to(self.replica.grad_carrier.dtype), alpha=0)
-            return
-        # The first parameter with elements, whose gradient holds the flat buffer's first
-        # element: it travels last in an exchange overlapped with the pass (strategies/buckets.py).
+        # The first parameter with elements (its gradient holds a flat buffer's first element):
+        # it travels last in an exchange overlapped with the pass (strategies/buckets.py).
         first = next((p for p in self.replica.trainable if p.numel()), None)
         if first is None:
             return

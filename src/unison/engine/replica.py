@@ -77,9 +77,8 @@ class Replica(ReplicaView):
         # One flat buffer of which every .grad is a view (as DDP's gradient buckets are), so that
         # zeroing, checking and exchanging the gradients are one operation each; adopted after the
         # first backward pass (see _adopt_flat_grad), or lent by a watcher after every pass
-        # (lend_grad_buffer). grad_carrier is its first element.
+        # (lend_grad_buffer).
         self.flat_grad: torch.Tensor | None = None
-        self.grad_carrier: torch.Tensor | None = None
         self._flat_grad_pending = True
         self._grads_lent = False       # a watcher places the gradients (see lend_grad_buffer)
         self.step = 0                  # optimizer steps taken, counted across epochs
@@ -121,7 +120,7 @@ class Replica(ReplicaView):
         """Zero the flat gradient buffer in place; without one, or where the buffer is lent
         (lend_grad_buffer), drop the gradients (None)."""
         if self._grads_lent:  # every trainable one, in the optimizer or not (it holds a view)
-            self.flat_grad = self.grad_carrier = None
+            self.flat_grad = None
             for p in self.trainable:
                 p.grad = None
             return
@@ -140,7 +139,7 @@ class Replica(ReplicaView):
         self._grads_as_views_of(flat)
 
     def _grads_as_views_of(self, flat: torch.Tensor) -> None:
-        self.flat_grad, self.grad_carrier = flat, flat[:1]
+        self.flat_grad = flat
         offset = 0
         for p in self.trainable:
             p.grad = flat[offset:offset + p.numel()].view_as(p)

@@ -51,7 +51,7 @@ class StackedReplica(ReplicaView):
     """``replicas`` replicas of ``model`` (ranks ``rank`` .. ``rank + replicas - 1``), stacked."""
 
     score = Replica.score  # scores a flat state on a plain copy of the model, as a Replica does
-    flat_grad = grad_carrier = None  # gradients stay per stacked tensor (see Replica.flat_grad)
+    flat_grad = None  # gradients stay per stacked tensor (see Replica.flat_grad)
     # the last batch is not recorded per replica: a failed step is explained without shapes
     last_input = last_output = last_target = None
     in_forward = False

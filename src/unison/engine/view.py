@@ -65,7 +65,6 @@ class ReplicaView(Protocol):
 
     # ---- the non-finite guard's view of the step ----
     flat_grad: torch.Tensor | None      # the one gradient buffer, when adopted (else None)
-    grad_carrier: torch.Tensor | None   # its first element: where the loss is folded in
     last_input: torch.Tensor | None     # the last batch's features and model output (None
     last_output: Any                    # where not recorded), to explain a bad step
 
