@@ -69,13 +69,13 @@ MODELS = {
 QUICK = {"mlp": Model("mlp", (256, 256), rows=2_560, val=500, epochs=1, target=0.15, every=5, cap=60),
          "wide": Model("wide", (2304, 2304), rows=1_280, val=200, epochs=1, target=0.15, every=5, cap=60)}
 CONFIGS = ("sync", "sync(compress=fp16)", "sync(compress=int8)", "sync(compress=topk(0.01))",
-           "sync(compress=powersgd(4))", "periodic(every={H})", "periodic(every={H}, compress=int8)",
+           "sync(compress=powersgd(4))", "sync(compress=powersgd(4, alternate=true))", "periodic(every={H})", "periodic(every={H}, compress=int8)",
            "diloco(every={H})", "diloco(every={H}, compress=int8)")
 # The wide model's steps are ~40x the MLP's in compute and bytes: fewer configs keep the bench short.
-WIDE_CONFIGS = ("sync", "sync(compress=powersgd(4))", "periodic(every={H}, compress=int8)", "diloco(every={H})",
+WIDE_CONFIGS = ("sync", "sync(compress=powersgd(4))", "sync(compress=powersgd(4, alternate=true))", "periodic(every={H}, compress=int8)", "diloco(every={H})",
                 "diloco(every={H}, compress=int8)")
-# --all: every strategy without and with every compression (18 runs per model and link)
-COMPRESSIONS = ("fp16", "bf16", "int8", "topk(0.01)", "powersgd(4)")
+# --all: every strategy without and with every compression (21 runs per model and link)
+COMPRESSIONS = ("fp16", "bf16", "int8", "topk(0.01)", "powersgd(4)", "powersgd(4, alternate=true)")
 ALL_CONFIGS = ("sync", *(f"sync(compress={c})" for c in COMPRESSIONS),
                *(f"{name}(every={{H}}{f', compress={c}' if c else ''})" for name in ("periodic", "diloco")
                  for c in ("", *COMPRESSIONS)))
@@ -259,7 +259,7 @@ def main() -> None:
     parser.add_argument("--config", action="append", dest="configs", metavar="SPEC",
                         help="a strategy spec ({H}: the model's every); repeat it; default: CONFIGS for mlp, "
                              "WIDE_CONFIGS for wide")
-    parser.add_argument("--all", action="store_true", help="all 18 configs (ALL_CONFIGS) for every model")
+    parser.add_argument("--all", action="store_true", help="all 21 configs (ALL_CONFIGS) for every model")
     parser.add_argument("--cap", type=float, default=None,
                         help="seconds a run may take (default: the model's, 60 for mlp, 40 for wide)")
     parser.add_argument("--json", type=Path, default=None, help="also write every run, rounds included, here")

@@ -70,12 +70,13 @@ def test_spec_strings_and_bad_values_name_the_field_and_the_accepted_values():
     assert parse("sync(compress=powersgd(4))").compress == cx.PowerSGD(rank=4)
     assert parse("diloco(every=100, compress=int8)").compress == cx.Int8()
     assert parse("periodic(every=8, compress=topk(0.01))").compress == cx.TopK(0.01)
-    for spec in ("sync(compress=powersgd(rank=2, start=5))", "periodic(every=3, compress=int8(block=64))",
-                 "diloco(compress=bf16)"):
+    for spec in ("sync(compress=powersgd(rank=2, start=5))", "sync(compress=powersgd(4, alternate=true))",
+                 "periodic(every=3, compress=int8(block=64))", "diloco(compress=bf16)"):
         assert parse(parse(spec).spec()) == parse(spec)
     for spec, words in [("sync(compress=zip)", ["sync.compress", "'fp16'", "'powersgd'"]),
                         ("periodic(compress=topk(0))", ["topk.ratio", "(0, 1]"]),
                         ("sync(compress=powersgd(0))", ["powersgd.rank", ">= 1"]),
+                        ("sync(compress=powersgd(2, alternate=1))", ["powersgd.alternate", "true or false"]),
                         ("diloco(compress=int8(block=0))", ["int8.block"]),
                         ("sync(compress=topk(foo=1))", ["no option 'foo'", "ratio"]),
                         ("periodic(merge=median, compress=int8)", ["periodic.compress", "merge=mean", "none"])]:
@@ -168,6 +169,7 @@ def simulate(model, x, y, *, compress, every, workers=2, epochs=2, batch_size=8,
             d = compress(c)
             residuals[r] = c - d
             sent.append(d)
+        getattr(compress, "exchanged", lambda: None)()  # a stateful compressor's shared step
         return sum(sent[1:], sent[0]) / workers
 
     for epoch in range(epochs):
@@ -209,6 +211,56 @@ def test_biased_compression_with_error_feedback_equals_the_sequential_simulation
     assert max_abs_diff(result.model, uncompressed.model) > 1e-4  # compression did change something
 
 
+class OneSidedPowerSGD:
+    """powersgd(alternate=true), written out for one replica at a time: odd exchanges project each
+    weight matrix M onto the shared Q̂ = orth(mean Q) (d = M·Q̂·Q̂ᵀ), even ones onto
+    P̂ = orth(mean P) (d = P̂·P̂ᵀ·M); each exchange's factors are averaged into the next basis."""
+
+    def __init__(self, model, rank):
+        self.shapes = [tuple(p.shape) for p in model.parameters()]
+        self.ranks = [cx.powersgd_rank(s, rank, 2.0) for s in self.shapes]
+        qs = cx.initial_q(self.shapes, rank, 2.0, 0).split(
+            [s[1] * r for s, r in zip(self.shapes, self.ranks) if r])
+        self.memory = {i: q.reshape(-1, r) for i, q, r in zip(
+            [i for i, r in enumerate(self.ranks) if r], qs, [r for r in self.ranks if r])}
+        self.exchanges, self.factors = 1, {}
+
+    def __call__(self, c):
+        out, offset = [], 0
+        for i, (shape, r) in enumerate(zip(self.shapes, self.ranks)):
+            piece = c[offset:offset + math.prod(shape)]
+            offset += piece.numel()
+            if not r:
+                out.append(piece)
+                continue
+            m = piece.reshape(shape)
+            basis = cx.gram_schmidt(self.memory[i].clone())
+            factor = m @ basis if self.exchanges % 2 else m.T @ basis
+            self.factors.setdefault(i, []).append(factor)
+            out.append((factor @ basis.T if self.exchanges % 2 else basis @ factor.T).reshape(-1))
+        return torch.cat(out)
+
+    def exchanged(self):
+        self.memory = {i: sum(fs) / len(fs) for i, fs in self.factors.items()}
+        self.exchanges, self.factors = self.exchanges + 1, {}
+
+
+def test_alternating_powersgd_equals_its_sequential_simulation(blobs, small_model):
+    # rank 2: Gram-Schmidt on both sides, as in the simulation (QR differs by column signs only)
+    x, y = blobs
+    result = fit(small_model, blobs, strategy="sync(compress=powersgd(2, alternate=true))", momentum=0.9)
+    expected = simulate(small_model, x, y, compress=OneSidedPowerSGD(small_model, 2), every=None, momentum=0.9)
+    assert max_abs_diff(result.model, expected) <= 1e-5
+    two_sided = fit(small_model, blobs, strategy="sync(compress=powersgd(2))", momentum=0.9)
+    assert max_abs_diff(result.model, two_sided.model) > 1e-4
+    # one all-reduce a step: [P (16×2) or Q (8×2) of the first layer, the rest] and the weight;
+    # rank 2 leaves the 3×16 layer uncompressed ((3 + 16)·2·2 > 48); 12 steps, 6 on each side
+    p_len, q_len, plain = 16 * 2, 8 * 2, 16 + 3 * 16 + 3
+    assert [cx.powersgd_rank(s, 2, 2) for s in [(16, 8), (3, 16)]] == [2, 0]
+    sides = 6 * (p_len + plain + 1) * 4 + 6 * (q_len + plain + 1) * 4
+    assert result.final["comm_bytes"] == 195 * 4 + sides
+
+
 def test_diloco_compresses_the_pseudo_gradient_with_outer_lr_1_as_periodic(blobs, small_model):
     diloco = fit(small_model, blobs, strategy="diloco(every=3, outer_lr=1, outer_momentum=0, compress=topk(0.1))")
     periodic = fit(small_model, blobs, strategy="periodic(every=3, compress=topk(0.1))")
@@ -217,7 +269,7 @@ def test_diloco_compresses_the_pseudo_gradient_with_outer_lr_1_as_periodic(blobs
 
 # ---- stacked replicas, resume ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("strategy", ["sync(compress=fp16)", "sync(compress=powersgd(2))",
+@pytest.mark.parametrize("strategy", ["sync(compress=fp16)", "sync(compress=powersgd(2, alternate=true))",
                                       "periodic(every=3, compress=int8(block=32))",
                                       "diloco(every=4, compress=topk(0.2))"])
 def test_stacked_replicas_equal_unstacked_ones(blobs, small_model, strategy):
@@ -237,8 +289,9 @@ def test_stacked_replicas_equal_unstacked_ones_where_powersgd_orthogonalizes_by_
     assert max_abs_diff(threads.model, fit(model, blobs, strategy="sync", momentum=0.9).model) > 1e-3
 
 
-@pytest.mark.parametrize("strategy", ["sync(compress=powersgd(1, start=3))", "periodic(every=4, compress=int8(32))",
-                                      "diloco(every=4, compress=topk(0.1))"])
+@pytest.mark.parametrize("strategy", ["sync(compress=powersgd(1, start=3))",
+                                      "sync(compress=powersgd(1, start=1, alternate=true))",
+                                      "periodic(every=4, compress=int8(32))", "diloco(every=4, compress=topk(0.1))"])
 def test_resume_mid_run_with_residuals_is_bit_identical(blobs, small_model, tmp_path, strategy):
     kwargs = dict(strategy=strategy, momentum=0.9, epochs=3)
     everything = tmp_path / "all"

@@ -194,7 +194,10 @@ class PowerSGD(Compression):
     """Rank-``rank`` PowerSGD per parameter matrix with warm-started Q (Vogels et al. 2019,
     "PowerSGD: Practical Low-Rank Gradient Compression"). The first ``start`` exchanges are
     sent uncompressed (DDP's start_powerSGD_iter); a parameter is compressed only where
-    (n + m)·r·min_rate < n·m (DDP's min_compression_rate); ``seed`` draws the first Q."""
+    (n + m)·r·min_rate < n·m (DDP's min_compression_rate); ``seed`` draws the first Q.
+    ``alternate=True`` sends P and Q on alternate exchanges, one all-reduce a step instead of two
+    in sequence (half the factor bytes): for links where a collective's latency, not its bytes,
+    is the price. It is unison's variant, not DDP's hook."""
 
     name = "powersgd"
     biased = True
@@ -202,8 +205,11 @@ class PowerSGD(Compression):
     start: int = 0
     min_rate: float = 2.0
     seed: int = 0
+    alternate: bool = False
 
     def __post_init__(self):
+        if not isinstance(self.alternate, bool):
+            raise ConfigError(expected("powersgd.alternate", self.alternate, "true or false"))
         for field, value, low in (("rank", self.rank, 1), ("start", self.start, 0), ("seed", self.seed, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(expected(f"powersgd.{field}", value, f"an integer >= {low}"))

@@ -13,10 +13,13 @@ communicator, so ``comm_bytes`` counts the compressed payload itself:
 - int8, topk: one all-gather of each replica's bytes (int8: codes + float32 scales; topk:
   float32 values + int32 indices; both + its float32 weight); every rank decodes and averages
   in rank order. They cannot be summed on the wire, so it is an all-gather, (N-1)·B.
-- powersgd: two all-reduces, [uncompressed parameters, P factors] and then the Q factors.
+- powersgd: two all-reduces, [uncompressed parameters, P factors] and then the Q factors;
+  with ``alternate=true`` one: [uncompressed parameters, P factors] and
+  [uncompressed parameters, Q factors] on alternate exchanges.
 
 Error-feedback residuals (one per replica, shaped like the vector), PowerSGD's warm-started Q
-and its exchange count live in ``replica.strategy_state``, so checkpoints carry them.
+(alternating, also its last mean P) and its exchange count live in ``replica.strategy_state``,
+so checkpoints carry them.
 Stacked replicas compress each row as a separate replica would (the result equals the
 unstacked run); only what the outer communicator sends is counted.
 """
@@ -36,6 +39,7 @@ if TYPE_CHECKING:
     from ..engine.view import ReplicaView
 
 RESIDUAL, Q_MEMORY, EXCHANGES = "compress.residual", "compress.q", "compress.exchanges"
+P_MEMORY = "compress.p"  # alternating PowerSGD's last mean P
 HALF_TOTAL = "compress.total"  # the total weight of the last half-precision exchange
 EXACT_SUM = {torch.float16: 2048, torch.bfloat16: 256}  # integers up to these add exactly
 
@@ -163,30 +167,72 @@ def _powersgd(replica, comm, vector, weight, compression: cx.PowerSGD) -> torch.
     qs = [q.reshape(*lead, -1, r) for q, r in zip(state[Q_MEMORY].split(q_sizes, dim=-1), [r for r in ranks if r])]
     matrices = [p.reshape(*lead, *cx.matrix_shape(s)) for p, s, r in zip(pieces, shapes, ranks) if r]
     plain = [p for p, r in zip(pieces, ranks) if not r]
+    if compression.alternate:
+        out, local = _one_sided(state, comm, weight, matrices, qs, plain, (int(count) - compression.start) % 2)
+    else:
+        out, local = _two_sided(state, comm, weight, matrices, qs, plain)
+    _store_residual(replica, corrected, _in_order(local, pieces, ranks), _weights(weight, vector))
+    return _in_order(out, pieces, ranks)
+
+
+def _in_order(approximations: list, pieces: list, ranks: list) -> torch.Tensor:
+    """The flat vector from the compressed matrices' approximations and the plain pieces, each in
+    its parameter's place (``approximations`` lists the matrices first, the plain pieces after)."""
+    compressed = sum(1 for r in ranks if r)
+    matrices, plain = iter(approximations[:compressed]), iter(approximations[compressed:])
+    return torch.cat([(next(matrices) if r else next(plain)).reshape(p.shape) for p, r in zip(pieces, ranks)], dim=-1)
+
+
+def _all_reduce_factors(comm, weight, factors: list, plain: list) -> list:
+    """One all-reduce of [factors, plain pieces]; their means, each in its shape."""
+    flat = torch.cat([f.flatten(-2) for f in factors] + plain, dim=-1)
+    comm.all_reduce_mean(flat, weight)
+    parts = flat.split([f.shape[-2] * f.shape[-1] for f in factors] + [x.shape[-1] for x in plain], dim=-1)
+    return [a.reshape(f.shape) for a, f in zip(parts, factors)] + list(parts[len(factors):])
+
+
+def _two_sided(state, comm, weight, matrices, qs, plain) -> tuple[list, list]:
+    """One power iteration a step: P = M·Q̂ all-reduced, P̂ = orth(mean P), Q = Mᵀ·P̂ all-reduced;
+    the mean is P̂·mean(Q)ᵀ. Two all-reduces in sequence. Returns (means, own approximations)."""
     ps = [m @ cx.orthogonalize(q.clone()) for m, q in zip(matrices, qs)]
-    first = torch.cat([p.flatten(-2) for p in ps] + plain, dim=-1)
-    comm.all_reduce_mean(first, weight)
-    p_sizes = [p.shape[-2] * p.shape[-1] for p in ps]
-    averaged = first.split(p_sizes + [x.shape[-1] for x in plain], dim=-1)
-    p_hats = [cx.orthogonalize(a.reshape(p.shape).clone()) for a, p in zip(averaged, ps)]
+    averaged = _all_reduce_factors(comm, weight, ps, plain)
+    p_hats = [cx.orthogonalize(a.clone()) for a in averaged[:len(ps)]]
     local_qs = [m.transpose(-1, -2) @ p for m, p in zip(matrices, p_hats)]
-    second = torch.cat([q.flatten(-2) for q in local_qs], dim=-1) if local_qs else first[..., :0]
-    comm.all_reduce_mean(second, weight)
-    state[Q_MEMORY] = _finite_or(second, state[Q_MEMORY])
-    mean_qs = second.split(q_sizes, dim=-1)
-    out, local, k, j = [], [], 0, len(ps)
-    for piece, r in zip(pieces, ranks):
-        if r:
-            p_hat, q_mean = p_hats[k], mean_qs[k].reshape(local_qs[k].shape)
-            out.append((p_hat @ q_mean.transpose(-1, -2)).reshape(piece.shape))
-            local.append((p_hat @ local_qs[k].transpose(-1, -2)).reshape(piece.shape))
-            k += 1
-        else:
-            out.append(averaged[j])
-            local.append(piece)  # sent as it is: no error
-            j += 1
-    _store_residual(replica, corrected, torch.cat(local, dim=-1), _weights(weight, vector))
-    return torch.cat(out, dim=-1)
+    mean_qs = _all_reduce_factors(comm, weight, local_qs, []) if local_qs else []
+    if mean_qs:
+        state[Q_MEMORY] = _finite_or(torch.cat([q.flatten(-2) for q in mean_qs], dim=-1), state[Q_MEMORY])
+    out = [p @ q.transpose(-1, -2) for p, q in zip(p_hats, mean_qs)] + averaged[len(ps):]
+    local = [p @ q.transpose(-1, -2) for p, q in zip(p_hats, local_qs)] + plain  # plain: sent as it is
+    return out, local
+
+
+def _one_sided(state, comm, weight, matrices, qs, plain, p_side: int) -> tuple[list, list]:
+    """Half a power iteration a step, one all-reduce (``alternate=true``). On odd exchanges every
+    rank projects onto the shared Q̂ = orth(last mean Q): sends P = M·Q̂, and the mean is
+    mean(P)·Q̂ᵀ = mean(M)·Q̂·Q̂ᵀ. On even ones onto P̂ = orth(last mean P): sends Q = Mᵀ·P̂, the
+    mean is P̂·mean(Q)ᵀ. Each step's subspace is the last step's half-iteration, as PowerSGD's
+    warm start reuses the last Q (Vogels et al. 2019, §3); the error feedback carries what a
+    projection leaves out. Returns (means, own approximations)."""
+    if p_side:
+        bases = [cx.orthogonalize(q.clone()) for q in qs]
+        factors = [m @ b for m, b in zip(matrices, bases)]
+    else:
+        sizes = [m.shape[-2] * b.shape[-1] for m, b in zip(matrices, qs)]
+        bases = [cx.orthogonalize(p.reshape(*m.shape[:-1], b.shape[-1]).clone())
+                 for p, m, b in zip(state[P_MEMORY].split(sizes, dim=-1), matrices, qs)]
+        factors = [m.transpose(-1, -2) @ b for m, b in zip(matrices, bases)]
+    averaged = _all_reduce_factors(comm, weight, factors, plain)
+    means = averaged[:len(factors)]
+    if means:
+        key = P_MEMORY if p_side else Q_MEMORY
+        state[key] = _finite_or(torch.cat([f.flatten(-2) for f in means], dim=-1), state.get(key))
+    if p_side:
+        out = [f @ b.transpose(-1, -2) for f, b in zip(means, bases)]
+        local = [f @ b.transpose(-1, -2) for f, b in zip(factors, bases)]
+    else:
+        out = [b @ f.transpose(-1, -2) for f, b in zip(means, bases)]
+        local = [b @ f.transpose(-1, -2) for f, b in zip(factors, bases)]
+    return out + averaged[len(factors):], local + plain
 
 
 def merge_change(replica: "ReplicaView", comm: "Communicator", compression: cx.Compression,
