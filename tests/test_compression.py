@@ -269,7 +269,8 @@ def test_diloco_compresses_the_pseudo_gradient_with_outer_lr_1_as_periodic(blobs
 
 # ---- stacked replicas, resume ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("strategy", ["sync(compress=fp16)", "sync(compress=powersgd(2, alternate=true))",
+@pytest.mark.parametrize("strategy", ["sync(compress=fp16)", "sync(compress=powersgd(2))",
+                                      "sync(compress=powersgd(2, alternate=true))",
                                       "periodic(every=3, compress=int8(block=32))",
                                       "diloco(every=4, compress=topk(0.2))"])
 def test_stacked_replicas_equal_unstacked_ones(blobs, small_model, strategy):
@@ -313,6 +314,41 @@ def test_a_skipped_non_finite_step_leaves_no_nan_in_the_residuals(blobs, name):
     skipped = fit(start(how="nan", rank=0, at=5), blobs, strategy=f"sync(compress={name})", nan="skip", epochs=3)
     assert skipped.history[-1]["discarded_steps"] == 2  # both replicas dropped the shared step 5, no other
     assert all(torch.isfinite(p).all() for p in skipped.model.parameters())
+
+
+@pytest.mark.parametrize("name", ["powersgd(1)", "powersgd(1, alternate=true)"])
+def test_a_non_finite_or_zero_first_exchange_does_not_stall_powersgd(blobs, name):
+    """Rank 1 orthogonalizes by Gram-Schmidt, which keeps a zero column zero: a discarded first
+    step (no mean P kept yet) or a zero mean must leave the factor memory as it was."""
+    from types import SimpleNamespace
+
+    from test_comm import run_ranks
+    from test_nonfinite import start
+    from unison.strategies.compressed import compressed_mean
+
+    skipped = fit(start(how="nan", rank=0, at=1), blobs, strategy=f"sync(compress={name})", nan="skip", epochs=3)
+    clean = fit(start(how="nan", rank=0, at=10**6), blobs, strategy=f"sync(compress={name})", nan="skip", epochs=3)
+    assert skipped.history[-1]["discarded_steps"] == 2
+    assert skipped.final["train_loss"] < 1.5 * clean.final["train_loss"]  # it kept learning after step 1
+    compression = cx.parse(name)
+    g = torch.Generator().manual_seed(0)
+    vectors = torch.randn(4, 2, 6 * 5, generator=g)   # [step, rank, P]: one 6×5 matrix
+    weights = [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0], [1.0, 1.0]]  # nothing counted at the first step
+
+    def body(comm):
+        replica = SimpleNamespace(strategy_state={}, local_shape=(), trainable=[torch.zeros(6, 5)])
+        return [compressed_mean(replica, comm, vectors[step, comm.rank].clone(), w[comm.rank], compression)
+                for step, w in enumerate(weights)]
+    results, errors = run_ranks(2, body)
+    assert errors == [None, None]
+    assert all(float(out.abs().sum()) > 0 for out in results[0][1:])  # compression still sends something
+
+
+def test_alternating_powersgd_with_nothing_to_compress_is_plain_sync(blobs, small_model):
+    # rank 8 compresses no layer of the small MLP: (16 + 8)·8·2 > 16·8 and (3 + 16)·3·2 > 3·16
+    alone = fit(small_model, blobs, strategy="sync(compress=powersgd(8, alternate=true))", epochs=3)
+    plain = fit(small_model, blobs, strategy="sync", epochs=3)
+    assert max_abs_diff(alone.model, plain.model) <= 1e-6
 
 
 @pytest.mark.parametrize("name", ["fp16", "bf16"])

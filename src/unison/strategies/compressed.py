@@ -73,6 +73,20 @@ def _finite_or(new: torch.Tensor, old: torch.Tensor | None) -> torch.Tensor:
     return torch.where(finite, new, 0.0 if old is None else old)
 
 
+def _kept_factor(new: torch.Tensor, old: torch.Tensor | None) -> torch.Tensor | None:
+    """A power iteration's memory: ``new`` where its row is finite and not all zeros, else ``old``
+    (None: nothing to keep). A zero factor would stay zero for good (P = M·0, and Gram-Schmidt
+    keeps a zero column zero): a step with a zero mean (every weight 0, a layer without
+    gradient) or one the non-finite guard discards must not stall the compression after it."""
+    peak = new.abs().amax(dim=-1, keepdim=True)
+    kept = torch.isfinite(peak) & (peak > 0)
+    if new.device.type == "cpu" and bool(kept.all()):
+        return new
+    if old is None:
+        return new if bool(kept.all()) else None
+    return torch.where(kept, new, old)
+
+
 def _store_residual(replica, corrected: torch.Tensor, sent: torch.Tensor, w: torch.Tensor) -> None:
     """e ← c − decompress(compress(c)); a replica of weight 0 had nothing counted, so it keeps c.
     ``corrected`` is the caller's own sum, no longer needed: it is overwritten."""
@@ -200,7 +214,7 @@ def _two_sided(state, comm, weight, matrices, qs, plain) -> tuple[list, list]:
     local_qs = [m.transpose(-1, -2) @ p for m, p in zip(matrices, p_hats)]
     mean_qs = _all_reduce_factors(comm, weight, local_qs, []) if local_qs else []
     if mean_qs:
-        state[Q_MEMORY] = _finite_or(torch.cat([q.flatten(-2) for q in mean_qs], dim=-1), state[Q_MEMORY])
+        state[Q_MEMORY] = _kept_factor(torch.cat([q.flatten(-2) for q in mean_qs], dim=-1), state[Q_MEMORY])
     out = [p @ q.transpose(-1, -2) for p, q in zip(p_hats, mean_qs)] + averaged[len(ps):]
     local = [p @ q.transpose(-1, -2) for p, q in zip(p_hats, local_qs)] + plain  # plain: sent as it is
     return out, local
@@ -213,7 +227,10 @@ def _one_sided(state, comm, weight, matrices, qs, plain, p_side: int) -> tuple[l
     mean is P̂·mean(Q)ᵀ. Each step's subspace is the last step's half-iteration, as PowerSGD's
     warm start reuses the last Q (Vogels et al. 2019, §3); the error feedback carries what a
     projection leaves out. Returns (means, own approximations)."""
-    if p_side:
+    if not matrices:
+        return _all_reduce_factors(comm, weight, [], plain), plain
+    if p_side or P_MEMORY not in state:  # no mean P yet (or none kept): the P side again
+        p_side = 1
         bases = [cx.orthogonalize(q.clone()) for q in qs]
         factors = [m @ b for m, b in zip(matrices, bases)]
     else:
@@ -223,9 +240,10 @@ def _one_sided(state, comm, weight, matrices, qs, plain, p_side: int) -> tuple[l
         factors = [m.transpose(-1, -2) @ b for m, b in zip(matrices, bases)]
     averaged = _all_reduce_factors(comm, weight, factors, plain)
     means = averaged[:len(factors)]
-    if means:
-        key = P_MEMORY if p_side else Q_MEMORY
-        state[key] = _finite_or(torch.cat([f.flatten(-2) for f in means], dim=-1), state.get(key))
+    key = P_MEMORY if p_side else Q_MEMORY
+    kept = _kept_factor(torch.cat([f.flatten(-2) for f in means], dim=-1), state.get(key))
+    if kept is not None:
+        state[key] = kept
     if p_side:
         out = [f @ b.transpose(-1, -2) for f, b in zip(means, bases)]
         local = [f @ b.transpose(-1, -2) for f, b in zip(factors, bases)]
