@@ -179,7 +179,8 @@ def test_compression_times_each_compressor_on_each_link_and_a_miss_cannot_pay(tm
     from unison.evidence import compression
 
     def records(label, seed):  # one epoch of compute, then the target; collectives shrink with compression
-        payload = {"none": 4000, "fp16": 2000, "int8": 1000, "powersgd(4)": 400}[label] * 1000
+        payload = {"none": 4000, "fp16": 2000, "int8": 1000, "powersgd(4)": 400,
+                   "powersgd(4, alternate=true)": 200}[label] * 1000
         last = 0.5 if (label, seed) == ("int8", 2) else 0.95  # int8 misses the target in seed 2
         return [{"step": 10, "epoch": 1.0, "wall_s": 0.1, "comm_s": 0.0, "val_acc": 0.5,
                  "collectives": {"all_reduce": [10, payload]}},
@@ -189,7 +190,7 @@ def test_compression_times_each_compressor_on_each_link_and_a_miss_cannot_pay(tm
     monkeypatch.setattr(Context, "compare", fake_compare(records))
     monkeypatch.setattr(compression.two_hosts, "available", lambda: "not here")  # the modelled links only
     found = compression.measure(Context(seeds=[0, 1, 2], quick=True, out=tmp_path, progress=False))
-    assert len(found) == 6
+    assert len(found) == 2 * len(compression.COMPRESSORS) == 8
     for finding in found:
         link = linkmodel.parse(compression.LINKS["slow" if "slow" in finding.claim else "fast"])
         label = next(c for c in compression.COMPRESSORS if f" {c} " in finding.claim)

@@ -123,7 +123,7 @@ def test_the_token_bucket_is_a_millisecond_of_the_rate_and_at_least_two_frames()
 
 
 def test_a_real_link_where_every_run_failed_gives_notes_not_findings(tmp_path, monkeypatch):
-    labels = ("none", "fp16", "int8", "powersgd-4")
+    labels = ("none", "fp16", "int8", "powersgd-4", "powersgd-4-alternate-true")
     monkeypatch.setattr(two_hosts.netlab, "train", fake_train({label: {0: "failed", 1: "failed", 2: "failed"}
                                                                for label in labels}))
     monkeypatch.setattr(two_hosts, "link_rate", lambda rate: 1e8)
@@ -132,7 +132,7 @@ def test_a_real_link_where_every_run_failed_gives_notes_not_findings(tmp_path, m
     assert compression.measured_on_real_links(context, runs) == []
     assert [note for note in context.notes if note.startswith("The real")] == [
         f"The real {name} link gave no finding: every run on it failed." for name in compression.REAL_LINKS]
-    assert len(context.notes) == 2 + 2 * 4 * 3  # and one line per failed run
+    assert len(context.notes) == 2 + 2 * len(labels) * 3  # and one line per failed run
 
 
 def test_hosts_that_cannot_be_made_are_a_failed_run_not_a_crash(tmp_path, monkeypatch):

@@ -12,7 +12,8 @@ from ..config import ModelConfig
 from . import two_hosts
 from .base import Context, Experiment, Finding, first_reaching, per_seed
 
-COMPRESSORS = {"fp16": "fp16", "int8": "int8", "powersgd(4)": "powersgd(4)"}
+COMPRESSORS = {"fp16": "fp16", "int8": "int8", "powersgd(4)": "powersgd(4)",
+               "powersgd(4, alternate=true)": "powersgd(4, alternate=true)"}  # one all-reduce a step
 LINKS = {"slow": "100mbit,1ms", "fast": "10gbit,10us"}
 WORKERS, HIDDEN, TARGET = 4, (256, 256), 0.90
 REPEAT = 3  # the verdict rests on measured compute: each seed's time is the median of 3 attempts
@@ -120,12 +121,13 @@ EXPERIMENT = Experiment(
                  "the fast-link half of this claim.",
     setup=f"Digits, an MLP with two hidden layers of {HIDDEN[0]} (83 k parameters, 332 KB of gradients a step), "
           f"{WORKERS} workers of `sync` on the stacked backend, SGD (lr 0.05, momentum 0.9, batch 16 per worker), "
-          f"without compression and with {', '.join(COMPRESSORS)} (error feedback for int8 and PowerSGD). Each "
+          f"without compression and with {', '.join(COMPRESSORS)} (error feedback for int8 and PowerSGD; "
+          "the alternating PowerSGD sends P and Q on alternate steps, one all-reduce a step). Each "
           "seed's rounds are re-timed on each link by unison's link model: the measured compute of a replica "
           "(compression included) plus its counted collectives on the link (ring all-reduce; "
           f"unison.linkmodel). Time to {TARGET:.0%} validation accuracy, read at the epoch ends; each seed "
           f"measured {REPEAT} times, interleaved, and its median taken. Where this machine allows network "
-          "namespaces (root and iproute2), the same four arms also run for real on two hosts, one process each: two "
+          f"namespaces (root and iproute2), the same {len(COMPRESSORS) + 1} arms also run for real on two hosts, one process each: two "
           "namespaces joined by a veth pair, each host on its own half of the cores, the README's two-host torchrun "
           "command in each (unison.netlab), once over the unthrottled veth and once limited to 100 Mbit/s with "
           f"`tc ... tbf`; there the time is the measured training time to {REAL_TARGET:.0%} (1 to 3 epochs; start-up "
