@@ -332,16 +332,18 @@ def test_a_non_finite_or_zero_first_exchange_does_not_stall_powersgd(blobs, name
     assert skipped.final["train_loss"] < 1.5 * clean.final["train_loss"]  # it kept learning after step 1
     compression = cx.parse(name)
     g = torch.Generator().manual_seed(0)
-    vectors = torch.randn(4, 2, 6 * 5, generator=g)   # [step, rank, P]: one 6×5 matrix
-    weights = [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0], [1.0, 1.0]]  # nothing counted at the first step
+    vectors = torch.randn(5, 2, 6 * 5 + 4 * 5, generator=g)  # [step, rank, P]: a 6×5 and a 4×5 matrix
+    vectors[0, :, 30:] = 0                                      # step 1: the second layer has no gradient
+    weights = [[1.0, 1.0], [0.0, 0.0], [1.0, 1.0], [1.0, 1.0], [1.0, 1.0]]  # step 2: nothing counted
 
     def body(comm):
-        replica = SimpleNamespace(strategy_state={}, local_shape=(), trainable=[torch.zeros(6, 5)])
+        replica = SimpleNamespace(strategy_state={}, local_shape=(), trainable=[torch.zeros(6, 5), torch.zeros(4, 5)])
         return [compressed_mean(replica, comm, vectors[step, comm.rank].clone(), w[comm.rank], compression)
                 for step, w in enumerate(weights)]
     results, errors = run_ranks(2, body)
     assert errors == [None, None]
-    assert all(float(out.abs().sum()) > 0 for out in results[0][1:])  # compression still sends something
+    for out in results[0][2:]:  # compression still sends something for each layer
+        assert float(out[:30].abs().sum()) > 0 and float(out[30:].abs().sum()) > 0
 
 
 def test_alternating_powersgd_with_nothing_to_compress_is_plain_sync(blobs, small_model):

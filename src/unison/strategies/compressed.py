@@ -73,18 +73,20 @@ def _finite_or(new: torch.Tensor, old: torch.Tensor | None) -> torch.Tensor:
     return torch.where(finite, new, 0.0 if old is None else old)
 
 
-def _kept_factor(new: torch.Tensor, old: torch.Tensor | None) -> torch.Tensor | None:
-    """A power iteration's memory: ``new`` where its row is finite and not all zeros, else ``old``
-    (None: nothing to keep). A zero factor would stay zero for good (P = M·0, and Gram-Schmidt
-    keeps a zero column zero): a step with a zero mean (every weight 0, a layer without
-    gradient) or one the non-finite guard discards must not stall the compression after it."""
-    peak = new.abs().amax(dim=-1, keepdim=True)
-    kept = torch.isfinite(peak) & (peak > 0)
+def _kept_factor(new: torch.Tensor, old: torch.Tensor | None, sizes: list[int]) -> torch.Tensor | None:
+    """A power iteration's memory, the factors of ``sizes`` values each, flat: ``new`` where a
+    factor is finite and not all zeros, else ``old``'s (None: nothing to keep). A zero factor
+    would stay zero for good (P = M·0, and Gram-Schmidt keeps a zero column zero): a step with a
+    zero mean (every weight 0, a layer without gradient) or one the non-finite guard discards
+    must not stall that layer's compression after it."""
+    peaks = torch.stack([part.abs().amax(dim=-1) for part in new.split(sizes, dim=-1)], dim=-1)
+    kept = torch.isfinite(peaks) & (peaks > 0)
     if new.device.type == "cpu" and bool(kept.all()):
         return new
     if old is None:
         return new if bool(kept.all()) else None
-    return torch.where(kept, new, old)
+    every = torch.repeat_interleave(kept, torch.tensor(sizes, device=new.device), dim=-1)
+    return torch.where(every, new, old)
 
 
 def _store_residual(replica, corrected: torch.Tensor, sent: torch.Tensor, w: torch.Tensor) -> None:
@@ -214,7 +216,8 @@ def _two_sided(state, comm, weight, matrices, qs, plain) -> tuple[list, list]:
     local_qs = [m.transpose(-1, -2) @ p for m, p in zip(matrices, p_hats)]
     mean_qs = _all_reduce_factors(comm, weight, local_qs, []) if local_qs else []
     if mean_qs:
-        state[Q_MEMORY] = _kept_factor(torch.cat([q.flatten(-2) for q in mean_qs], dim=-1), state[Q_MEMORY])
+        state[Q_MEMORY] = _kept_factor(torch.cat([q.flatten(-2) for q in mean_qs], dim=-1), state[Q_MEMORY],
+                                       [q.shape[-2] * q.shape[-1] for q in mean_qs])
     out = [p @ q.transpose(-1, -2) for p, q in zip(p_hats, mean_qs)] + averaged[len(ps):]
     local = [p @ q.transpose(-1, -2) for p, q in zip(p_hats, local_qs)] + plain  # plain: sent as it is
     return out, local
@@ -241,7 +244,8 @@ def _one_sided(state, comm, weight, matrices, qs, plain, p_side: int) -> tuple[l
     averaged = _all_reduce_factors(comm, weight, factors, plain)
     means = averaged[:len(factors)]
     key = P_MEMORY if p_side else Q_MEMORY
-    kept = _kept_factor(torch.cat([f.flatten(-2) for f in means], dim=-1), state.get(key))
+    kept = _kept_factor(torch.cat([f.flatten(-2) for f in means], dim=-1), state.get(key),
+                        [f.shape[-2] * f.shape[-1] for f in means])
     if kept is not None:
         state[key] = kept
     if p_side:
