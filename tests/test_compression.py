@@ -333,16 +333,21 @@ def test_a_non_finite_or_zero_first_exchange_does_not_stall_powersgd(blobs, name
     compression = cx.parse(name)
     g = torch.Generator().manual_seed(0)
     vectors = torch.randn(5, 2, 6 * 5 + 4 * 5, generator=g)  # [step, rank, P]: a 6×5 and a 4×5 matrix
-    vectors[0, :, 30:] = 0                                      # step 1: the second layer has no gradient
-    weights = [[1.0, 1.0], [0.0, 0.0], [1.0, 1.0], [1.0, 1.0], [1.0, 1.0]]  # step 2: nothing counted
+    no_gradient = vectors.clone()
+    no_gradient[0, :, 30:] = 0                                  # step 1: the second layer has no gradient
+    counted, nothing_first = [[1.0, 1.0]] * 5, [[0.0, 0.0]] + [[1.0, 1.0]] * 4
 
-    def body(comm):
-        replica = SimpleNamespace(strategy_state={}, local_shape=(), trainable=[torch.zeros(6, 5), torch.zeros(4, 5)])
-        return [compressed_mean(replica, comm, vectors[step, comm.rank].clone(), w[comm.rank], compression)
-                for step, w in enumerate(weights)]
-    results, errors = run_ranks(2, body)
-    assert errors == [None, None]
-    for out in results[0][2:]:  # compression still sends something for each layer
+    def exchanges(vectors, weights):
+        def body(comm):
+            shapes = [torch.zeros(6, 5), torch.zeros(4, 5)]
+            replica = SimpleNamespace(strategy_state={}, local_shape=(), trainable=shapes)
+            return [compressed_mean(replica, comm, vectors[step, comm.rank].clone(), w[comm.rank], compression)
+                    for step, w in enumerate(weights)]
+        results, errors = run_ranks(2, body)
+        assert errors == [None, None]
+        return results[0]
+    # from step 3 on (alternating: its next P side) each layer's mean is sent again
+    for out in exchanges(no_gradient, counted)[2:] + exchanges(vectors, nothing_first)[2:]:
         assert float(out[:30].abs().sum()) > 0 and float(out[30:].abs().sum()) > 0
 
 

@@ -75,18 +75,19 @@ def _finite_or(new: torch.Tensor, old: torch.Tensor | None) -> torch.Tensor:
 
 def _kept_factor(new: torch.Tensor, old: torch.Tensor | None, sizes: list[int]) -> torch.Tensor | None:
     """A power iteration's memory, the factors of ``sizes`` values each, flat: ``new`` where a
-    factor is finite and not all zeros, else ``old``'s (None: nothing to keep). A zero factor
-    would stay zero for good (P = M·0, and Gram-Schmidt keeps a zero column zero): a step with a
-    zero mean (every weight 0, a layer without gradient) or one the non-finite guard discards
-    must not stall that layer's compression after it."""
-    peaks = torch.stack([part.abs().amax(dim=-1) for part in new.split(sizes, dim=-1)], dim=-1)
-    kept = torch.isfinite(peaks) & (peaks > 0)
+    layer's factor is finite and not all zeros, else ``old``'s (no old: zeros, or None when no
+    layer's is kept). A zero factor would stay zero for good (P = M·0, and Gram-Schmidt keeps a
+    zero column zero): a step with a zero mean (every weight 0, a layer without gradient) or
+    one the non-finite guard discards must not stall that layer's compression after it."""
+    parts = new.split(sizes, dim=-1)
+    kept = torch.stack([part.abs().amax(dim=-1) for part in parts], dim=-1)
+    kept = torch.isfinite(kept) & (kept > 0)
     if new.device.type == "cpu" and bool(kept.all()):
         return new
-    if old is None:
-        return new if bool(kept.all()) else None
-    every = torch.repeat_interleave(kept, torch.tensor(sizes, device=new.device), dim=-1)
-    return torch.where(every, new, old)
+    if old is None and not bool(kept.any()):
+        return None
+    olds = [0.0] * len(parts) if old is None else old.split(sizes, dim=-1)
+    return torch.cat([torch.where(k.unsqueeze(-1), n, o) for n, o, k in zip(parts, olds, kept.unbind(-1))], dim=-1)
 
 
 def _store_residual(replica, corrected: torch.Tensor, sent: torch.Tensor, w: torch.Tensor) -> None:
