@@ -69,11 +69,11 @@ MODELS = {
 QUICK = {"mlp": Model("mlp", (256, 256), rows=2_560, val=500, epochs=1, target=0.15, every=5, cap=60),
          "wide": Model("wide", (2304, 2304), rows=1_280, val=200, epochs=1, target=0.15, every=5, cap=60)}
 CONFIGS = ("sync", "sync(compress=fp16)", "sync(compress=int8)", "sync(compress=topk(0.01))",
-           "sync(compress=powersgd(4))", "sync(compress=powersgd(4, alternate=true))", "periodic(every={H})", "periodic(every={H}, compress=int8)",
-           "diloco(every={H})", "diloco(every={H}, compress=int8)")
+           "sync(compress=powersgd(4))", "sync(compress=powersgd(4, alternate=true))", "periodic(every={H})",
+           "periodic(every={H}, compress=int8)", "diloco(every={H})", "diloco(every={H}, compress=int8)")
 # The wide model's steps are ~40x the MLP's in compute and bytes: fewer configs keep the bench short.
-WIDE_CONFIGS = ("sync", "sync(compress=powersgd(4))", "sync(compress=powersgd(4, alternate=true))", "periodic(every={H}, compress=int8)", "diloco(every={H})",
-                "diloco(every={H}, compress=int8)")
+WIDE_CONFIGS = ("sync", "sync(compress=powersgd(4))", "sync(compress=powersgd(4, alternate=true))",
+                "periodic(every={H}, compress=int8)", "diloco(every={H})", "diloco(every={H}, compress=int8)")
 # --all: every strategy without and with every compression (21 runs per model and link)
 COMPRESSIONS = ("fp16", "bf16", "int8", "topk(0.01)", "powersgd(4)", "powersgd(4, alternate=true)")
 ALL_CONFIGS = ("sync", *(f"sync(compress={c})" for c in COMPRESSIONS),

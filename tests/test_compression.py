@@ -339,8 +339,8 @@ def test_a_non_finite_or_zero_first_exchange_does_not_stall_powersgd(blobs, name
 
     def exchanges(vectors, weights):
         def body(comm):
-            shapes = [torch.zeros(6, 5), torch.zeros(4, 5)]
-            replica = SimpleNamespace(strategy_state={}, local_shape=(), trainable=shapes)
+            trainable = [torch.zeros(6, 5), torch.zeros(4, 5)]
+            replica = SimpleNamespace(strategy_state={}, local_shape=(), trainable=trainable)
             return [compressed_mean(replica, comm, vectors[step, comm.rank].clone(), w[comm.rank], compression)
                     for step, w in enumerate(weights)]
         results, errors = run_ranks(2, body)

@@ -196,8 +196,8 @@ class PowerSGD(Compression):
     sent uncompressed (DDP's start_powerSGD_iter); a parameter is compressed only where
     (n + m)·r·min_rate < n·m (DDP's min_compression_rate); ``seed`` draws the first Q.
     ``alternate=True`` sends P and Q on alternate exchanges, one all-reduce a step instead of two
-    in sequence (n·r or m·r factor values a step instead of (n + m)·r): for links where a collective's latency, not its bytes,
-    is the price. It is unison's variant, not DDP's hook."""
+    in sequence (n·r or m·r factor values a step instead of (n + m)·r): for links where a
+    collective's latency, not its bytes, is the price. It is unison's variant, not DDP's hook."""
 
     name = "powersgd"
     biased = True

@@ -127,12 +127,12 @@ EXPERIMENT = Experiment(
           "(compression included) plus its counted collectives on the link (ring all-reduce; "
           f"unison.linkmodel). Time to {TARGET:.0%} validation accuracy, read at the epoch ends; each seed "
           f"measured {REPEAT} times, interleaved, and its median taken. Where this machine allows network "
-          f"namespaces (root and iproute2), the same {len(COMPRESSORS) + 1} arms also run for real on two hosts, one process each: two "
-          "namespaces joined by a veth pair, each host on its own half of the cores, the README's two-host torchrun "
-          "command in each (unison.netlab), once over the unthrottled veth and once limited to 100 Mbit/s with "
-          f"`tc ... tbf`; there the time is the measured training time to {REAL_TARGET:.0%} (1 to 3 epochs; start-up "
-          "excluded: it is alike for every arm, while the parts' own reports count it), one run per seed, arms "
-          "interleaved within a seed.",
+          f"namespaces (root and iproute2), the same {len(COMPRESSORS) + 1} arms also run for real on two hosts, "
+          "one process each: two namespaces joined by a veth pair, each host on its own half of the cores, the "
+          "README's two-host torchrun command in each (unison.netlab), once over the unthrottled veth and once "
+          "limited to 100 Mbit/s with `tc ... tbf`; there the time is the measured training time to "
+          f"{REAL_TARGET:.0%} (1 to 3 epochs; start-up excluded: it is alike for every arm, while the parts' own "
+          "reports count it), one run per seed, arms interleaved within a seed.",
     quick_note="4 epochs instead of 6 (3 instead of 4 on the real link).",
     caveat="The papers' steps are long (convolutional networks and LSTMs on GPUs) and DDP overlaps their "
            "all-reduce with the backward pass, which the link model does not credit; a replica of this MLP "

@@ -73,21 +73,27 @@ def _finite_or(new: torch.Tensor, old: torch.Tensor | None) -> torch.Tensor:
     return torch.where(finite, new, 0.0 if old is None else old)
 
 
-def _kept_factor(new: torch.Tensor, old: torch.Tensor | None, sizes: list[int]) -> torch.Tensor | None:
-    """A power iteration's memory, the factors of ``sizes`` values each, flat: ``new`` where a
-    layer's factor is finite and not all zeros, else ``old``'s (no old: zeros, or None when no
-    layer's is kept). A zero factor would stay zero for good (P = M·0, and Gram-Schmidt keeps a
-    zero column zero): a step with a zero mean (every weight 0, a layer without gradient) or
-    one the non-finite guard discards must not stall that layer's compression after it."""
-    parts = new.split(sizes, dim=-1)
-    kept = torch.stack([part.abs().amax(dim=-1) for part in parts], dim=-1)
-    kept = torch.isfinite(kept) & (kept > 0)
-    if new.device.type == "cpu" and bool(kept.all()):
-        return new
+def _remembered(means: list[torch.Tensor], old: torch.Tensor | None) -> torch.Tensor | None:
+    """A power iteration's memory, flat, from the mean factors ([..., rows, r] each): a layer's
+    new factor where it is finite and not all zeros, else its ``old`` one (no old: zeros, or
+    None when no layer's is kept). A zero factor would stay zero for good (P = M·0, and
+    Gram-Schmidt keeps a zero column zero): a step with a zero mean (every weight 0, a layer
+    without gradient) or one the non-finite guard discards must not stall that layer's
+    compression after it."""
+    parts = [f.flatten(-2) for f in means]
+    peaks = torch.stack([part.abs().amax(dim=-1) for part in parts], dim=-1)
+    kept = torch.isfinite(peaks) & (peaks > 0)
+    if means[0].device.type == "cpu" and bool(kept.all()):
+        return torch.cat(parts, dim=-1)
     if old is None and not bool(kept.any()):
         return None
-    olds = [0.0] * len(parts) if old is None else old.split(sizes, dim=-1)
+    olds = [0.0] * len(parts) if old is None else old.split([part.shape[-1] for part in parts], dim=-1)
     return torch.cat([torch.where(k.unsqueeze(-1), n, o) for n, o, k in zip(parts, olds, kept.unbind(-1))], dim=-1)
+
+
+def _as_factors(flat: torch.Tensor, shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
+    """A flat factor memory as its factors, each of its shape ([..., rows, r])."""
+    return [x.reshape(s) for x, s in zip(flat.split([s[-2] * s[-1] for s in shapes], dim=-1), shapes)]
 
 
 def _store_residual(replica, corrected: torch.Tensor, sent: torch.Tensor, w: torch.Tensor) -> None:
@@ -180,9 +186,8 @@ def _powersgd(replica, comm, vector, weight, compression: cx.PowerSGD) -> torch.
     if Q_MEMORY not in state:
         q = cx.initial_q(shapes, compression.rank, compression.min_rate, compression.seed).to(vector.device)
         state[Q_MEMORY] = q.expand(*lead, q.numel()).clone()
-    q_sizes = [cx.matrix_shape(s)[1] * r for s, r in zip(shapes, ranks) if r]
-    qs = [q.reshape(*lead, -1, r) for q, r in zip(state[Q_MEMORY].split(q_sizes, dim=-1), [r for r in ranks if r])]
     matrices = [p.reshape(*lead, *cx.matrix_shape(s)) for p, s, r in zip(pieces, shapes, ranks) if r]
+    qs = _as_factors(state[Q_MEMORY], [(*lead, m.shape[-1], r) for m, r in zip(matrices, [r for r in ranks if r])])
     plain = [p for p, r in zip(pieces, ranks) if not r]
     if compression.alternate:
         out, local = _one_sided(state, comm, weight, matrices, qs, plain, (int(count) - compression.start) % 2)
@@ -217,8 +222,7 @@ def _two_sided(state, comm, weight, matrices, qs, plain) -> tuple[list, list]:
     local_qs = [m.transpose(-1, -2) @ p for m, p in zip(matrices, p_hats)]
     mean_qs = _all_reduce_factors(comm, weight, local_qs, []) if local_qs else []
     if mean_qs:
-        state[Q_MEMORY] = _kept_factor(torch.cat([q.flatten(-2) for q in mean_qs], dim=-1), state[Q_MEMORY],
-                                       [q.shape[-2] * q.shape[-1] for q in mean_qs])
+        state[Q_MEMORY] = _remembered(mean_qs, state[Q_MEMORY])
     out = [p @ q.transpose(-1, -2) for p, q in zip(p_hats, mean_qs)] + averaged[len(ps):]
     local = [p @ q.transpose(-1, -2) for p, q in zip(p_hats, local_qs)] + plain  # plain: sent as it is
     return out, local
@@ -238,15 +242,13 @@ def _one_sided(state, comm, weight, matrices, qs, plain, p_side: int) -> tuple[l
         bases = [cx.orthogonalize(q.clone()) for q in qs]
         factors = [m @ b for m, b in zip(matrices, bases)]
     else:
-        sizes = [m.shape[-2] * b.shape[-1] for m, b in zip(matrices, qs)]
-        bases = [cx.orthogonalize(p.reshape(*m.shape[:-1], b.shape[-1]).clone())
-                 for p, m, b in zip(state[P_MEMORY].split(sizes, dim=-1), matrices, qs)]
+        p_shapes = [(*m.shape[:-1], q.shape[-1]) for m, q in zip(matrices, qs)]
+        bases = [cx.orthogonalize(p.clone()) for p in _as_factors(state[P_MEMORY], p_shapes)]
         factors = [m.transpose(-1, -2) @ b for m, b in zip(matrices, bases)]
     averaged = _all_reduce_factors(comm, weight, factors, plain)
     means = averaged[:len(factors)]
     key = P_MEMORY if p_side else Q_MEMORY
-    kept = _kept_factor(torch.cat([f.flatten(-2) for f in means], dim=-1), state.get(key),
-                        [f.shape[-2] * f.shape[-1] for f in means])
+    kept = _remembered(means, state.get(key))
     if kept is not None:
         state[key] = kept
     if p_side:
